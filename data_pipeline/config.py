@@ -1,0 +1,28 @@
+"""Typed settings of the data pipeline (the ``data:`` section of a run config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/synthetic"  # folder or s3://bucket/prefix holding index.json, or a brace pattern of .tar shards
+    synthetic: bool = False  # write the synthetic moving-shapes dataset to `shards` first if it has no index
+    synthetic_videos: int = 512
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    frame_stride: int = 1  # take every n-th frame (after fps resampling)
+    fps: float = 0.0  # resample clips to this frame rate; 0 keeps the native rate
+    flip: bool = True  # random horizontal flip in training
+    max_skip_fraction: float = 0.05  # stop the job when more of the samples seen so far were bad
+    endpoint_url: str = ""  # S3-compatible endpoint; empty: AWS_ENDPOINT_URL or AWS itself
+
+    def validate(self) -> None:
+        from hpdm.config import ConfigError  # noqa: PLC0415 (the data package does not depend on hpdm at import)
+
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", "must be >= 0")
+        if self.frame_stride < 1:
+            raise ConfigError("data.frame_stride", "must be >= 1")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError("data.max_skip_fraction", "must be in [0, 1]")

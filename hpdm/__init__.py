@@ -1,0 +1,1 @@
+"""Hierarchical Patch Diffusion Models: model, diffusion, pyramid geometry, trainer, sampling, CLI."""

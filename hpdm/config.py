@@ -1,0 +1,246 @@
+"""Run configuration: typed dataclasses loaded from YAML, with ``section.key=value`` overrides.
+
+Every error names the key it is about, e.g. ``model.levels_per_block: must have one entry per block``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data_pipeline.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message starts with the dotted key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    patch: tuple[int, int, int] = (16, 64, 64)  # t, h, w of every level's patch
+    levels: int = 3  # level l is cut from the video downsampled 2**(levels-1-l) times; level 0 is the whole video
+    patchify: tuple[int, int, int] = (1, 4, 4)  # pixel tube per data token
+    token_dim: int = 1024  # data-token width
+    latent_dim: int = 256
+    num_latents: int = 768
+    blocks: int = 6  # RIN blocks
+    latent_layers: int = 4  # latent self-attention layers per block
+    levels_per_block: tuple[int, ...] = (1, 1, 2, 2, 3, 3)  # adaptive computation: levels each block processes
+    head_dim: int = 64
+    mlp_ratio: float = 4.0
+    cond: str = "class"  # class | text | none
+    num_classes: int = 101
+    text_dim: int = 4096  # width of the supplied text embeddings (T5-11B: 4096)
+    cond_dropout: float = 0.1  # drop the class/text condition for classifier-free guidance
+    coords: bool = True  # condition every patch on its box in normalised video coordinates
+    context_fusion: str = "deep"  # deep (before every block) | shallow (before a level's first block) | none
+    context_detach: bool = False  # stop gradients from finer levels into coarser activations (ablation)
+    kernels: str = "auto"  # auto (fused on GPU) | reference | fused
+
+    @property
+    def resolution(self) -> tuple[int, int, int]:
+        """Full video resolution (t, h, w): the patch scaled by 2 per level above level 0."""
+        s = 2 ** (self.levels - 1)
+        return tuple(p * s for p in self.patch)
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        return tuple(p // q for p, q in zip(self.patch, self.patchify))
+
+    def validate(self) -> None:
+        for i, (p, q) in enumerate(zip(self.patch, self.patchify)):
+            if p % q:
+                raise ConfigError("model.patchify", f"dimension {i} ({q}) must divide model.patch ({p})")
+        if self.levels < 1:
+            raise ConfigError("model.levels", "must be >= 1")
+        lpb = self.levels_per_block
+        if len(lpb) != self.blocks:
+            raise ConfigError("model.levels_per_block", f"must have one entry per block ({self.blocks}); got {len(lpb)}")
+        if lpb[0] < 1 or any(b < a for a, b in zip(lpb, lpb[1:])) or lpb[-1] != self.levels:
+            raise ConfigError("model.levels_per_block", f"must be non-decreasing from >= 1 to model.levels ({self.levels}); got {list(lpb)}")
+        if self.latent_dim % self.head_dim or self.token_dim % self.head_dim:
+            raise ConfigError("model.head_dim", "must divide model.latent_dim and model.token_dim")
+        _choice("model.cond", self.cond, ("class", "text", "none"))
+        _choice("model.context_fusion", self.context_fusion, ("deep", "shallow", "none"))
+        _choice("model.kernels", self.kernels, ("auto", "reference", "fused"))
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ConfigError("model.cond_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    sigma_data: float = 0.5
+    p_mean: float = -1.2  # log-normal training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
+    independent_levels: bool = False  # one sigma per level instead of one per sample
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    steps: int = 128  # sampling steps for level 0; halved at each further level
+    guidance: float = 1.0  # classifier-free guidance scale (1: none)
+    s_churn: float = 40.0  # stochasticity of the level-0 sampler (0: deterministic)
+
+    def validate(self) -> None:
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ConfigError("diffusion.sigma_min", "must satisfy 0 < sigma_min < sigma_max")
+        if self.steps < 1:
+            raise ConfigError("diffusion.steps", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 40_000
+    batch_size: int = 768  # global, in clips
+    micro_batch: int = 0  # per process and step; 0: batch_size / world_size (no accumulation)
+    optimizer: str = "lamb"  # lamb | adamw
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    warmup_steps: int = 10_000
+    decay: str = "none"  # none | cosine (after warm-up)
+    grad_clip: float = 1.0
+    ema_halflife: float = 500_000.0  # in samples (clips)
+    precision: str = "fp32"  # fp32 (the paper's) | bf16
+    zero_stage: int = 1
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 1000
+    sample_at_end: bool = True
+    wandb_project: str = "hpdm"
+    deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed keys merged over the generated config
+
+    def validate(self) -> None:
+        _choice("train.optimizer", self.optimizer, ("lamb", "adamw"))
+        _choice("train.decay", self.decay, ("none", "cosine"))
+        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("train.zero_stage", f"must be 0, 1, 2 or 3; got {self.zero_stage}")
+        for key in ("steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}", "must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr", "must be > 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, tp, key: str):
+    """Convert a YAML value to the annotated type, or raise ConfigError naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list; got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(key, f"must have {len(args)} entries; got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping; got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(key, f"must be an integer; got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(key, f"must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string; got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {tp}")
+
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad values raise ConfigError."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip("."), f"must be a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(prefix + str(k), f"unknown key; valid keys here: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["model.levels=2", "train.lr=1e-3"]`` -> nested dict; values are parsed as YAML."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "overrides must look like section.key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "deepspeed":
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply overrides, validate."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    cfg = from_dict(Config, _merge(data, parse_overrides(list(overrides))))
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,5 @@
+"""Fused GPU kernels for HPDM, each beside its plain-PyTorch reference with the same signature."""
+from kernels.context_fusion import context_fusion, context_fusion_reference
+from kernels.patch_gather import gather_pyramid, gather_pyramid_reference
+
+__all__ = ["context_fusion", "context_fusion_reference", "gather_pyramid", "gather_pyramid_reference"]

