@@ -20,6 +20,7 @@ setup(
         "s3fs",
         "wandb",
         "triton",
+        "matplotlib",  # hpdm bench-kernels draws its PNG
     ],
     extras_require={
         "gpu": ["flash-attn", "xformers"],

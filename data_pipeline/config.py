@@ -16,6 +16,11 @@ class DataConfig:
     flip: bool = True  # random horizontal flip in training
     max_skip_fraction: float = 0.05  # stop the job when more of the samples seen so far were bad
     endpoint_url: str = ""  # S3-compatible endpoint; empty: AWS_ENDPOINT_URL or AWS itself
+    skip_check_after: int = 50  # samples a rank (or a worker) must have seen before max_skip_fraction applies
+    prefetch: int = 2  # batches each DataLoader worker prepares ahead
+    decode_threads: int = 1  # FFmpeg threads per decoder (1: the DataLoader workers are the parallelism)
+    io_retries: int = 4  # retries of a transient storage error, with exponential backoff
+    io_backoff: float = 0.5  # seconds before the first retry; doubles each time
 
     def validate(self) -> None:
         from hpdm.config import ConfigError  # noqa: PLC0415 (the data package does not depend on hpdm at import)
@@ -26,3 +31,15 @@ class DataConfig:
             raise ConfigError("data.frame_stride", "must be >= 1")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ConfigError("data.max_skip_fraction", "must be in [0, 1]")
+        for key in ("synthetic_videos", "prefetch", "decode_threads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}", "must be >= 1")
+        for key in ("shuffle_buffer", "skip_check_after", "io_retries"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}", "must be >= 0")
+        if self.fps < 0 or self.io_backoff < 0:
+            raise ConfigError("data.fps" if self.fps < 0 else "data.io_backoff", "must be >= 0")
+        if not self.shards:
+            raise ConfigError("data.shards", "must name a folder, an s3:// prefix or a brace pattern of .tar shards")
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ConfigError("data.endpoint_url", f"must start with http:// or https://; got {self.endpoint_url!r}")

@@ -41,7 +41,8 @@ class ModelConfig:
     latent_layers: int = 4  # latent self-attention layers per block
     levels_per_block: tuple[int, ...] = (1, 1, 2, 2, 3, 3)  # adaptive computation: levels each block processes
     head_dim: int = 64
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # latent MLPs
+    data_mlp_ratio: float = 9.0  # data-token MLP of the write layer (4 latent layers and 9 put S/M/L within 5 % of the paper)
     cond: str = "class"  # class | text | none
     num_classes: int = 101
     text_dim: int = 4096  # width of the supplied text embeddings (T5-11B: 4096)
@@ -182,6 +183,11 @@ def _coerce(value, tp, key: str):
             raise ConfigError(key, f"must be an integer; got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(key, f"must be a number; got {value!r}")
         return float(value)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import _triton
+
 
 def _token_centres(box: torch.Tensor, shape: tuple[int, int, int]) -> list[torch.Tensor]:
     """Per dimension (t, h, w): [B, n] token-centre positions in normalised video coordinates."""
@@ -51,9 +53,23 @@ def context_fusion_reference(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tens
     return x + sampled.to(x.dtype)
 
 
+def context_fusion_fused(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor,
+                         ctx_boxes: torch.Tensor) -> torch.Tensor:
+    """The Triton kernels (autograd-aware, deterministic backward); same contract as the reference."""
+    if x.dim() != 5 or ctx.dim() != 6 or ctx.shape[0] != x.shape[0] or ctx.shape[-1] != x.shape[-1]:
+        raise ValueError(f"x must be [B,t,h,w,D] and ctx [B,K,tc,hc,wc,D], got {tuple(x.shape)} and {tuple(ctx.shape)}")
+    return _triton.load("context_fusion_triton", x).context_fusion(x, ctx, box, ctx_boxes)
+
+
 def context_fusion(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor, ctx_boxes: torch.Tensor,
                    impl: str = "auto") -> torch.Tensor:
-    """Fuse coarser context into ``x``; ``impl`` is ``reference``, ``fused`` or ``auto`` (fused on GPU)."""
+    """Fuse coarser context into ``x``; ``impl`` is ``reference``, ``fused`` or ``auto`` (fused on GPU).
+
+    With no coarser level (K = 0) there is nothing to fuse and ``x`` is returned as is."""
+    if ctx.shape[1] == 0:
+        return x
     if impl == "fused" or (impl == "auto" and x.is_cuda):
-        raise NotImplementedError("the fused context-fusion kernel is not built yet; use impl='reference'")
+        return context_fusion_fused(x, ctx, box, ctx_boxes)
+    if impl not in ("auto", "reference"):
+        raise ValueError(f"impl must be 'auto', 'reference' or 'fused', got {impl!r}")
     return context_fusion_reference(x, ctx, box, ctx_boxes)

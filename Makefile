@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` trains the tiny model on synthetic videos, `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Without an NVIDIA GPU take the CPU build of torch: a plain `pip install torch` pulls several GB of CUDA wheels.
+# Set TORCH_CPU_INDEX= (empty) where pip already finds a CPU build locally.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if nvidia-smi -L >/dev/null 2>&1 || [ -z "$(TORCH_CPU_INDEX)" ]; then \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	else \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/hpdm train --config configs/tiny.yaml
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf runs/tiny data/synthetic

@@ -1,0 +1,48 @@
+"""``hpdm make-shards SRC DEST``: the command-line face of :func:`data_pipeline.make_shards`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .shards_write import make_shards
+from .sources import SourceError
+from .storage import Storage, StorageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="folder of videos (Class/clip.avi gives labels) or a .jsonl/.csv manifest "
+                                    "with path and caption or label")
+    parser.add_argument("dest", help="local folder or s3://bucket/prefix")
+    parser.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="parallel shard writers (default: half the CPUs)")
+    parser.add_argument("--reencode", choices=("none", "non-mp4", "all"), default="none",
+                        help="re-encode to H.264 mp4: never (store original bytes, default), only non-mp4 inputs, or all")
+    parser.add_argument("--max-side", type=int, default=0, help="re-encode videos whose long side exceeds this (0: never)")
+    parser.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        index = make_shards(args.src, args.dest, shard_size_mb=args.shard_size_mb, workers=args.workers,
+                            reencode=args.reencode, max_side=args.max_side, storage=Storage(args.endpoint_url),
+                            progress=not args.no_progress)
+    except (SourceError, StorageError, ValueError) as exc:
+        print(f"make-shards: error: {exc}")
+        return 2
+    print(f"make-shards: {index['num_samples']} videos in {len(index['shards'])} shards at {args.dest}"
+          f" ({len(index['class_names'])} classes, {len(index['skipped'])} unreadable videos left out)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hpdm make-shards", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Decode one training clip from an encoded video: pick frame indices, seek near the first, decode only as far
+as the last, resize the short side and crop to the target size, optionally flip.
+
+Frame indices are chosen in the source's frame grid: with native rate r, target rate f (0: r) and stride s,
+clip frame i is source frame ``round(start + i * s * r / f)``. Training draws ``start`` uniformly, evaluation
+takes the first frames.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from .video import VideoError
+
+
+class ShortVideo(VideoError):
+    """The video has fewer frames than one clip needs."""
+
+
+@dataclass
+class ClipSpec:
+    frames: int
+    size: tuple[int, int]  # H, W
+    stride: int = 1
+    fps: float = 0.0  # 0: native
+    train: bool = True
+    flip: bool = False
+    threads: int = 1
+
+
+def clip_indices(n_frames: int, native_fps: float, spec: ClipSpec, rng: np.random.Generator | None) -> list[int]:
+    """Source frame indices of the clip, or ShortVideo if the video cannot supply them."""
+    step = spec.stride * (native_fps / spec.fps if spec.fps > 0 else 1.0)
+    start_max = n_frames - 1 - (spec.frames - 1) * step
+    if start_max < -1e-6:
+        need = int(np.ceil((spec.frames - 1) * step)) + 1
+        raise ShortVideo(f"video has {n_frames} frames; a clip needs {need}")
+    start = float(rng.integers(0, int(start_max + 1e-6) + 1)) if (spec.train and rng is not None) else 0.0
+    return [min(n_frames - 1, int(np.floor(start + i * step + 0.5))) for i in range(spec.frames)]
+
+
+def _resized_shape(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
+    scale = max(size[0] / h, size[1] / w)
+    return max(size[0], round(h * scale)), max(size[1], round(w * scale))
+
+
+def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generator | None, timing: dict | None = None):
+    """uint8 [T,H,W,3] for the clip; ``timing`` (if given) accumulates seconds under "decode" and "resize"."""
+    t0 = time.perf_counter()
+    idx = clip_indices(int(meta["frames"]), float(meta["fps"]), spec, rng)
+    wanted: dict[int, list[int]] = {}
+    for pos, i in enumerate(idx):
+        wanted.setdefault(i, []).append(pos)
+    out = None
+    crop = None
+    resize_s = 0.0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as c:
+            s = c.streams.video[0]
+            s.thread_count = spec.threads
+            rate = float(s.average_rate or s.guessed_rate or meta["fps"])
+            tb = float(s.time_base) if s.time_base else 1.0 / rate
+            origin = s.start_time or 0
+            for attempt in (0, 1):
+                if attempt == 0 and idx[0] > 0:
+                    c.seek(origin + int(idx[0] / rate / tb), stream=s, backward=True)
+                elif attempt == 1:
+                    c.seek(origin, stream=s, backward=True)
+                got, counter, restart = 0, 0, False
+                for frame in c.decode(s):
+                    n = round((frame.pts - origin) * tb * rate) if frame.pts is not None else counter
+                    counter = n + 1
+                    if got == 0 and n > idx[0]:
+                        restart = True  # the seek landed past the clip start: decode from the beginning instead
+                        break
+                    if n not in wanted:
+                        if n > idx[-1]:
+                            break
+                        continue
+                    r0 = time.perf_counter()
+                    if out is None:
+                        rh, rw = _resized_shape(frame.height, frame.width, spec.size)
+                        y = (rh - spec.size[0]) // 2
+                        x = (rw - spec.size[1]) // 2
+                        if spec.train and rng is not None:
+                            y, x = int(rng.integers(0, rh - spec.size[0] + 1)), int(rng.integers(0, rw - spec.size[1] + 1))
+                        crop = (rh, rw, y, x)
+                        out = np.empty((spec.frames, *spec.size, 3), np.uint8)
+                    rh, rw, y, x = crop
+                    img = frame.to_ndarray(width=rw, height=rh, format="rgb24", interpolation="AREA" if rh <= frame.height else "BILINEAR")
+                    for pos in wanted[n]:
+                        out[pos] = img[y:y + spec.size[0], x:x + spec.size[1]]
+                    got += len(wanted[n])
+                    resize_s += time.perf_counter() - r0
+                    if n >= idx[-1]:
+                        break
+                if not restart or attempt == 1:
+                    break
+                out = None
+    except av.FFmpegError as exc:
+        raise VideoError(f"corrupt video: {exc}") from exc
+    if out is None or got < spec.frames:
+        raise ShortVideo(f"decoded {got} of the clip's {spec.frames} frames (frames {idx[0]}..{idx[-1]} of {meta['frames']})")
+    if spec.flip and spec.train and rng is not None and rng.random() < 0.5:
+        out = np.ascontiguousarray(out[:, :, ::-1])
+    if timing is not None:
+        timing["decode"] = timing.get("decode", 0.0) + time.perf_counter() - t0 - resize_s
+        timing["resize"] = timing.get("resize", 0.0) + resize_s
+    return out

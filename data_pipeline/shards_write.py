@@ -1,0 +1,150 @@
+"""``make-shards``: pack videos into tar shards of a target size, locally or on S3, resumably.
+
+The plan (which video goes to which shard) is fixed up front from the sorted source list and the source file
+sizes, so shards can be written in parallel and a rerun knows what is done: each finished shard leaves a
+``shard-NNNNNN.meta.json`` beside it (written after the tar), and a rerun skips every shard whose sidecar
+lists the same videos with the same options. ``index.json`` is written last.
+
+Videos are stored as their original bytes under their real extension (``.mp4``, ``.avi``, ...), since PyAV
+decodes them all; ``reencode`` ("non-mp4" or "all") or ``max_side`` turns them into H.264 ``.mp4``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+import multiprocessing as mp
+
+from tqdm import tqdm
+
+from .sources import Item, load_sources
+from .storage import Storage, join
+from .tario import TarWriter
+from .video import VideoError, probe, reencode
+
+log = logging.getLogger(__name__)
+INDEX = "index.json"
+FORMAT = "hpdm-shards/1"
+
+
+def plan_shards(items: list[Item], shard_bytes: int) -> list[list[Item]]:
+    """Consecutive groups of items whose source sizes add up to about ``shard_bytes`` (at least one each)."""
+    groups, cur, size = [], [], 0
+    for it in items:
+        n = os.path.getsize(it.path) if os.path.exists(it.path) else 0
+        if cur and size + n > shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def _sample(it: Item, options: dict, classes: list[str]) -> dict[str, bytes]:
+    with open(it.path, "rb") as f:
+        data = f.read()
+    ext = it.path.rsplit(".", 1)[-1].lower()
+    meta = probe(data)
+    mode, max_side = options["reencode"], options["max_side"]
+    if mode == "all" or (mode == "non-mp4" and ext != "mp4") or (max_side and max(meta["width"], meta["height"]) > max_side):
+        data, ext = reencode(data, max_side), "mp4"
+        meta = probe(data)
+    meta.update(key=it.key, label=it.label, caption=it.caption, source=os.path.basename(it.path))
+    if 0 <= it.label < len(classes):
+        meta["class"] = classes[it.label]
+    return {ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def write_shard(storage: Storage, dest: str, i: int, items: list[Item], options: dict, classes: list[str], tmpdir: str) -> dict:
+    """Write shard ``i`` and its sidecar; return the sidecar. Unreadable videos are skipped and listed."""
+    name = shard_name(i)
+    local = os.path.join(tmpdir, name)
+    writer = TarWriter(local)
+    skipped = []
+    for it in items:
+        try:
+            writer.write(it.key, _sample(it, options, classes))
+        except (OSError, VideoError) as exc:
+            log.warning("make-shards: skipping %s: %s", it.path, exc)
+            skipped.append({"path": it.path, "reason": str(exc)})
+    size = writer.close()
+    if writer.samples:
+        storage.put_file(local, join(dest, name))
+    else:
+        os.remove(local)
+    side = {"name": name, "samples": writer.samples, "bytes": size if writer.samples else 0,
+            "keys": [it.key for it in items], "options": options, "skipped": skipped}
+    storage.write_bytes(join(dest, name.replace(".tar", ".meta.json")), json.dumps(side).encode())
+    return side
+
+
+def _done(storage: Storage, dest: str, i: int, items: list[Item], options: dict) -> dict | None:
+    url = join(dest, shard_name(i).replace(".tar", ".meta.json"))
+    if not storage.exists(url):
+        return None
+    try:
+        side = json.loads(storage.read_bytes(url))
+    except ValueError:
+        return None
+    ok = side.get("keys") == [it.key for it in items] and side.get("options") == options
+    return side if ok else None
+
+
+def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: int = 1, reencode: str = "none",
+                max_side: int = 0, storage: Storage | None = None, progress: bool = True,
+                class_names: list[str] | None = None) -> dict:
+    """Write SRC's videos to shards under DEST and return the index (also written as DEST/index.json)."""
+    if reencode not in ("none", "non-mp4", "all"):
+        raise ValueError(f"reencode: must be none, non-mp4 or all; got {reencode!r}")
+    storage = storage or Storage()
+    items, classes = load_sources(src)
+    classes = list(class_names) if class_names else classes
+    storage.check_writable(dest)
+    options = {"reencode": reencode, "max_side": int(max_side)}
+    groups = plan_shards(items, int(shard_size_mb * (1 << 20)))
+    sides: dict[int, dict] = {}
+    for i, g in enumerate(groups):
+        side = _done(storage, dest, i, g, options)
+        if side is not None:
+            sides[i] = side
+    todo = [i for i in range(len(groups)) if i not in sides]
+    if sides:
+        log.info("make-shards: %d of %d shards already written, resuming", len(sides), len(groups))
+    tmpdir = storage.local_tmpdir(dest)
+    bar = tqdm(total=len(items), initial=sum(len(groups[i]) for i in sides), unit="video", disable=not progress,
+               desc="make-shards")
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for i in todo:
+                sides[i] = write_shard(storage, dest, i, groups[i], options, classes, tmpdir)
+                bar.update(len(groups[i]))
+        else:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("fork")) as pool:
+                futs = {pool.submit(write_shard, storage, dest, i, groups[i], options, classes, tmpdir): i for i in todo}
+                for fut in as_completed(futs):
+                    sides[futs[fut]] = fut.result()
+                    bar.update(len(groups[futs[fut]]))
+    finally:
+        bar.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    index = {
+        "format": FORMAT,
+        "shards": [{"name": sides[i]["name"], "samples": sides[i]["samples"], "bytes": sides[i]["bytes"]}
+                   for i in range(len(groups)) if sides[i]["samples"]],
+        "num_samples": sum(s["samples"] for s in sides.values()),
+        "class_names": classes,
+        "skipped": [s for i in range(len(groups)) for s in sides[i]["skipped"]],
+        "options": options,
+    }
+    storage.write_bytes(join(dest, INDEX), json.dumps(index, indent=1).encode())
+    if index["skipped"]:
+        log.warning("make-shards: %d videos could not be read and were left out (listed in index.json)", len(index["skipped"]))
+    return index

@@ -1,0 +1,254 @@
+"""Local and S3 storage behind one small interface, with retries and clear errors.
+
+``s3://`` goes through s3fs with the standard AWS credential chain (environment, shared files, profiles,
+instance roles); the endpoint comes from ``data.endpoint_url`` or ``AWS_ENDPOINT_URL(_S3)`` so MinIO, Ceph,
+SeaweedFS or R2 work too. Reads are direct (no ``pipe:`` subprocesses). Transient failures are retried with
+exponential backoff; permanent ones become a :class:`StorageError` that says what to fix. Credentials are
+never logged.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientPayloadError", "ServerDisconnectedError", "ClientOSError", "FSTimeoutError", "ResponseStreamingError",
+    "IncompleteRead", "IncompleteReadError", "ProtocolError", "HTTPClientError", "ClientConnectorError",
+}
+_TRANSIENT_TEXT = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500 ", "Throttl")
+
+
+_INHERITED: list = []
+
+
+class StorageError(RuntimeError):
+    """A permanent storage failure, phrased for the person who has to fix it."""
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: connection resets, timeouts, throttling and 5xx answers."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)):
+        return False
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is None:
+            continue
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE):
+            return True
+    return any(t in str(exc) for t in _TRANSIENT_TEXT)
+
+
+@dataclass
+class Storage:
+    """A file system rooted at nothing in particular; every path given to it is a full URL or local path."""
+
+    endpoint_url: str = ""
+    retries: int = 4
+    backoff: float = 0.5
+
+    def __post_init__(self):
+        self._s3, self._pid = None, 0
+        self.endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+    def __getstate__(self):  # the s3fs client is rebuilt in each process (DataLoader workers fork)
+        return {k: v for k, v in self.__dict__.items() if k != "_s3"} | {"_s3": None}
+
+    @property
+    def s3(self):
+        if self._s3 is None or self._pid != os.getpid():  # a forked DataLoader worker needs its own client
+            if self._s3 is not None:
+                _INHERITED.append(self._s3)  # never closed here: its event loop lives in the parent process
+            self._pid = os.getpid()
+            import s3fs  # noqa: PLC0415 (only S3 users pay for the import)
+
+            self._s3 = s3fs.S3FileSystem(
+                endpoint_url=self.endpoint or None, skip_instance_cache=True,
+                config_kwargs={"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 2}},
+            )
+            self._s3.retries = 2  # s3fs's own retry loop; ours (with backoff and logging) wraps it
+        return self._s3
+
+    def _fs_path(self, url: str):
+        if is_s3(url):
+            return self.s3, url[len("s3://"):]
+        return None, url
+
+    # -- errors and retries -------------------------------------------------------------------------------
+    def explain(self, exc: BaseException, url: str, action: str) -> StorageError:
+        """Turn a low-level exception into a StorageError naming the URL and the likely fix."""
+        where = f"{action} {url}"
+        name = type(exc).__name__
+        text = str(exc)
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            msg = ("no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                   "or ~/.aws/credentials")
+        elif "bucket does not exist" in text or "NoSuchBucket" in text:
+            msg = f"bucket {url[5:].split('/')[0]!r} does not exist at {self.endpoint or 'AWS S3'}"
+        elif isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+            msg = f"access denied ({text}); check the credentials and the bucket policy"
+        elif isinstance(exc, FileNotFoundError):
+            msg = "no such file or object"
+        elif is_transient(exc):
+            msg = f"cannot reach the storage endpoint {self.endpoint or ''} ({name}: {text})".replace("  ", " ")
+        else:
+            msg = f"{name}: {text}"
+        return StorageError(f"{where}: {msg}")
+
+    def retry(self, fn, url: str, action: str):
+        """Call ``fn()``; retry transient errors with exponential backoff, explain permanent ones."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 (classified below)
+                if not is_transient(exc) or attempt == self.retries:
+                    raise self.explain(exc, url, action) from exc
+                delay = self.backoff * 2**attempt
+                log.warning("%s %s failed (%s: %s); retry %d/%d in %.1fs", action, url, type(exc).__name__, exc,
+                            attempt + 1, self.retries, delay)
+                time.sleep(delay)
+
+    # -- operations ------------------------------------------------------------------------------------
+    def exists(self, url: str) -> bool:
+        fs, path = self._fs_path(url)
+        if fs is None:
+            return os.path.exists(path)
+        return self.retry(lambda: fs.exists(path), url, "checking")
+
+    def read_bytes(self, url: str) -> bytes:
+        fs, path = self._fs_path(url)
+        if fs is None:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as exc:
+                raise self.explain(exc, url, "reading") from exc
+        return self.retry(lambda: fs.cat_file(path), url, "reading")
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write atomically: readers see the old object or the whole new one."""
+        fs, path = self._fs_path(url)
+        if fs is None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
+        self.retry(lambda: fs.pipe_file(path, data), url, "writing")
+
+    def put_file(self, local: str, url: str) -> None:
+        """Move a finished local file to ``url`` (rename locally, upload to S3: both atomic for readers)."""
+        fs, path = self._fs_path(url)
+        if fs is None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            shutil.move(local, path)
+            return
+        self.retry(lambda: fs.put_file(local, path), url, "uploading")
+        os.remove(local)
+
+    def list(self, url: str, suffix: str = "") -> list[str]:
+        """Full URLs of the files directly under the folder or prefix ``url`` ending in ``suffix``, sorted."""
+        fs, path = self._fs_path(url)
+        if fs is None:
+            if not os.path.isdir(path):
+                raise StorageError(f"listing {url}: no such folder")
+            names = [os.path.join(path, n) for n in os.listdir(path)]
+        else:
+            names = ["s3://" + p for p in self.retry(lambda: fs.ls(path.rstrip("/"), detail=False), url, "listing")]
+        return sorted(n for n in names if n.endswith(suffix))
+
+    def check_writable(self, url: str) -> None:
+        """Fail early with a clear message when the destination bucket is missing or not writable."""
+        if not is_s3(url):
+            os.makedirs(url, exist_ok=True)
+            return
+        bucket = url[len("s3://"):].split("/")[0]
+        self.retry(lambda: self.s3.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1), url, "writing")  # bucket there?
+        probe = join(url, ".hpdm-write-check")
+        self.write_bytes(probe, b"ok")
+        self.retry(lambda: self.s3.rm_file(probe[5:]), probe, "deleting")
+
+    def open(self, url: str, offset: int = 0) -> "RetryingReader":
+        return RetryingReader(self, url, offset)
+
+    def local_tmpdir(self, dest: str) -> str:
+        """A scratch folder on the same file system as local ``dest`` (so renames are atomic)."""
+        base = None if is_s3(dest) else dest
+        if base:
+            os.makedirs(base, exist_ok=True)
+        return tempfile.mkdtemp(prefix=".hpdm-tmp-", dir=base)
+
+
+class RetryingReader:
+    """A sequential binary reader that reopens at its position after a transient error.
+
+    ``fetch_seconds`` accumulates the time spent waiting for bytes (the benchmark's "fetch" column).
+    """
+
+    def __init__(self, storage: Storage, url: str, offset: int = 0, block_size: int = 8 << 20):
+        self.storage, self.url, self.pos, self.block_size = storage, url, offset, block_size
+        self.fetch_seconds = 0.0
+        self._f = None
+        self._reopen()
+
+    def _reopen(self):
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:  # noqa: BLE001 (a broken handle is being replaced anyway)
+                pass
+        fs, path = self.storage._fs_path(self.url)
+
+        def do_open():
+            f = open(path, "rb") if fs is None else fs.open(path, "rb", block_size=self.block_size, cache_type="readahead")
+            f.seek(self.pos)
+            return f
+
+        self._f = self.storage.retry(do_open, self.url, "opening")
+
+    def read(self, n: int = -1) -> bytes:
+        t = time.perf_counter()
+        for attempt in range(self.storage.retries + 1):
+            try:
+                data = self._f.read(n)
+                break
+            except Exception as exc:  # noqa: BLE001 (classified below)
+                if not is_transient(exc) or attempt == self.storage.retries:
+                    raise self.storage.explain(exc, self.url, f"reading at byte {self.pos} of") from exc
+                log.warning("reading %s at byte %d failed (%s); reopening", self.url, self.pos, type(exc).__name__)
+                time.sleep(self.storage.backoff * 2**attempt)
+                self._reopen()
+        self.pos += len(data)
+        self.fetch_seconds += time.perf_counter() - t
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

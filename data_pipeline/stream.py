@@ -1,0 +1,239 @@
+"""One loader worker's stream of batches: its shards for each epoch, a shuffle buffer, decoding, skipping bad
+samples, and a JSON cursor after every batch.
+
+Every worker of the job has a global id ``g = rank * workers + w`` out of ``total = world_size * workers``.
+In each epoch the shard order is shuffled with (seed, epoch); with at least ``total`` shards, worker g reads
+shards ``order[g::total]``; with fewer, every worker reads all shards and keeps sample i of shard s when
+``(s + i) % total == g``. Either way each sample belongs to exactly one worker per epoch.
+
+All randomness is a pure function of (seed, epoch, worker, counter) or (seed, epoch, shard, byte offset), so
+the cursor (epoch, shard position, byte offset, buffer contents as references, number of shuffle draws,
+counters) is all it takes to continue exactly where a run stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .decode import ClipSpec, ShortVideo, decode_clip
+from .storage import Storage, StorageError
+from .tario import Record, iter_records
+from .video import VIDEO_EXTS, VideoError
+
+log = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training (too many bad samples, or none at all)."""
+
+
+def mix(*xs) -> int:
+    """A 64-bit hash of the arguments: the source of every random choice in the loader."""
+    return int.from_bytes(hashlib.blake2b(",".join(map(str, xs)).encode(), digest_size=8).digest(), "little")
+
+
+def new_stats() -> dict:
+    return {"seen": 0, "skipped": 0, "reasons": {}, "fetch_s": 0.0, "decode_s": 0.0, "resize_s": 0.0}
+
+
+def add_stats(a: dict, b: dict) -> dict:
+    out = {k: a.get(k, 0) + b.get(k, 0) for k in new_stats() if k != "reasons"}
+    ra, rb = a.get("reasons", {}), b.get("reasons", {})
+    out["reasons"] = {r: ra.get(r, 0) + rb.get(r, 0) for r in sorted({*ra, *rb})}
+    return out
+
+
+def check_skips(stats: dict, max_fraction: float, min_samples: int, where: str = "") -> None:
+    seen, skipped = stats["seen"], stats["skipped"]
+    if seen >= min_samples and skipped > max_fraction * seen:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(stats["reasons"].items()))
+        raise DataError(f"{where}{skipped} of {seen} samples were bad ({skipped / seen:.1%} > data.max_skip_fraction = "
+                        f"{max_fraction:.1%}); reasons: {reasons}. Fix or rewrite the shards (see the warnings above "
+                        "for shard and key), or raise data.max_skip_fraction.")
+
+
+def fresh_cursor(epoch: int) -> dict:
+    return {"epoch": epoch, "pos": 0, "offset": 0, "index": 0, "buffer": [], "draws": 0, "good": 0}
+
+
+@dataclass
+class ShardStream:
+    """Everything a worker needs, picklable (the S3 client is created inside each worker)."""
+
+    urls: list[str]
+    counts: list  # samples per shard from the index, or None
+    storage: Storage
+    spec: ClipSpec
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 1  # logical workers per rank
+    shuffle_buffer: int = 0
+    max_skip_fraction: float = 1.0
+    skip_check_after: int = 50
+    states: list = field(default_factory=list)  # per logical worker: {"cursor", "stats"} or None
+
+    # -- the split ------------------------------------------------------------------------------------------
+    def shards_for(self, epoch: int, g: int) -> tuple[list[int], bool]:
+        """Global shard ids this worker reads in ``epoch``, and whether it splits them by sample."""
+        order = list(range(len(self.urls)))
+        if self.spec.train:
+            random.Random(mix("shards", self.seed, epoch)).shuffle(order)
+        total = self.world_size * self.workers
+        return (order[g::total], False) if len(order) >= total else (order, True)
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def _skip(self, stats: dict, reason: str, url: str, key: str, detail: str) -> None:
+        stats["seen"] += 1
+        stats["skipped"] += 1
+        stats["reasons"][reason] = stats["reasons"].get(reason, 0) + 1
+        log.warning("skipped sample %r in %s: %s (%s)", key, url, reason, detail)
+
+    def _records(self, cur: dict, g: int, stats: dict):
+        """(shard id, record) for this worker's samples of the cursor's epoch, advancing the cursor."""
+        mine, by_sample = self.shards_for(cur["epoch"], g)
+        total = self.world_size * self.workers
+        while cur["pos"] < len(mine):
+            s = mine[cur["pos"]]
+            url, idx0 = self.urls[s], cur["index"]
+            keep = (lambda i, s=s, idx0=idx0: (s + idx0 + i) % total == g) if by_sample else None
+            try:
+                reader = self.storage.open(url, cur["offset"])
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError) or "bucket" in str(exc):
+                    raise
+                self._skip(stats, "missing_shard", url, "*", str(exc))
+                reader = None
+            n = idx0
+            if reader is not None:
+                with reader:
+                    fetched = 0.0
+                    for rec in iter_records(reader, cur["offset"], keep):
+                        i, n = n, n + 1
+                        cur["offset"], cur["index"] = rec.end, n
+                        stats["fetch_s"] += reader.fetch_seconds - fetched
+                        fetched = reader.fetch_seconds
+                        if by_sample and (s + i) % total != g:
+                            continue
+                        if rec.error:
+                            self._skip(stats, "truncated_tar", url, rec.key, rec.error)
+                            continue
+                        yield s, rec
+                    expected = self.counts[s] if self.counts else None
+                    for i in range(n, expected or 0):  # the tar ended early at a member boundary
+                        if not by_sample or (s + i) % total == g:
+                            self._skip(stats, "truncated_tar", url, f"#{i}", f"shard ended after {n} of {expected} samples")
+            cur["pos"], cur["offset"], cur["index"] = cur["pos"] + 1, 0, 0
+
+    def _fetch_one(self, s: int, offset: int) -> Record:
+        with self.storage.open(self.urls[s], offset) as reader:
+            return next(iter_records(reader, offset))
+
+    def _valid(self, rec: Record, url: str, stats: dict):
+        """(video bytes, metadata) or None after counting a sample that lacks a field."""
+        video = next((rec.fields[e] for e in VIDEO_EXTS if e in rec.fields), None)
+        try:
+            meta = json.loads(rec.fields["json"]) if "json" in rec.fields else None
+        except ValueError:
+            meta = None
+        missing = [n for n, ok in (("video", video is not None), ("json", meta is not None)) if not ok]
+        if not missing and not all(k in meta for k in ("fps", "frames")):
+            missing = ["json fps/frames"]
+        if missing:
+            self._skip(stats, "missing_field", url, rec.key, f"no {' and '.join(missing)}")
+            return None
+        return video, meta
+
+    def _samples(self, cur: dict, g: int, stats: dict):
+        """Records in shuffled order for the cursor's epoch (the buffer is refilled from references on resume)."""
+        refs = cur["buffer"]  # [shard, byte offset] of each buffered record, kept in step with buf
+        buf = [(s, self._fetch_one(s, off)) for s, off in refs]
+        size = self.shuffle_buffer if self.spec.train else 0
+
+        def emit():
+            cur["draws"] += 1
+            j = mix("pick", self.seed, cur["epoch"], g, cur["draws"]) % len(buf)
+            buf[j], buf[-1] = buf[-1], buf[j]
+            refs[j], refs[-1] = refs[-1], refs[j]
+            refs.pop()
+            return buf.pop()
+
+        for s, rec in self._records(cur, g, stats):
+            if size <= 1:
+                yield s, rec
+                continue
+            buf.append((s, rec))
+            refs.append([s, rec.start])
+            if len(buf) > size:
+                yield emit()
+        while buf:
+            yield emit()
+
+    # -- the worker loop ------------------------------------------------------------------------------------
+    def batches(self, w: int):
+        """Batches of logical worker ``w``: forever in training, one pass in evaluation."""
+        g = self.rank * self.workers + w
+        st = self.states[w] if w < len(self.states) and self.states[w] else None
+        cur = json.loads(json.dumps(st["cursor"])) if st else fresh_cursor(0)
+        stats = add_stats(new_stats(), st["stats"]) if st else new_stats()
+        videos, labels, captions, keys = [], [], [], []
+        while True:
+            for s, rec in self._samples(cur, g, stats):
+                url = self.urls[s]
+                parsed = self._valid(rec, url, stats)
+                if parsed is None:
+                    check_skips(stats, self.max_skip_fraction, self.skip_check_after, f"loader worker {g}: ")
+                    continue
+                video, meta = parsed
+                rng = np.random.default_rng(mix("aug", self.seed, cur["epoch"], s, rec.start))
+                timing: dict = {}
+                reason = ""
+                try:
+                    clip = decode_clip(video, meta, self.spec, rng, timing)
+                except ShortVideo as exc:
+                    reason, detail = "short_video", str(exc)
+                except (VideoError, ValueError, KeyError, TypeError) as exc:
+                    reason, detail = "corrupt_video", str(exc)
+                stats["decode_s"] += timing.get("decode", 0.0)
+                stats["resize_s"] += timing.get("resize", 0.0)
+                if reason:
+                    self._skip(stats, reason, url, rec.key, detail)
+                else:
+                    stats["seen"] += 1
+                check_skips(stats, self.max_skip_fraction, self.skip_check_after, f"loader worker {g}: ")
+                if reason:
+                    continue
+                cur["good"] += 1
+                videos.append(clip)
+                labels.append(int(meta.get("label", -1)))
+                captions.append(str(meta.get("caption", "")))
+                keys.append(rec.key)
+                if len(videos) == self.batch_size:
+                    yield self._collate(w, videos, labels, captions, keys, cur, stats)
+                    videos, labels, captions, keys = [], [], [], []
+            if not self.spec.train:
+                batch = self._collate(w, videos, labels, captions, keys, cur, stats)
+                yield batch if videos else {"_state": batch["_state"]}  # a state-only item carries the final counts
+                return
+            if cur["good"] == 0:
+                why = (f"skipped: {stats['reasons']}" if stats["skipped"] else
+                       f"the dataset ({len(self.urls)} shards) has fewer samples than world_size x workers "
+                       f"({self.world_size * self.workers})")
+                raise DataError(f"loader worker {g}: epoch {cur['epoch']} produced no usable sample; {why}")
+            cur.update(fresh_cursor(cur["epoch"] + 1))
+
+    def _collate(self, w, videos, labels, captions, keys, cur, stats) -> dict:
+        return {
+            "video": torch.from_numpy(np.stack(videos)) if videos else None,
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "caption": list(captions),
+            "key": list(keys),
+            "_state": {"worker": w, "cursor": json.loads(json.dumps(cur)), "stats": json.loads(json.dumps(stats))},
+        }

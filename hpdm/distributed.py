@@ -1,0 +1,28 @@
+"""Process-group set-up for the `deepspeed` launcher, torchrun, or a plain single process."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); returns (rank, world, device)."""
+    import deepspeed  # noqa: PLC0415 (heavy import, only for training)
+
+    if "RANK" not in os.environ:  # a plain `hpdm train`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device("cuda", local) if cuda else torch.device("cpu")

@@ -1,0 +1,80 @@
+"""Transformer pieces of the RIN backbone: attention, MLP, adaLN modulation, and the three layer kinds.
+
+A *read* layer lets latents attend to data tokens, a *latent* layer is self-attention among latents, and a
+*write* layer lets data tokens attend to latents. Every layer's residual branches are modulated (shift,
+scale, gate; zero-initialised gate) by the per-sample conditioning vector.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hpdm.attention import attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention from ``dim_q`` queries to ``dim_kv`` keys/values, ``inner`` wide, out to ``dim_q``."""
+
+    def __init__(self, dim_q: int, dim_kv: int, inner: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = inner // head_dim, head_dim
+        self.q = nn.Linear(dim_q, inner)
+        self.kv = nn.Linear(dim_kv, 2 * inner)
+        self.q_norm = nn.RMSNorm(head_dim)  # QK-norm keeps the logits bounded in fp32 and bf16 alike
+        self.k_norm = nn.RMSNorm(head_dim)
+        self.out = nn.Linear(inner, dim_q)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q = self.q_norm(self.q(x).view(B, N, self.heads, self.head_dim))
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, self.head_dim).unbind(2)
+        o = attention(q, self.k_norm(k), v.contiguous())
+        return self.out(o.reshape(B, N, -1))
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, ratio: float):
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class Modulation(nn.Module):
+    """adaLN: (shift, scale, gate) per residual branch from the conditioning vector; zero-initialised."""
+
+    def __init__(self, cond_dim: int, dim: int, branches: int):
+        super().__init__()
+        self.branches = branches
+        self.proj = nn.Linear(cond_dim, 3 * branches * dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, c: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        chunks = self.proj(c)[:, None].chunk(3 * self.branches, dim=-1)
+        return [chunks[3 * i:3 * i + 3] for i in range(self.branches)]
+
+
+def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return norm(x) * (1 + scale) + shift
+
+
+class ResidualLayer(nn.Module):
+    """``x += gate * attn(mod(norm(x)), ctx)``, then ``x += gate * mlp(mod(norm(x)))``.
+
+    With ``ctx_dim`` None the attention is self-attention over ``x``; otherwise ``x`` attends to ``ctx``.
+    """
+
+    def __init__(self, dim: int, ctx_dim: int | None, inner: int, head_dim: int, mlp_ratio: float, cond_dim: int):
+        super().__init__()
+        self.cross = ctx_dim is not None
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ctx_norm = nn.LayerNorm(ctx_dim) if self.cross else None
+        self.attn = Attention(dim, ctx_dim or dim, inner, head_dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.mod = Modulation(cond_dim, dim, branches=2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        (s1, g1, a1), (s2, g2, a2) = self.mod(c)
+        h = _modulate(self.norm1, x, s1, g1)
+        x = x + a1 * self.attn(h, self.ctx_norm(ctx) if self.cross else h)
+        return x + a2 * self.mlp(_modulate(self.norm2, x, s2, g2))

@@ -1,0 +1,152 @@
+"""The hierarchical patch model: a RIN backbone that denoises every pyramid level jointly.
+
+Each level's patch is cut into pixel tubes (data tokens). Per level, a set of latents reads from the data
+tokens, thinks by self-attention, and the data tokens read back (one RIN block). Levels share all weights
+and are batched together inside a block; they interact only through *context fusion*: before a block, each
+finer level's tokens receive the coarser levels' tokens (projected), resampled at their own positions and
+averaged. *Adaptive computation*: block ``b`` processes only levels ``< levels_per_block[b]``, so fine levels
+run only the last blocks. Information flows strictly coarse to fine.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from hpdm.config import ModelConfig
+from hpdm.layers import ResidualLayer
+from kernels import context_fusion
+
+
+class FourierEmbedding(nn.Module):
+    """Sinusoidal features of a scalar (the EDM noise conditioning ``ln(sigma) / 4``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(dim // 2) / (dim // 2)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x[:, None].float() * self.freqs * 1000
+        return torch.cat([a.cos(), a.sin()], dim=-1)
+
+
+class Conditioning(nn.Module):
+    """Per (sample, level) vector from the noise level, the class or text, and the patch's box."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.latent_dim
+        self.cfg = cfg
+        self.noise = nn.Sequential(FourierEmbedding(256), nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        if cfg.cond == "class":
+            self.label = nn.Embedding(cfg.num_classes + 1, dim)  # the last row is "no class" (guidance)
+        elif cfg.cond == "text":
+            self.text = nn.Linear(cfg.text_dim, dim)
+        if cfg.coords:
+            # Raw box coordinates (the paper's supplement reports that sinusoidal ones diverged).
+            self.coords = nn.Sequential(nn.Linear(6, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, c_noise: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor | None,
+                text: torch.Tensor | None, text_mask: torch.Tensor | None) -> torch.Tensor:
+        """c_noise [B,L], boxes [B,L,6] -> [B,L,latent_dim]. labels -1 and all-False text_mask mean unconditional."""
+        B, L = c_noise.shape
+        dtype = self.noise[1].weight.dtype
+        c = self.noise[1:](self.noise[0](c_noise.flatten()).to(dtype)).view(B, L, -1)
+        if self.cfg.cond == "class":
+            if labels is None:
+                raise ValueError("model.cond is 'class': pass labels (-1 for unconditional)")
+            idx = torch.where(labels < 0, self.cfg.num_classes, labels)
+            c = c + self.label(idx)[:, None]
+        elif self.cfg.cond == "text":
+            if text is None:
+                raise ValueError("model.cond is 'text': pass text embeddings [B,S,text_dim]")
+            m = torch.ones(text.shape[:2], device=text.device) if text_mask is None else text_mask.to(text.dtype)
+            pooled = (text * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+            c = c + self.text(pooled.to(dtype))[:, None]
+        if self.cfg.coords:
+            c = c + self.coords(boxes.to(dtype))
+        return nn.functional.silu(c)
+
+
+class Block(nn.Module):
+    """One RIN block: read (latents <- data), ``latent_layers`` self-attention layers, write (data <- latents)."""
+
+    def __init__(self, cfg: ModelConfig, fuses: bool):
+        super().__init__()
+        D, Z, hd, r = cfg.token_dim, cfg.latent_dim, cfg.head_dim, cfg.mlp_ratio
+        self.read = ResidualLayer(Z, D, Z, hd, r, Z)
+        self.latent = nn.ModuleList(ResidualLayer(Z, None, Z, hd, r, Z) for _ in range(cfg.latent_layers))
+        self.write = ResidualLayer(D, Z, D, hd, cfg.data_mlp_ratio, Z)
+        # Context projection, zero-initialised so that fusion starts as the identity.
+        self.fuse = nn.Linear(D, D) if fuses else None
+        if fuses:
+            nn.init.zeros_(self.fuse.weight)
+            nn.init.zeros_(self.fuse.bias)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.read(z, c, x)
+        for layer in self.latent:
+            z = layer(z, c)
+        return self.write(x, c, z), z
+
+
+class HPDM(nn.Module):
+    """Denoiser network ``F(x, c_noise, boxes, cond)`` over all pyramid levels at once."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D = cfg.token_dim
+        pixels = 3 * math.prod(cfg.patchify)
+        self.grid = cfg.token_grid
+        self.tokenize = nn.Linear(pixels, D)
+        self.pos = nn.Parameter(torch.randn(math.prod(self.grid), D) * 0.02)
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, cfg.latent_dim) * 0.02)
+        self.cond = Conditioning(cfg)
+        fusing = cfg.context_fusion != "none"
+        self.blocks = nn.ModuleList(Block(cfg, fuses=fusing and n > 1) for n in cfg.levels_per_block)
+        self.out_norm = nn.LayerNorm(D)
+        self.detokenize = nn.Linear(D, pixels)
+        nn.init.zeros_(self.detokenize.weight)
+        nn.init.zeros_(self.detokenize.bias)
+
+    def first_block(self, level: int) -> int:
+        """Index of the first block that processes ``level``."""
+        return next(b for b, n in enumerate(self.cfg.levels_per_block) if n > level)
+
+    def _fuse(self, b: int, block: Block, h: list[torch.Tensor], active: int, boxes: torch.Tensor) -> list[torch.Tensor]:
+        """Context fusion before block ``b`` for the active levels >= 1 (coarse states are taken before fusion)."""
+        cfg = self.cfg
+        targets = [l for l in range(1, active) if cfg.context_fusion == "deep" or self.first_block(l) == b]
+        if block.fuse is None or not targets:
+            return h
+        B, (t, hh, w), D = boxes.shape[0], self.grid, cfg.token_dim
+        proj = [block.fuse(h[k].detach() if cfg.context_detach else h[k]).view(B, t, hh, w, D) for k in range(max(targets))]
+        out = list(h)
+        for l in targets:
+            fused = context_fusion(h[l].view(B, t, hh, w, D), torch.stack(proj[:l], dim=1), boxes[:, l], boxes[:, :l],
+                                   impl=cfg.kernels)
+            out[l] = fused.view(B, -1, D)
+        return out
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor | None = None,
+                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,L,3,t,h,w] (L <= cfg.levels, a prefix of the pyramid), c_noise [B,L], boxes [B,L,6] -> like x."""
+        B, L = x.shape[:2]
+        x = x.to(self.tokenize.weight.dtype)
+        pt, ph, pw = self.cfg.patchify
+        tokens = rearrange(x, "b l c (t pt) (h ph) (w pw) -> l b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        h = list((self.tokenize(tokens) + self.pos).unbind(0))
+        cond = self.cond(c_noise, boxes, labels, text, text_mask)  # [B,L,Z]
+        z = [self.latents.expand(B, -1, -1)] * L
+        for b, block in enumerate(self.blocks):
+            active = min(self.cfg.levels_per_block[b], L)
+            h = self._fuse(b, block, h, active, boxes)
+            xs, zs = block(torch.cat(h[:active]), torch.cat(z[:active]), cond[:, :active].transpose(0, 1).flatten(0, 1))
+            h[:active], z[:active] = xs.chunk(active), zs.chunk(active)
+        out = self.detokenize(self.out_norm(torch.stack(h)))  # [L,B,N,pixels]
+        t, hh, w = self.grid
+        return rearrange(out, "l b (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)

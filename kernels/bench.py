@@ -1,0 +1,222 @@
+"""Kernel benchmark (``hpdm bench-kernels``): the fused kernels against eager and torch.compile'd references.
+
+For each kernel and size: median time (CUDA events), achieved GB/s on the bytes the op must move, that as a
+percentage of a device-to-device copy measured in the same run, and speed-ups over the eager reference and
+over ``torch.compile(reference)``. Prints a table, writes JSON and, if matplotlib imports, a PNG of GB/s vs
+size. ``--device cpu`` is a smoke mode (Triton interpreter, tiny sizes): it checks the plumbing, its numbers
+mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hpdm.pyramid import boxes_from_offsets, sample_offsets
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernels", default="gather,fusion", help="comma list of: gather, fusion")
+    parser.add_argument("--out", default="kernel_bench.json", help="JSON results path (PNG beside it)")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: smoke test through the Triton interpreter at tiny sizes")
+
+
+def _median_ms(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int, warmup: int, reps: int) -> float:
+    """GB/s of a device-to-device copy (bytes read + written)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device, warmup, reps)
+    return 2 * src.numel() / ms / 1e6
+
+
+def gather_cases(device: str) -> list[dict]:
+    """(B, video T/H/W, patch, levels, factors) per case; the last entries are the issue's target sizes."""
+    if device == "cpu":
+        return [dict(name="tiny 2x8x16x16", B=2, video=(8, 16, 16), patch=(2, 4, 4), levels=3, factors=None)]
+    ucf = dict(video=(64, 256, 256), patch=(16, 64, 64), levels=3, factors=None)
+    return [dict(name=f"ucf B={b} 64x256x256", B=b, **ucf) for b in (1, 4)] + [
+        dict(name="t2v B=4 64x288x512 L=4", B=4, video=(64, 288, 512), patch=(8, 36, 64), levels=4, factors=None),
+        dict(name="ucf B=16 64x256x256", B=16, **ucf),
+        dict(name="B=16 16x512x512 f=(1,8,8)..", B=16, video=(16, 512, 512), patch=(16, 64, 64), levels=3,
+             factors=((1, 8, 8), (1, 4, 4), (1, 2, 2))),
+    ]
+
+
+def _gather_setup(case: dict, device: str, dtype: torch.dtype):
+    from kernels.patch_gather import gather_pyramid, level_factors
+    B, patch = case["B"], case["patch"]
+    levels = case["levels"]
+    fs = level_factors(levels, case["factors"])
+    video = torch.randint(0, 256, (B, *case["video"], 3), dtype=torch.uint8, device=device)
+    if case["factors"] is None:
+        offsets = sample_offsets(B, levels, patch, torch.Generator().manual_seed(0))
+    else:  # deterministic nested boxes: level l starts in the middle of what it may cover
+        room = [[case["video"][d] // fs[l][d] - patch[d] for d in range(3)] for l in range(levels)]
+        offsets = torch.tensor([[[r // 2 for r in room[l]] for l in range(levels)]] * B)
+    # must move: the coarsest box (it contains the finer ones) once, and every level's output once
+    read = B * 3 * max(math.prod(p * f for p, f in zip(patch, fl)) for fl in fs)
+    write = B * levels * 3 * math.prod(patch) * dtype.itemsize
+
+    def call(impl):
+        return lambda: gather_pyramid(video, offsets, patch, dtype, impl=impl, factors=case["factors"])
+    return call, read + write
+
+
+def fusion_cases(device: str) -> list[dict]:
+    if device == "cpu":
+        return [dict(name="tiny B=2 D=16 2x4x4 K=2", B=2, D=16, grid=(2, 4, 4), K=2)]
+    return [dict(name=f"B={b} D={d} 8x16x16 K={k}", B=b, D=d, grid=(8, 16, 16), K=k)
+            for b, d, k in ((4, 1024, 2), (16, 256, 2), (16, 1024, 1), (16, 1024, 2), (16, 1024, 3))]
+
+
+def _fusion_setup(case: dict, device: str, dtype: torch.dtype):
+    from kernels.context_fusion import context_fusion
+    B, D, grid, K = case["B"], case["D"], case["grid"], case["K"]
+    boxes = boxes_from_offsets(sample_offsets(B, K + 1, grid, torch.Generator().manual_seed(0)), grid).to(device)
+    x = torch.randn(B, *grid, D, device=device, dtype=dtype, requires_grad=True)
+    ctx = torch.randn(B, K, *grid, D, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+    tokens = B * math.prod(grid) * D * dtype.itemsize
+    # must move: x read, out written, the coarse cells under the fine box read; backward: grad read, grad_ctx written
+    lo, hi = boxes[:, :K, :3], boxes[:, :K, 3:]
+    frac = ((boxes[:, K:, 3:] - boxes[:, K:, :3]) / (hi - lo)).clamp(max=1.0)
+    cells = torch.minimum(torch.ceil(frac * torch.tensor(grid, device=device)) + 1, torch.tensor(grid, device=device))
+    footprint = int(cells.prod(-1).sum()) * D * dtype.itemsize
+    fwd_bytes, bwd_bytes = 2 * tokens + footprint, tokens + K * tokens
+
+    def call(impl):
+        def step():
+            out = context_fusion(x, ctx, boxes[:, K], boxes[:, :K], impl=impl)
+            torch.autograd.backward(out, g)
+        return step
+    return call, fwd_bytes + bwd_bytes
+
+
+def _measure(kernel: str, case: dict, setup, args, copy_gbs: float) -> dict:
+    dtype = torch.bfloat16
+    call, nbytes = setup(case, args.device, dtype)
+    timing = dict(warmup=args.warmup, reps=args.reps, device=args.device)
+    row = dict(kernel=kernel, case=case["name"], dtype=str(dtype), bytes=nbytes)
+    row["fused_ms"] = _median_ms(call("fused"), **timing)
+    row["eager_ms"] = _median_ms(call("reference"), **timing)
+    row["compile_ms"] = None
+    if not args.no_compile:
+        try:
+            from torch import _dynamo
+            _dynamo.reset()
+            with _compiled_reference(kernel):
+                row["compile_ms"] = _median_ms(call("reference"), **timing)
+        except Exception as exc:  # noqa: BLE001 - report, do not abort the run
+            print(f"  torch.compile baseline failed for {case['name']}: {type(exc).__name__}: {exc}"[:300])
+    row["gbs"] = nbytes / row["fused_ms"] / 1e6
+    row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+    row["x_eager"] = row["eager_ms"] / row["fused_ms"]
+    row["x_compile"] = row["compile_ms"] / row["fused_ms"] if row["compile_ms"] else None
+    return row
+
+
+class _compiled_reference:
+    """Swap the dispatcher's reference for ``torch.compile`` of it for the duration of a ``with``."""
+
+    def __init__(self, kernel: str):
+        import kernels.context_fusion as cf
+        import kernels.patch_gather as pg
+        self.module, self.name = (pg, "gather_pyramid_reference") if kernel == "gather" else \
+            (cf, "context_fusion_reference")
+
+    def __enter__(self):
+        self.orig = getattr(self.module, self.name)
+        setattr(self.module, self.name, torch.compile(self.orig))
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.orig)
+
+
+def _table(rows: list[dict], copy_gbs: float) -> str:
+    head = f"{'kernel':7} {'case':30} {'fused ms':>9} {'GB/s':>8} {'% copy':>7} {'x eager':>8} {'x compile':>9}"
+    lines = [f"device-to-device copy: {copy_gbs:.0f} GB/s", head, "-" * len(head)]
+    for r in rows:
+        xc = f"{r['x_compile']:.1f}" if r["x_compile"] else "n/a"
+        lines.append(f"{r['kernel']:7} {r['case']:30} {r['fused_ms']:9.3f} {r['gbs']:8.0f} {r['pct_copy']:7.1f} "
+                     f"{r['x_eager']:8.1f} {xc:>9}")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], copy_gbs: float, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG drawn")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kernel in sorted({r["kernel"] for r in rows}):
+        pts = sorted((r["bytes"], r["gbs"]) for r in rows if r["kernel"] == kernel)
+        ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=kernel)
+    ax.axhline(copy_gbs, ls="--", c="gray", label="device copy")
+    ax.set(xscale="log", xlabel="MB moved", ylabel="GB/s", title="fused kernels")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench-kernels needs a CUDA GPU (none found); `--device cpu` runs a smoke test via Triton's interpreter")
+        return 2
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # kernel modules are imported lazily, after this
+        args.no_compile = True
+    copy_gbs = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.warmup, args.reps)
+    rows = []
+    wanted = args.kernels.split(",")
+    for kernel, cases, setup in (("gather", gather_cases, _gather_setup), ("fusion", fusion_cases, _fusion_setup)):
+        if kernel in wanted:
+            for case in cases(args.device):
+                rows.append(_measure(kernel, case, setup, args, copy_gbs))
+                torch.cuda.empty_cache() if args.device == "cuda" else None
+    print(_table(rows, copy_gbs))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreter)"
+    out.write_text(json.dumps(dict(device=device, torch=torch.__version__, copy_gbs=copy_gbs, rows=rows), indent=1))
+    print(f"wrote {out}")
+    _plot(rows, copy_gbs, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -1,0 +1,85 @@
+"""Bad data is skipped, counted and logged with shard and key; the skip ceiling stops the job."""
+import json
+import logging
+import os
+
+import pytest
+
+from data_pipeline import DataConfig, DataError, build_loader
+from data_pipeline.synthetic import render
+from data_pipeline.tario import TarWriter
+from data_pipeline.video import encode, probe
+
+GOOD = [f"good{i}" for i in range(6)]
+
+
+def _sample(n, frames=24):
+    data = encode(render(n % 4, frames, 32, 32, seed=n), 24.0)
+    meta = probe(data) | {"label": n % 4, "caption": f"clip {n}"}
+    return {"mp4": data, "json": json.dumps(meta).encode()}
+
+
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory):
+    """Shard 0: good samples mixed with every kind of bad sample. Shard 1: a tar cut inside its second sample.
+    Shard 2: a tar cut at a member boundary (the index still promises 3 samples)."""
+    root = tmp_path_factory.mktemp("bad")
+    good = {k: _sample(i) for i, k in enumerate(GOOD)}
+    w = TarWriter(str(root / "shard-000000.tar"))
+    w.write("good0", good["good0"])
+    w.write("corrupt", {"mp4": os.urandom(5000), "json": good["good1"]["json"]})
+    w.write("good1", good["good1"])
+    w.write("truncated_mp4", {"mp4": good["good2"]["mp4"][: len(good["good2"]["mp4"]) // 2], "json": good["good2"]["json"]})
+    w.write("no_json", {"mp4": good["good2"]["mp4"]})
+    w.write("no_video", {"json": good["good2"]["json"]})
+    w.write("short", _sample(9, frames=4))
+    w.write("good2", good["good2"])
+    w.close()
+    for name, keys in (("shard-000001.tar", ["good3", "cut", "lost"]), ("shard-000002.tar", ["good4", "good5", "gone"])):
+        w = TarWriter(str(root / name))
+        for k in keys:
+            w.write(k, good.get(k) or _sample(7))
+        w.close()
+    data = (root / "shard-000001.tar").read_bytes()
+    (root / "shard-000001.tar").write_bytes(data[: data.index(b"cut.mp4") + 512 + 100])  # inside cut.mp4's bytes
+    data = (root / "shard-000002.tar").read_bytes()
+    (root / "shard-000002.tar").write_bytes(data[: data.index(b"gone.json")])  # the name opens its header
+    index = {"format": "hpdm-shards/1", "class_names": [], "num_samples": 14,
+             "shards": [{"name": "shard-000000.tar", "samples": 8}, {"name": "shard-000001.tar", "samples": 3},
+                        {"name": "shard-000002.tar", "samples": 3}]}
+    (root / "index.json").write_text(json.dumps(index))
+    return str(root)
+
+
+def test_each_kind_of_bad_sample_is_skipped_counted_and_logged(bad_shards, caplog):
+    cfg = DataConfig(shards=bad_shards, num_workers=0, max_skip_fraction=1.0)
+    loader = build_loader(cfg, frames=8, size=(16, 16), batch_size=2, train=False)
+    with caplog.at_level(logging.WARNING):
+        keys = [k for b in loader for k in b["key"]]
+    assert sorted(keys) == sorted(GOOD)
+    reasons = loader.stats["reasons"]
+    assert reasons == {"corrupt_video": 2, "missing_field": 2, "short_video": 1, "truncated_tar": 3}
+    assert loader.stats["skipped"] == 8 and loader.stats["seen"] == 14
+    for key in ("'corrupt'", "'truncated_mp4'", "'no_json'", "'no_video'", "'short'"):
+        assert f"{key} in {bad_shards}/shard-000000.tar" in caplog.text
+    assert f"in {bad_shards}/shard-000001.tar: truncated_tar" in caplog.text
+    assert "shard ended after 2 of 3 samples" in caplog.text
+
+
+def test_training_goes_on_through_bad_data(bad_shards):
+    cfg = DataConfig(shards=bad_shards, num_workers=2, shuffle_buffer=3, max_skip_fraction=1.0)
+    it = iter(build_loader(cfg, frames=8, size=(16, 16), batch_size=2))
+    keys = [k for _ in range(9) for k in next(it)["key"]]  # 18 good samples: three epochs' worth
+    assert set(keys) == set(GOOD)
+
+
+def test_skip_ceiling_stops_the_job_with_a_clear_message(bad_shards):
+    cfg = DataConfig(shards=bad_shards, num_workers=0, max_skip_fraction=0.2, skip_check_after=4)
+    with pytest.raises(DataError, match=r"max_skip_fraction = 20.0%.*reasons: .*corrupt_video"):
+        for _ in build_loader(cfg, frames=8, size=(16, 16), batch_size=2, train=False):
+            pass
+
+
+def test_skip_ceiling_waits_for_the_minimum_sample_count(bad_shards):
+    cfg = DataConfig(shards=bad_shards, num_workers=0, max_skip_fraction=0.2, skip_check_after=1000)
+    assert len([b for b in build_loader(cfg, frames=8, size=(16, 16), batch_size=2, train=False)]) == 3

@@ -1,0 +1,22 @@
+"""The ``data:`` section: new keys load from YAML overrides and bad values name their key."""
+import pytest
+
+from hpdm.config import ConfigError, load_config
+
+
+def test_data_keys_load_and_validate():
+    cfg = load_config(overrides=["data.io_retries=2", "data.endpoint_url=http://127.0.0.1:9000", "data.fps=8"])
+    assert (cfg.data.io_retries, cfg.data.endpoint_url, cfg.data.fps) == (2, "http://127.0.0.1:9000", 8.0)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.max_skip_fraction=1.5", "data.max_skip_fraction"),
+    ("data.prefetch=0", "data.prefetch"),
+    ("data.endpoint_url=127.0.0.1:9000", "data.endpoint_url"),
+    ("data.shuffle_buffer=-2", "data.shuffle_buffer"),
+])
+def test_bad_data_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert err.value.key == key

@@ -1,0 +1,103 @@
+"""Shards on a real S3 server (SeaweedFS on 127.0.0.1): write, stream back, and the errors people hit."""
+import io
+import os
+
+import pytest
+import torch
+
+from data_pipeline import DataConfig, StorageError, build_loader, make_shards, prepare_dataset
+from data_pipeline.seaweed import free_ports
+from data_pipeline.storage import Storage
+
+
+def test_shards_written_to_and_streamed_back_from_s3(s3_server, monkeypatch, tiny_manifest, tiny_shards):
+    s3_server.env(monkeypatch)
+    dest = f"s3://{s3_server.bucket}/tiny"
+    index = make_shards(str(tiny_manifest), dest, shard_size_mb=0.02, progress=False)
+    assert index["num_samples"] == 12
+    kw = dict(frames=8, size=(16, 16), batch_size=4, train=False)
+    remote = list(build_loader(DataConfig(shards=dest, num_workers=2), **kw))
+    local = list(build_loader(DataConfig(shards=tiny_shards["one"], num_workers=0), **kw))
+    by_key = lambda batches: {k: v for b in batches for k, v in zip(b["key"], b["video"])}  # noqa: E731
+    r, l = by_key(remote), by_key(local)
+    assert sorted(r) == sorted(l) and len(r) == 12
+    assert all(torch.equal(r[k], l[k]) for k in r)
+    names = [s["name"] for s in index["shards"]]  # a brace pattern and a bare prefix find the same shards
+    pattern = f"{dest}/shard-{{000000..{len(names) - 1:06d}}}.tar"
+    keys = lambda spec: sorted(k for b in build_loader(DataConfig(shards=spec, num_workers=0), **kw) for k in b["key"])  # noqa: E731
+    assert keys(pattern) == sorted(r)
+
+
+def test_synthetic_dataset_on_s3_with_endpoint_from_config(s3_server, monkeypatch):
+    s3_server.env(monkeypatch)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    cfg = DataConfig(shards=f"s3://{s3_server.bucket}/syn", synthetic=True, synthetic_videos=4, num_workers=0,
+                     endpoint_url=s3_server.endpoint)
+    index = prepare_dataset(cfg, (4, 16, 16), num_classes=2)
+    assert index["num_samples"] == 4
+    assert Storage(s3_server.endpoint).exists(f"s3://{s3_server.bucket}/syn/index.json")
+    batch = next(iter(build_loader(cfg, frames=4, size=(16, 16), batch_size=2, seed=1)))
+    assert batch["video"].shape == (2, 4, 16, 16, 3)
+
+
+def test_missing_credentials_are_named(s3_server, monkeypatch):
+    s3_server.env(monkeypatch, creds=None)
+    with pytest.raises(StorageError, match="no AWS credentials found; set AWS_ACCESS_KEY_ID"):
+        build_loader(DataConfig(shards=f"s3://{s3_server.bucket}/tiny"), frames=4, size=(8, 8), batch_size=1)
+
+
+def test_missing_bucket_is_named(s3_server, monkeypatch, tiny_manifest):
+    s3_server.env(monkeypatch)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist at http://127.0.0.1"):
+        build_loader(DataConfig(shards="s3://no-such-bucket/ds"), frames=4, size=(8, 8), batch_size=1)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        make_shards(str(tiny_manifest), "s3://no-such-bucket/ds", progress=False)
+
+
+def test_denied_requests_are_named(s3_server, monkeypatch, tiny_manifest):
+    s3_server.env(monkeypatch, creds=s3_server.reader)  # may read and list, not write
+    with pytest.raises(StorageError, match="access denied"):
+        make_shards(str(tiny_manifest), f"s3://{s3_server.bucket}/denied", progress=False)
+    s3_server.env(monkeypatch, creds=(s3_server.reader[0], "wrong-secret"))
+    with pytest.raises(StorageError, match="access denied"):
+        Storage().read_bytes(f"s3://{s3_server.bucket}/.ready")
+
+
+def test_unreachable_endpoint_is_named(s3_server, monkeypatch):
+    s3_server.env(monkeypatch)
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
+    cfg = DataConfig(shards=f"s3://{s3_server.bucket}/tiny", endpoint_url=dead, io_retries=1, io_backoff=0.01)
+    with pytest.raises(StorageError, match=f"cannot reach the storage endpoint {dead}"):
+        build_loader(cfg, frames=4, size=(8, 8), batch_size=1)
+
+
+class _FlakyFile(io.BytesIO):
+    def __init__(self, data, fail_at, log):
+        super().__init__(data)
+        self.fail_at, self.log = fail_at, log
+
+    def read(self, n=-1):
+        if self.tell() <= self.fail_at < self.tell() + (n if n >= 0 else 1 << 62):
+            self.log.append(self.tell())
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(n)
+
+
+class _FlakyFS:
+    """Every opened handle dies once when it reaches byte 1000 (after which a new handle works)."""
+
+    def __init__(self, data):
+        self.data, self.failures, self.opens = data, [], 0
+
+    def open(self, path, mode="rb", **kw):
+        self.opens += 1
+        return _FlakyFile(self.data, 1000 if self.opens == 1 else -1, self.failures)
+
+
+def test_transient_read_errors_are_retried_from_the_same_byte():
+    data = bytes(range(256)) * 20
+    storage = Storage(retries=2, backoff=0.0)
+    storage._s3, storage._pid = _FlakyFS(data), os.getpid()
+    with storage.open("s3://bucket/shard.tar", offset=10) as f:
+        got = b"".join(iter(lambda: f.read(300), b""))
+    assert got == data[10:] and storage._s3.failures == [910] and storage._s3.opens == 2

@@ -1,0 +1,141 @@
+"""make-shards: sources (UCF-style folders, JSONL/CSV manifests), the index, resume, re-encoding, the CLI,
+and the synthetic dataset written through the same path."""
+import argparse
+import json
+import os
+import tarfile
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from data_pipeline import DataConfig, build_loader, make_shards, prepare_dataset
+from data_pipeline import cli, shards_write
+from data_pipeline.sources import SourceError, load_sources
+from data_pipeline.synthetic import render
+
+
+def _write_avi(path, frames=12, h=24, w=32):
+    with av.open(str(path), "w", format="avi") as c:
+        s = c.add_stream("mpeg4", rate=Fraction(25))
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for f in render(1, frames, h, w, seed=5):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+
+
+@pytest.fixture(scope="module")
+def ucf_folder(tmp_path_factory, tiny_manifest):
+    root = tmp_path_factory.mktemp("ucf")
+    for cls, names in (("Biking", ["v_Biking_g01_c01", "v_Biking_g01_c02"]), ("Archery", ["v_Archery_g01_c01"])):
+        (root / cls).mkdir()
+        for n in names:
+            _write_avi(root / cls / f"{n}.avi")
+    return root
+
+
+def _members(tar):
+    with tarfile.open(tar) as tf:
+        return tf.getnames()
+
+
+def test_ucf_folder_gives_classes_and_keeps_original_avi_bytes(ucf_folder, tmp_path):
+    index = make_shards(str(ucf_folder), str(tmp_path / "ds"), progress=False)
+    assert index["class_names"] == ["Archery", "Biking"] and index["num_samples"] == 3
+    names = _members(tmp_path / "ds" / index["shards"][0]["name"])
+    assert "Biking/v_Biking_g01_c01.avi" in names and "Biking/v_Biking_g01_c01.json" in names
+    with tarfile.open(tmp_path / "ds" / "shard-000000.tar") as tf:
+        meta = json.load(tf.extractfile("Archery/v_Archery_g01_c01.json"))
+        stored = tf.extractfile("Archery/v_Archery_g01_c01.avi").read()
+    assert stored == (ucf_folder / "Archery" / "v_Archery_g01_c01.avi").read_bytes()
+    assert (meta["label"], meta["class"], meta["frames"], meta["width"], meta["height"]) == (0, "Archery", 12, 32, 24)
+    assert meta["fps"] == 25.0 and meta["duration"] == pytest.approx(12 / 25)
+    batch = next(iter(build_loader(DataConfig(shards=str(tmp_path / "ds"), num_workers=0), frames=8, size=(16, 16),
+                                   batch_size=3, train=False)))
+    assert sorted(batch["label"].tolist()) == [0, 1, 1] and batch["video"].shape == (3, 8, 16, 16, 3)
+
+
+def test_reencode_non_mp4_and_cap_the_long_side(ucf_folder, tmp_path):
+    index = make_shards(str(ucf_folder), str(tmp_path / "ds"), reencode="non-mp4", max_side=16, progress=False)
+    with tarfile.open(tmp_path / "ds" / index["shards"][0]["name"]) as tf:
+        meta = json.load(tf.extractfile("Biking/v_Biking_g01_c02.json"))
+        assert "Biking/v_Biking_g01_c02.mp4" in tf.getnames()
+    assert (meta["width"], meta["height"], meta["frames"], meta["codec"]) == (16, 12, 12, "h264")
+
+
+def test_manifests_csv_and_jsonl(tmp_path, tiny_manifest):
+    rows = [json.loads(line) for line in open(tiny_manifest)]
+    csv_path = tmp_path / "m.csv"
+    with open(csv_path, "w") as f:
+        f.write("path,label,caption\n")
+        for r in rows[:3]:
+            f.write(f"{tiny_manifest.parent / r['path']},{['cat', 'dog'][r['label'] % 2]},\"{r['caption']}, ok\"\n")
+    items, classes = load_sources(str(csv_path))
+    assert classes == ["cat", "dog"] and [i.label for i in items] == [0, 1, 0]
+    assert items[0].caption.endswith(", ok")
+    items, classes = load_sources(str(tiny_manifest))
+    assert len(items) == 12 and classes == [] and items[5].label == 1 and items[5].key == "clip000005"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"path": "a.mp4"}\n{"caption": "no path"}\n')
+    with pytest.raises(SourceError, match=r"bad.jsonl:2: missing 'path'"):
+        load_sources(str(bad))
+
+
+def test_rerun_resumes_instead_of_starting_over(tiny_manifest, tmp_path, monkeypatch):
+    dest = str(tmp_path / "ds")
+    calls = []
+    real = shards_write.write_shard
+    monkeypatch.setattr(shards_write, "write_shard", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, progress=False)
+    assert len(calls) == 12
+    os.remove(os.path.join(dest, "shard-000004.meta.json"))  # as if killed while writing shard 4
+    os.remove(os.path.join(dest, "index.json"))
+    calls.clear()
+    index = make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, progress=False)
+    assert calls == [4] and index["num_samples"] == 12
+    calls.clear()
+    make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, reencode="all", progress=False)  # other options: redo
+    assert len(calls) == 12
+
+
+def test_parallel_writers_and_unreadable_videos(tiny_manifest, tmp_path):
+    rows = [json.loads(line) for line in open(tiny_manifest)]
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 3000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({**r, "path": str(tiny_manifest.parent / r["path"])}) + "\n" for r in rows)
+                        + json.dumps({"path": str(tmp_path / "broken.mp4"), "label": 0}) + "\n")
+    index = make_shards(str(manifest), str(tmp_path / "ds"), shard_size_mb=0.02, workers=2, progress=False)
+    assert index["num_samples"] == 12 and len(index["shards"]) > 1
+    assert [os.path.basename(s["path"]) for s in index["skipped"]] == ["broken.mp4"]
+    assert sum(s["samples"] for s in index["shards"]) == 12
+
+
+def test_cli_make_shards(tiny_manifest, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([str(tiny_manifest), str(tmp_path / "out"), "--shard-size-mb", "0.05", "--workers", "1",
+                              "--no-progress"])
+    assert cli.run(args) == 0
+    assert "12 videos in" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "out" / "index.json"))["num_samples"] == 12
+    args = parser.parse_args([str(tmp_path / "nothing-here"), str(tmp_path / "out2")])
+    assert cli.run(args) == 2
+    assert "not a folder of videos" in capsys.readouterr().out
+
+
+def test_synthetic_dataset_goes_through_make_shards(tmp_path):
+    cfg = DataConfig(shards=str(tmp_path / "syn"), synthetic=True, synthetic_videos=10, num_workers=1, frame_stride=2)
+    index = prepare_dataset(cfg, (6, 24, 32), num_classes=6)
+    assert index["num_samples"] == 10 and index["format"] == "hpdm-shards/1"
+    assert index["class_names"][:2] == ["red square moving left", "red square moving right"]
+    with tarfile.open(tmp_path / "syn" / index["shards"][0]["name"]) as tf:
+        meta = json.load(tf.extractfile(tf.getnames()[0]))
+    assert (meta["width"], meta["height"]) == (32, 24) and meta["frames"] >= 6 * 2
+    assert meta["caption"] == "a " + index["class_names"][meta["label"]]
+    assert prepare_dataset(cfg, (6, 24, 32), num_classes=6) == index  # already there: not rewritten
+    batch = next(iter(build_loader(cfg, frames=6, size=(24, 32), batch_size=10, train=False)))
+    assert sorted(batch["label"].tolist()) == sorted(i % 6 for i in range(10))
+    # the shape moves: consecutive frames differ, and the clip is not blank
+    v = batch["video"].numpy().astype(int)
+    assert np.abs(v[:, 1:] - v[:, :-1]).mean() > 1 and v.std() > 10
