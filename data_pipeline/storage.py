@@ -163,6 +163,27 @@ class Storage:
         self.retry(lambda: fs.put_file(local, path), url, "uploading")
         os.remove(local)
 
+    def upload(self, local: str, url: str) -> None:
+        """Copy a local file to ``url`` (local paths too), keeping the local file."""
+        fs, path = self._fs_path(url)
+        if fs is None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            shutil.copyfile(local, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            return
+        self.retry(lambda: fs.put_file(local, path), url, "uploading")
+
+    def download(self, url: str, local: str) -> None:
+        """Copy ``url`` to a local file, atomically (a partial download never has the final name)."""
+        fs, path = self._fs_path(url)
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        tmp = f"{local}.part{os.getpid()}"
+        if fs is None:
+            shutil.copyfile(path, tmp)
+        else:
+            self.retry(lambda: fs.get_file(path, tmp), url, "downloading")
+        os.replace(tmp, local)
+
     def list(self, url: str, suffix: str = "") -> list[str]:
         """Full URLs of the files directly under the folder or prefix ``url`` ending in ``suffix``, sorted."""
         fs, path = self._fs_path(url)
@@ -185,8 +206,9 @@ class Storage:
         self.write_bytes(probe, b"ok")
         self.retry(lambda: self.s3.rm_file(probe[5:]), probe, "deleting")
 
-    def open(self, url: str, offset: int = 0) -> "RetryingReader":
-        return RetryingReader(self, url, offset)
+    def open(self, url: str, offset: int = 0, block_size: int = 8 << 20) -> "RetryingReader":
+        """A sequential reader from byte ``offset``; S3 reads ahead ``block_size`` bytes per request."""
+        return RetryingReader(self, url, offset, block_size)
 
     def local_tmpdir(self, dest: str) -> str:
         """A scratch folder on the same file system as local ``dest`` (so renames are atomic)."""

@@ -133,7 +133,7 @@ class ShardStream:
             cur["pos"], cur["offset"], cur["index"] = cur["pos"] + 1, 0, 0
 
     def _fetch_one(self, s: int, offset: int) -> Record:
-        with self.storage.open(self.urls[s], offset) as reader:
+        with self.storage.open(self.urls[s], offset, block_size=1 << 20) as reader:  # one sample, not a shard's worth
             return next(iter_records(reader, offset))
 
     def _valid(self, rec: Record, url: str, stats: dict):

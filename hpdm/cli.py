@@ -1,4 +1,4 @@
-"""The ``hpdm`` command: train, info, make-shards, bench-kernels."""
+"""The ``hpdm`` command: train, info, export, sample, eval-fvd, make-shards, bench-kernels."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +20,9 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    if result.get("loss") is not None:
-        print(f"done: step {result['step']}, {result['samples']} clips, loss {result.get('loss', float('nan')):.4f}")
+    if result["rank"] == 0:
+        what = "preempted" if result["preempted"] else "done"
+        print(f"{what}: step {result['step']}, {result['samples']} clips, loss {result.get('loss', float('nan')):.4f}")
     return 0
 
 
@@ -55,9 +56,75 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from hpdm.export import export  # noqa: PLC0415
+
+    out = export(args.checkpoint, args.out, raw=args.raw)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", default="", help="steps per level, e.g. 128,64,32, or one number for level 0 (halved per "
+                                               "level); default: the run's diffusion.steps, halved per level")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: diffusion.guidance)")
+    p.add_argument("--overlap", default="half", help="tile overlap: half (metrics), full (one-token stride) or a fraction")
+    p.add_argument("--tile-batch", type=int, default=16, help="tiles per network call")
+    p.add_argument("--churn", type=float, default=None, help="level-0 S_churn (default: diffusion.s_churn)")
+    p.add_argument("--level0-order", type=int, default=2, choices=(1, 2), help="level-0 sampler: 2 Heun, 1 Euler")
+    p.add_argument("--fine-order", type=int, default=1, choices=(1, 2), help="finer levels' sampler order")
+    p.add_argument("--coarse", default="renoise", choices=("renoise", "clean"), help="how tiles see coarser levels")
+    p.add_argument("--batch", type=int, default=1, help="videos sampled together")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sample_options(args):
+    from hpdm.sampling import SampleOptions  # noqa: PLC0415
+
+    steps = tuple(int(s) for s in args.steps.split(",") if s.strip()) if args.steps else ()
+    return SampleOptions(steps=steps, guidance=args.guidance, overlap=args.overlap, s_churn=args.churn,
+                         level0_order=args.level0_order, fine_order=args.fine_order, coarse=args.coarse,
+                         tile_batch=args.tile_batch)
+
+
+def cmd_sample(args) -> int:
+    from hpdm.generate import generate  # noqa: PLC0415
+
+    if args.prompt and not args.text_emb:
+        print("hpdm bundles no text encoder: encode the prompt with T5 and pass --text-emb FILE", file=sys.stderr)
+        return 2
+    result = generate(args.generator, args.out, num=args.num, label=args.label, text_emb=args.text_emb, seed=args.seed,
+                      opts=_sample_options(args), batch=args.batch, fps=args.fps, raw=args.raw)
+    print(f"wrote {len(result['files'])} videos of {'x'.join(map(str, result['resolution']))} to {args.out}"
+          + (f" (rank {result['rank']} of {result['world']})" if result["world"] > 1 else ""))
+    return 0
+
+
+def cmd_eval_fvd(args) -> int:
+    from hpdm.eval_fvd import evaluate, main_result  # noqa: PLC0415
+
+    size = tuple(int(v) for v in args.size.split("x")) if args.size else None
+    result = evaluate(args.i3d, fake=args.fake, generator=args.generator, real=args.real, real_shards=args.real_shards,
+                      num_fake=args.num_fake, num_real=args.num_real, frames=args.frames, size=size, c3d=args.c3d,
+                      layout=args.layout, batch=args.batch, seed=args.seed, opts=_sample_options(args),
+                      cache_dir=args.cache_dir, i3d_sha256=args.i3d_sha256, c3d_sha256=args.c3d_sha256)
+    main_result(result, args.out)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from hpdm.checkpoint import convert_to_universal  # noqa: PLC0415
+
+    out = convert_to_universal(args.checkpoint)
+    print(f"wrote {out}; it is now the run's latest checkpoint and resumes at any number of processes")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="hpdm", description=__doc__)
+    # the `deepspeed` launcher passes --local_rank=N; the rank is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train (or resume) a model")
     _add_config_args(p)
@@ -66,6 +133,48 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(p)
     p.add_argument("--micro-batch", type=int, default=0, help="micro-batch for the memory estimate")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("export", help="write a checkpoint's EMA weights and config to one safetensors file")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("out", help="output .safetensors path")
+    p.add_argument("--raw", action="store_true", help="also store the raw (non-EMA) weights")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("sample", help="generate full-resolution videos patch by patch (mp4s, a PNG grid, the cost)")
+    p.add_argument("generator", help="exported .safetensors, checkpoint folder or run folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-n", "--num", type=int, default=4, help="number of videos (shared among processes)")
+    p.add_argument("--label", type=int, default=None, help="class of every video (default: random classes)")
+    p.add_argument("--prompt", default=None, help="text prompt (needs --text-emb: no text encoder is bundled)")
+    p.add_argument("--text-emb", default=None, help="safetensors with 'text' [S,D] or [N,S,D] and optional 'mask'")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--raw", action="store_true", help="use the raw instead of the EMA weights")
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("eval-fvd", help="FVD (and IS) with the StyleGAN-V protocol")
+    p.add_argument("--i3d", required=True, help="TorchScript I3D (StyleGAN-V's i3d_torchscript.pt)")
+    p.add_argument("--c3d", default=None, help="TorchScript C3D for IS (StyleGAN-V's c3d_ucf101.pt)")
+    p.add_argument("--i3d-sha256", default="", help="refuse an I3D file with another SHA-256")
+    p.add_argument("--c3d-sha256", default="", help="refuse a C3D file with another SHA-256")
+    p.add_argument("--layout", default="stylegan-v", choices=("stylegan-v", "bthwc"), help="detector call convention")
+    p.add_argument("--fake", default=None, help="folder of generated mp4s")
+    p.add_argument("--generator", default=None, help="or sample on the fly from this generator")
+    p.add_argument("--real", default=None, help="folder of real mp4s")
+    p.add_argument("--real-shards", default=None, help="or the project's shards (folder, s3:// prefix or brace pattern)")
+    p.add_argument("--num-fake", type=int, default=2048, help="generated videos (2048 or 10000)")
+    p.add_argument("--num-real", type=int, default=None, help="real videos (default: --num-fake)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", default=None, help="HxW of the clips (default: the generated videos')")
+    p.add_argument("--cache-dir", default=None, help="where real statistics are cached (default: ~/.cache/hpdm/fvd)")
+    p.add_argument("--out", default=None, help="also write the result JSON here")
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_eval_fvd)
+    p = sub.add_parser("convert-checkpoint", help="make a checkpoint resumable at another number of processes")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("make-shards", help="write video shards (local folder or s3://bucket/prefix)")
+    from data_pipeline import cli as data_cli  # noqa: PLC0415
+
+    data_cli.add_arguments(p)
+    p.set_defaults(func=data_cli.run)
     p = sub.add_parser("bench-kernels", help="time the fused kernels against their references (GPU)")
     from kernels import bench  # noqa: PLC0415
 

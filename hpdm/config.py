@@ -121,9 +121,13 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 1000
+    keep_checkpoints: int = 3
+    checkpoint_uri: str = ""  # s3://bucket/prefix: every checkpoint is also uploaded there, and resumed from there
+    profile_steps: tuple[int, int] = (0, 0)  # [start, end): trace these steps with torch.profiler (Perfetto JSON)
     sample_at_end: bool = True
     wandb_project: str = "hpdm"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed keys merged over the generated config
+    init_from: str = ""  # a lower-resolution generator (exported file, checkpoint or run) to start from (hpdm/finetune.py)
 
     def validate(self) -> None:
         _choice("train.optimizer", self.optimizer, ("lamb", "adamw"))
@@ -136,6 +140,14 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}", "must be >= 1")
         if self.lr <= 0:
             raise ConfigError("train.lr", "must be > 0")
+        if self.init_from and not Path(self.init_from).exists():
+            raise ConfigError("train.init_from", f"no such file or folder: {self.init_from}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("train.keep_checkpoints", "must be >= 1")
+        if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):
+            raise ConfigError("train.checkpoint_uri", f"must be an s3:// prefix (or empty); got {self.checkpoint_uri!r}")
+        if not 0 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise ConfigError("train.profile_steps", "must be [start, end) with 0 <= start <= end")
 
 
 @dataclass

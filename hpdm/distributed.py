@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import torch
+import torch.distributed as dist
 
 
 def _free_port() -> int:
@@ -26,3 +28,24 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(local)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+class Preemption:
+    """Turns SIGTERM and SIGUSR1 into a request to checkpoint and exit at the end of the current step.
+
+    Every rank checks the request collectively, so that all of them stop after the same step even when the
+    signal reached only some of them."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

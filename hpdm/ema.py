@@ -1,8 +1,24 @@
-"""Exponential moving average of the weights, with its half-life counted in training samples (as in EDM)."""
+"""Exponential moving average of the weights, with its half-life counted in training samples (as in EDM).
+
+Under ZeRO-3 each rank holds only a shard of every parameter; the update gathers the full parameters for its
+duration, so every rank's EMA is the EMA of the full weights.
+"""
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
+
+
+def full_parameters(model: nn.Module):
+    """Context in which ``model``'s parameters are whole, also when ZeRO-3 partitions them."""
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed  # noqa: PLC0415
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class EMA:
@@ -10,14 +26,16 @@ class EMA:
 
     def __init__(self, model: nn.Module, halflife_samples: float, rampup: float = 0.05):
         self.halflife, self.rampup = halflife_samples, rampup
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        with full_parameters(model):
+            self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch_size: int, samples_seen: int) -> None:
         halflife = min(self.halflife, samples_seen * self.rampup) if self.rampup else self.halflife
         beta = 0.5 ** (batch_size / max(halflife, 1e-8))
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach().float(), 1 - beta)
+        with full_parameters(model):
+            for n, p in model.named_parameters():
+                self.shadow[n].lerp_(p.detach().float(), 1 - beta)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -150,3 +150,58 @@ class HPDM(nn.Module):
         out = self.detokenize(self.out_norm(torch.stack(h)))  # [L,B,N,pixels]
         t, hh, w = self.grid
         return rearrange(out, "l b (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
+
+    # ---- tiled sampling: coarse activations computed once per parent region and reused by every tile inside it ----
+    def fuses_into(self, b: int, level: int) -> bool:
+        """Whether ``level``'s tokens receive coarser context before block ``b`` (the rule of ``_fuse``)."""
+        cfg = self.cfg
+        return (level >= 1 and self.blocks[b].fuse is not None and cfg.levels_per_block[b] > level
+                and (cfg.context_fusion == "deep" or self.first_block(level) == b))
+
+    def coarse_context(self, x: torch.Tensor, c_noise: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor | None = None,
+                       text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """Run the K coarsest levels (x [B,K,3,t,h,w]) and return, per block, the projected context that a level-K
+        patch fuses before that block, [B,K,t,h,w,D] (None where level K does not fuse). With ``forward_level``
+        this reproduces ``forward(...)[:, K]`` exactly, since coarse levels never see finer ones."""
+        B, K = x.shape[:2]
+        pt, ph, pw = self.cfg.patchify
+        t, hh, w = self.grid
+        tokens = rearrange(x.to(self.tokenize.weight.dtype), "b l c (t pt) (h ph) (w pw) -> l b (t h w) (c pt ph pw)",
+                           pt=pt, ph=ph, pw=pw)
+        h = list((self.tokenize(tokens) + self.pos).unbind(0))
+        cond = self.cond(c_noise, boxes, labels, text, text_mask)
+        z = [self.latents.expand(B, -1, -1)] * K
+        ctx: list[torch.Tensor | None] = []
+        for b, block in enumerate(self.blocks):
+            ctx.append(torch.stack([block.fuse(h[k]).view(B, t, hh, w, -1) for k in range(K)], dim=1)
+                       if self.fuses_into(b, K) else None)
+            if not any(self.fuses_into(c, K) for c in range(b + 1, len(self.blocks))):
+                return ctx + [None] * (len(self.blocks) - b - 1)
+            active = min(self.cfg.levels_per_block[b], K)
+            h = self._fuse(b, block, h, active, boxes)
+            xs, zs = block(torch.cat(h[:active]), torch.cat(z[:active]), cond[:, :active].transpose(0, 1).flatten(0, 1))
+            h[:active], z[:active] = xs.chunk(active), zs.chunk(active)
+        return ctx
+
+    def forward_level(self, x: torch.Tensor, c_noise: torch.Tensor, boxes: torch.Tensor, context: list[torch.Tensor | None],
+                      labels: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                      text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Level K alone: x [B,1,3,t,h,w], c_noise [B,1], boxes [B,K+1,6] (coarse boxes, then this patch's),
+        ``context`` from ``coarse_context`` (rows aligned with x). Returns [B,1,3,t,h,w]."""
+        B, K = x.shape[0], boxes.shape[1] - 1
+        pt, ph, pw = self.cfg.patchify
+        t, hh, w = self.grid
+        tokens = rearrange(x.to(self.tokenize.weight.dtype), "b l c (t pt) (h ph) (w pw) -> (l b) (t h w) (c pt ph pw)",
+                           pt=pt, ph=ph, pw=pw)
+        h = self.tokenize(tokens) + self.pos
+        cond = self.cond(c_noise, boxes[:, K:], labels, text, text_mask)[:, 0]
+        z = self.latents.expand(B, -1, -1)
+        for b, block in enumerate(self.blocks):
+            if self.cfg.levels_per_block[b] <= K:
+                continue
+            if context[b] is not None:
+                h = context_fusion(h.view(B, t, hh, w, -1), context[b], boxes[:, K], boxes[:, :K],
+                                   impl=self.cfg.kernels).view(B, t * hh * w, -1)
+            h, z = block(h, z, cond)
+        out = self.detokenize(self.out_norm(h))
+        return rearrange(out, "b (t h w) (c pt ph pw) -> b 1 c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)

@@ -12,7 +12,10 @@ from torch import nn
 
 
 class Lamb(torch.optim.Optimizer):
-    """LAMB with decoupled weight decay inside the trust-ratio update."""
+    """LAMB with decoupled weight decay inside the trust-ratio update.
+
+    The moments are named as in Adam (``exp_avg``, ``exp_avg_sq``) so that DeepSpeed's universal-checkpoint
+    conversion recognises them."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -28,14 +31,14 @@ class Lamb(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["m"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["v"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
                 g = p.grad.float()
-                state["m"].lerp_(g, 1 - b1)
-                state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                m_hat = state["m"] / (1 - b1 ** state["step"])
-                v_hat = state["v"] / (1 - b2 ** state["step"])
+                state["exp_avg"].lerp_(g, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                m_hat = state["exp_avg"] / (1 - b1 ** state["step"])
+                v_hat = state["exp_avg_sq"] / (1 - b2 ** state["step"])
                 update = m_hat / (v_hat.sqrt() + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p.float(), alpha=group["weight_decay"])

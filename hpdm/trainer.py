@@ -1,11 +1,11 @@
 """Training: wires the data pipeline, the pyramid, the model, EDM and a DeepSpeed engine into one loop.
 
-Progress is counted in samples (clips); a run resumes from its directory's latest checkpoint with no flag.
+Progress is counted in samples (clips). A run resumes from its directory's latest checkpoint with no flag,
+and checkpoints and exits cleanly on SIGTERM or SIGUSR1 (preemption).
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -15,12 +15,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline import build_loader, prepare_dataset
-from hpdm.checkpoint import Checkpointer
+from data_pipeline.storage import Storage
+from hpdm.checkpoint import Checkpointer, is_universal
 from hpdm.config import Config, ConfigError, save_config
 from hpdm.diffusion import EDM, Condition
-from hpdm.distributed import init_distributed
+from hpdm.distributed import Preemption, init_distributed
 from hpdm.ema import EMA
+from hpdm.finetune import init_from_generator
 from hpdm.flops import training_flops_per_sample
+from hpdm.metrics import Metrics, memory_gib, peak_flops
 from hpdm.model import HPDM
 from hpdm.optim import build_optimizer, lr_factor
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
@@ -30,11 +33,11 @@ from kernels import gather_pyramid
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(cfg: Config, world: int) -> dict:
+def deepspeed_config(cfg: Config, world: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON generated from our config; ``train.deepspeed`` keys are merged over it."""
     t = cfg.train
     micro = t.micro_batch or t.batch_size // world
-    if t.batch_size % (micro * world):
+    if micro < 1 or t.batch_size % (micro * world):
         raise ConfigError("train.batch_size", f"{t.batch_size} is not a multiple of micro_batch ({micro}) x processes ({world})")
     ds = {
         "train_batch_size": t.batch_size,
@@ -44,31 +47,12 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2 ** 31,
         "wall_clock_breakdown": False,
     }
     ds.update(t.deepspeed)
     return ds
-
-
-class Metrics:
-    """Console and wandb (offline unless WANDB_MODE says otherwise) on rank 0."""
-
-    def __init__(self, cfg: Config, run_dir: Path, rank: int):
-        self.run = None
-        if rank == 0 and os.environ.get("WANDB_MODE", "offline") != "disabled":
-            import wandb  # noqa: PLC0415
-
-            self.run = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), config=cfg.to_dict(),
-                                  mode=os.environ.get("WANDB_MODE", "offline"), name=run_dir.name, resume="allow")
-
-    def log(self, values: dict, samples: int) -> None:
-        if self.run is not None:
-            self.run.log(values, step=samples)
-
-    def close(self) -> None:
-        if self.run is not None:
-            self.run.finish()
 
 
 def _cond(cfg: Config, batch: dict, device) -> Condition:
@@ -91,13 +75,31 @@ def sample_video(net, edm: EDM, cfg: Config, label: int, path: Path, seed: int, 
     return path
 
 
+class _Profiler:
+    """torch.profiler over steps [start, end); writes a Chrome/Perfetto trace per rank."""
+
+    def __init__(self, steps: tuple[int, int], out: Path, rank: int, device: torch.device):
+        self.start, self.end, self.path, self.prof = *steps, out / f"trace_rank{rank}_steps{steps[0]}-{steps[1]}.json", None
+        self.activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def at(self, step: int) -> None:
+        if step == self.start and self.end > self.start:
+            self.prof = torch.profiler.profile(activities=self.activities, record_shapes=True, with_stack=False)
+            self.prof.start()
+        if step == self.end and self.prof is not None:
+            self.prof.stop()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.path))
+            log.info("profiler trace written to %s (open it in https://ui.perfetto.dev)", self.path)
+            self.prof = None
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the final progress and the last logged metrics."""
     rank, world, device = init_distributed()
+    preemption = Preemption()
     t, m = cfg.train, cfg.model
     run_dir = Path(t.run_dir)
-    ds_config = deepspeed_config(cfg, world)
-    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if rank == 0:
@@ -106,42 +108,55 @@ def train(cfg: Config) -> dict:
         prepare_dataset(cfg.data, resolution=m.resolution, num_classes=m.num_classes)
     dist.barrier()
 
+    ckpt = Checkpointer(run_dir, t.keep_checkpoints, t.checkpoint_uri, Storage(cfg.data.endpoint_url))
+    latest = ckpt.latest()
+    ds_config = deepspeed_config(cfg, world, load_universal=latest is not None and is_universal(latest))
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = HPDM(m).to(device)
+    if t.init_from:  # fine-tuning from a lower-resolution generator (a resumed checkpoint overrides it)
+        from hpdm.finetune import init_from_generator  # noqa: PLC0415
+
+        init_from_generator(model, t.init_from)
+    ema = EMA(model, t.ema_halflife)  # before ZeRO-3 partitions the parameters
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.betas, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.decay))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-    ema = EMA(model, t.ema_halflife)
     edm = EDM(cfg.diffusion)
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # pyramid boxes, sigma, noise, condition dropout
     loader = build_loader(cfg.data, frames=m.resolution[0], size=m.resolution[1:], batch_size=micro,
                           rank=rank, world_size=world, seed=t.seed, train=True)
 
-    ckpt = Checkpointer(run_dir)
     step = samples = 0
-    if (latest := ckpt.latest()) is not None:
-        state, rng = ckpt.load(engine, ema, latest)
+    if latest is not None:
+        t0 = time.perf_counter()
+        state, loader_state, rng = ckpt.load(engine, ema, latest)
         step, samples = state["step"], state["samples"]
-        loader.load_state_dict(state["loader"])
+        loader.load_state_dict(loader_state)
         if rng is not None:
             gen.set_state(rng)
         if rank == 0:
-            log.info("resumed from %s (step %d, %d samples)", latest, step, samples)
+            log.info("resumed from %s (step %d, %d samples) in %.1f s", latest, step, samples, time.perf_counter() - t0)
 
-    metrics = Metrics(cfg, run_dir, rank)
-    flops = training_flops_per_sample(m)
+    metrics = Metrics(cfg.to_dict(), run_dir, t.wandb_project, rank)
+    flops, peak = training_flops_per_sample(m), peak_flops(device, t.precision)
+    profiler = _Profiler(t.profile_steps, run_dir / "profile", rank, device)
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batches = iter(loader)
     bar = tqdm(total=t.steps * t.batch_size, initial=samples, unit="clip", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
+    preempted = False
     while step < t.steps:
-        t0 = time.perf_counter()
-        wait = 0.0
-        level_losses = torch.zeros(m.levels)
+        profiler.at(step)
+        timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        t_start = time.perf_counter()
+        wait = compute = opt_time = 0.0
+        level_losses = torch.zeros(m.levels, device=device)
         for _ in range(accum):
-            w0 = time.perf_counter()
+            t0 = time.perf_counter()
             batch = next(batches)
-            wait += time.perf_counter() - w0
+            t1 = time.perf_counter()
             video = batch["video"].to(device, non_blocking=True)
             offsets = sample_offsets(micro, m.levels, m.patch, gen)
             x0 = gather_pyramid(video, offsets.to(device), m.patch, dtype, impl=m.kernels)
@@ -151,33 +166,49 @@ def train(cfg: Config) -> dict:
             noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
             loss, per_level = edm.loss(engine, x0, boxes, cond, sigma, noise)
             engine.backward(loss)
-            engine.step()
-            level_losses += per_level.float().cpu() / accum
+            if timed:
+                sync()
+            t2 = time.perf_counter()
+            engine.step()  # DeepSpeed steps the optimizer at the end of the accumulation
+            if timed:
+                sync()
+            wait, compute, opt_time = wait + t1 - t0, compute + t2 - t1, opt_time + time.perf_counter() - t2
+            level_losses += per_level / accum
         step += 1
         samples += t.batch_size
         ema.update(engine.module, t.batch_size, samples)
-        dt = time.perf_counter() - t0
         bar.update(t.batch_size)
-        if step % t.log_every == 0 or step == t.steps:
+        if timed:
+            dt = time.perf_counter() - t_start
             if world > 1:
                 dist.all_reduce(level_losses)
                 level_losses /= world
+            level_losses = level_losses.cpu()
             grad_norm = engine.get_global_grad_norm()
             last = {"loss": level_losses.mean().item(), **{f"loss/level{l}": v.item() for l, v in enumerate(level_losses)},
                     "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "samples_per_s": t.batch_size / dt, "step_time_s": dt, "data_wait_s": wait,
-                    "tflops_per_s": flops * t.batch_size / dt / 1e12, "step": step}
+                    "samples_per_s": t.batch_size / dt, "time/step_s": dt, "time/data_wait_s": wait,
+                    "time/fwd_bwd_s": compute, "time/optimizer_s": opt_time,
+                    "tflops_per_gpu": flops * t.batch_size / dt / world / 1e12, **memory_gib(device), "step": step}
+            if peak:
+                last["mfu"] = flops * t.batch_size / dt / world / peak
             bar.set_postfix(loss=f"{last['loss']:.4f}", clips_s=f"{last['samples_per_s']:.1f}")
             metrics.log(last, samples)
-        if step % t.save_every == 0 or step == t.steps:
-            ckpt.save(engine, ema, step, samples, {"loader": loader.state_dict()}, gen.get_state())
+        preempted = preemption.requested(device)
+        if step % t.save_every == 0 or step == t.steps or preempted:
+            ckpt.save(engine, ema, step, samples, loader.state_dict(), gen.get_state(), cfg.to_dict())
+        if preempted:
+            if rank == 0:
+                log.warning("preempted (signal %s): checkpoint at step %d written, exiting", preemption.signal, step)
+            break
+    profiler.at(step)
     bar.close()
 
-    if t.sample_at_end and rank == 0:
+    if t.sample_at_end and rank == 0 and not preempted:
         net = HPDM(m).to(device).eval()
         ema.copy_to(net)
         path = sample_video(net, edm, cfg, label=0, path=run_dir / "samples" / f"step_{step:08d}.mp4", seed=t.seed, device=device)
         log.info("sample written to %s", path)
     metrics.close()
     dist.barrier()
-    return {"step": step, "samples": samples, **last}
+    return {"step": step, "samples": samples, "rank": rank, "preempted": preempted, **last}

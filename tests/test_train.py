@@ -6,6 +6,7 @@ import sys
 
 import av
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 OVERRIDES = ["train.steps=6", "train.save_every=3", "train.log_every=1", "train.batch_size=4", "train.warmup_steps=2",
@@ -29,7 +30,12 @@ def test_train_checkpoint_sample_and_resume(tmp_path):
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000006"
     state = json.loads((ckpts / "step_00000006" / "state.json").read_text())
-    assert state["step"] == 6 and state["samples"] == 24 and "loader" in state
+    assert state["step"] == 6 and state["samples"] == 24 and state["config"]["train"]["steps"] == 6
+    with safe_open(str(ckpts / "step_00000006" / "rank_00000.safetensors"), framework="pt") as f:
+        assert "epoch" in json.loads(f.metadata()["loader"])
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] > 0 and r["time/step_s"] > 0 and "loss/level2" in r for r in logged)
     ema = load_file(str(ckpts / "step_00000006" / "ema.safetensors"))
     assert "tokenize.weight" in ema and len(ema) > 50
     with av.open(str(run / "samples" / "step_00000006.mp4")) as f:

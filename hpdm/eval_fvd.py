@@ -1,0 +1,124 @@
+"""``hpdm eval-fvd``: FVD (and IS) of generated videos against real ones, StyleGAN-V protocol (see hpdm/fvd.py).
+
+Generated videos come from a folder of mp4s (e.g. ``hpdm sample`` output) or are sampled on the fly from a
+generator (random classes, as the protocol does for class-conditional models). Real videos come from a folder
+of mp4s and/or the project's shards; their statistics are cached.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch.distributed as dist
+
+from hpdm import fvd
+from hpdm.generate import conditions, default_device, rank_world, select, share, video_seed
+from hpdm.sampling import SampleOptions, TiledSampler
+from hpdm.video_io import to_uint8
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpdm" / "fvd"
+
+
+def generated_clips(generator: str, n: int, frames: int, seed: int, opts: SampleOptions, batch: int, rank: int,
+                    world: int, device) -> tuple[Iterator[tuple[int, np.ndarray]], tuple[int, int]]:
+    from hpdm.export import load_generator  # noqa: PLC0415
+
+    cfg, net = load_generator(generator, device=device)
+    if cfg.model.resolution[0] < frames:
+        raise ValueError(f"{generator} makes {cfg.model.resolution[0]}-frame videos; the protocol needs {frames}")
+    cond = conditions(cfg.model.cond, cfg.model.num_classes, n, seed)
+    sampler = TiledSampler(net, cfg, opts, device=device)
+
+    def clips():
+        mine = share(n, rank, world)
+        for start in range(0, len(mine), batch):
+            ids = mine[start:start + batch]
+            c = select(cond, ids, device)
+            levels, _ = sampler.sample(c, [video_seed(seed, i) for i in ids])
+            for i, x in zip(ids, levels[-1]):
+                yield i, to_uint8(x[:, :frames])
+    return clips(), tuple(cfg.model.resolution[1:])
+
+
+def _agree(value):
+    """Rank 0's value on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def evaluate(i3d: str, fake: str | None = None, generator: str | None = None, real: str | None = None,
+             real_shards: str | None = None, num_fake: int = 2048, num_real: int | None = None, frames: int = fvd.FRAMES,
+             size: tuple[int, int] | None = None, c3d: str | None = None, layout: str = "stylegan-v", batch: int = 8,
+             seed: int = 0, opts: SampleOptions = SampleOptions(), cache_dir: str | Path | None = None,
+             i3d_sha256: str = "", c3d_sha256: str = "", is_splits: int = 10) -> dict | None:
+    """Returns the result dict on rank 0 (None on other ranks)."""
+    if (fake is None) == (generator is None):
+        raise ValueError("give exactly one of --fake (a folder of mp4s) and --generator")
+    if (real is None) == (real_shards is None):
+        raise ValueError("give exactly one of --real (a folder of mp4s) and --real-shards")
+    rank, world = rank_world()
+    device = default_device()
+    num_real = num_real or num_fake
+    detector = fvd.Detector(i3d, device, "i3d", layout, i3d_sha256)
+    detectors = [detector] + ([fvd.Detector(c3d, device, "c3d", layout, c3d_sha256)] if c3d else [])
+
+    if generator is not None:
+        clips, gen_size = generated_clips(generator, num_fake, frames, seed, opts, batch, rank, world, device)
+    else:
+        files = sorted(Path(fake).glob("*.mp4"))
+        if not files:
+            raise ValueError(f"{fake}: no mp4 files")
+        gen_size = tuple(fvd.read_clip(files[0], 1, None).shape[1:3])
+        clips = fvd.mp4_clips(fake, num_fake, frames, size or gen_size, rank, world)
+    size = tuple(size or gen_size)
+    outs = fvd.extract(clips, detectors, batch)
+    feats = fvd.gather(*outs[0])
+    probs = fvd.gather(*outs[1]) if c3d else None
+
+    source = str(Path(real or real_shards).resolve()) if not str(real_shards or "").startswith("s3://") else real_shards
+    key = fvd.cache_key(source=source, n=num_real, frames=frames, size=size, detector=detector.sha256, layout=layout)
+    cache = Path(cache_dir or default_cache_dir()) / f"real_{key}.npz"
+    cached = _agree(fvd.load_stats(cache) if rank == 0 else None)
+    if cached is None:
+        if real is not None:
+            real_clips = fvd.mp4_clips(real, num_real, frames, size, rank, world)
+        else:
+            from data_pipeline.config import DataConfig  # noqa: PLC0415
+
+            real_clips = fvd.shard_clips(DataConfig(shards=real_shards, num_workers=1), num_real, frames, size, rank,
+                                         world, batch)
+        real_feats = fvd.gather(*fvd.extract(real_clips, [detector], batch)[0])
+        if rank == 0:
+            mu_r, sig_r = fvd.feature_stats(real_feats)
+            fvd.save_stats(cache, mu_r, sig_r, source=source, n=num_real, frames=frames, size=size, detector=detector.sha256)
+    else:
+        mu_r, sig_r = cached
+    if rank != 0:
+        return None
+    mu_g, sig_g = fvd.feature_stats(feats)
+    result = {"fvd": fvd.frechet_distance(mu_g, sig_g, mu_r, sig_r), "num_fake": int(len(feats)), "num_real": num_real,
+              "frames": frames, "size": list(size), "i3d_sha256": detector.sha256, "real_stats": str(cache),
+              "real_stats_cached": cached is not None}
+    if probs is not None:
+        result["is_mean"], result["is_std"] = fvd.inception_score(probs, is_splits)
+        result["c3d_sha256"] = detectors[1].sha256
+    return result
+
+
+def main_result(result: dict | None, out: str | None) -> None:
+    if result is None:
+        return
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+

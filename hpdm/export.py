@@ -1,0 +1,80 @@
+"""Exported weights: one safetensors file with the EMA (and optionally the raw) weights and the run config.
+
+``load_generator`` takes an exported file, a checkpoint folder (``.../checkpoints/step_N``) or a run folder
+(its latest checkpoint), so that sampling and evaluation accept any of them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from hpdm.checkpoint import Checkpointer
+from hpdm.config import Config, from_dict
+from hpdm.model import HPDM
+
+RAW_PREFIX = "raw."
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    if (path / "ema.safetensors").is_file():
+        return path
+    latest = Checkpointer(path).latest()
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (with ema.safetensors) nor a run with checkpoints")
+    return latest
+
+
+def _run_config(ckpt: Path) -> Config:
+    for candidate in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml"):
+        if candidate.is_file():
+            return from_dict(Config, yaml.safe_load(candidate.read_text()))
+    raise FileNotFoundError(f"no config.yaml for checkpoint {ckpt}")
+
+
+def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
+    """Write the EMA weights of a checkpoint (or a run's latest) and its config to ``out`` (safetensors)."""
+    ckpt = _checkpoint_folder(Path(src))
+    cfg = _run_config(ckpt)
+    tensors = load_file(str(ckpt / "ema.safetensors"))
+    if raw:
+        model_states = ckpt / "mp_rank_00_model_states.pt"
+        if not model_states.is_file():
+            raise FileNotFoundError(f"{model_states} is missing: raw weights of ZeRO-3 runs need `hpdm convert-checkpoint` first")
+        from hpdm.checkpoint import _safe_globals  # noqa: PLC0415
+
+        _safe_globals()
+        module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
+        tensors.update({RAW_PREFIX + k: v for k, v in module.items()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out),
+              metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)})
+    return out
+
+
+def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[Config, HPDM]:
+    """An eval-mode model with EMA (or raw) weights, and its config."""
+    path = Path(path)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise ValueError(f"{path} carries no config metadata: was it written by `hpdm export`?")
+        cfg = from_dict(Config, yaml.safe_load(meta["config"]))
+        tensors = load_file(str(path))
+    else:
+        ckpt = _checkpoint_folder(path)
+        cfg, tensors = _run_config(ckpt), load_file(str(ckpt / "ema.safetensors"))
+    if raw:
+        tensors = {k[len(RAW_PREFIX):]: v for k, v in tensors.items() if k.startswith(RAW_PREFIX)}
+        if not tensors:
+            raise ValueError(f"{path} holds no raw weights (export with --raw)")
+    else:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(RAW_PREFIX)}
+    model = HPDM(cfg.model)
+    model.load_state_dict(tensors)
+    return cfg, model.to(device).eval()

@@ -1,0 +1,60 @@
+"""Training metrics: console, wandb (offline unless WANDB_MODE says otherwise) and a JSONL file, on rank 0.
+
+MFU divides achieved model FLOP/s (the analytic count of hpdm.flops) by the accelerators' dense peak for
+the training precision; it is left out where the peak is unknown (CPUs, unlisted GPUs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+
+import torch
+
+# Dense peak TFLOP/s per GPU: (bf16, tf32). fp32 runs use TF32 matmuls on these GPUs.
+PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183), "A10": (125, 62)}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return 1e12 * (bf16 if precision == "bf16" else tf32)
+    return None
+
+
+def memory_gib(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"mem/gpu_max_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"mem/host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class Metrics:
+    def __init__(self, config: dict, run_dir: Path, project: str, rank: int):
+        self.rank, self.run, self.file = rank, None, None
+        if rank != 0:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if mode != "disabled":
+            import wandb  # noqa: PLC0415
+
+            self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
+                                  resume="allow")
+
+    def log(self, values: dict, samples: int) -> None:
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps({"samples": samples, **values}) + "\n")
+        self.file.flush()
+        if self.run is not None:
+            self.run.log(values, step=samples)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,326 @@
+"""Hierarchical tiled sampling: level 0 whole, then every finer level tile by tile on a full-resolution canvas.
+
+Design (see docs/sampling.md):
+- Level 0 (the whole video at the coarsest resolution) is one patch; it is sampled with the stochastic
+  second-order EDM sampler (churn + Heun), ``diffusion.steps`` steps.
+- Level l >= 1 runs its own EDM schedule (default steps halved per level, deterministic Euler) on a canvas of
+  the whole level-l video. Each step denoises every tile of the canvas and blends the tiles' denoised
+  estimates with a separable Hann window that has a floor (every pixel gets positive total weight); the
+  step is then taken on the whole canvas, so overlapping tiles agree by construction.
+- Tiles see the coarser levels as training did: one noise level shared by all levels of a sample. The
+  coarser levels' finished videos are re-noised to the current step's sigma with noise drawn once per level
+  and video (fixed across steps and tiles, so overlapping tiles see the same context). ``coarse="clean"``
+  feeds them clean at sigma_min instead (for models trained with independent noise levels).
+- Parents: a tile at offset o (level-l pixels) takes, per dimension, the level-(l-1) box at
+  floor(o / p) * p/2, clamped into the coarser level (always a valid nesting, as in training); the chain
+  continues up to level 0. These boxes coincide with a 50 %-overlap tiling of the coarser level, so with 50 %
+  overlap each parent holds up to 8 tiles.
+- Cache: per step, the coarser levels' per-block projected token states (``HPDM.coarse_context``) are computed
+  once per (video, parent) in a tile batch and reused by every tile inside that parent
+  (``HPDM.forward_level``); tiles are ordered by parent so that parents rarely straddle batches.
+- Tiles of all videos in the batch are run ``tile_batch`` at a time (classifier-free guidance doubles the rows).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from hpdm.config import Config
+from hpdm.diffusion import EDM, Condition
+from hpdm.pyramid import boxes_from_offsets, level_resolution
+
+
+@dataclass
+class SampleOptions:
+    steps: tuple[int, ...] = ()  # per level, or one number for level 0 (halved per level); empty: diffusion.steps
+    guidance: float | None = None  # classifier-free guidance; None: diffusion.guidance
+    overlap: str = "half"  # half (50 %, metrics) | full (stride of one token, visualisations) | a fraction in [0, 1)
+    s_churn: float | None = None  # level-0 stochasticity; None: diffusion.s_churn
+    level0_order: int = 2  # 2: Heun correction, 1: Euler
+    fine_order: int = 1
+    fine_churn: float = 0.0  # finer levels: deterministic by default
+    coarse: str = "renoise"  # how tiles see coarser levels: renoise (at the current sigma) | clean
+    tile_batch: int = 16  # tiles per network call
+    window_floor: float = 1e-3
+
+    def validate(self, levels: int) -> None:
+        if self.steps and (len(self.steps) not in (1, levels) or min(self.steps) < 1):
+            raise ValueError(f"steps: need 1 or {levels} positive values; got {list(self.steps)}")
+        if self.coarse not in ("renoise", "clean"):
+            raise ValueError(f"coarse: must be renoise or clean; got {self.coarse!r}")
+        if self.level0_order not in (1, 2) or self.fine_order not in (1, 2):
+            raise ValueError("sampler order must be 1 (Euler) or 2 (Heun)")
+        if self.tile_batch < 1:
+            raise ValueError("tile_batch must be >= 1")
+        overlap_fraction(self.overlap)
+
+
+def overlap_fraction(overlap: str) -> float | None:
+    """0.5 for half, None for full (one-token stride), else the given fraction."""
+    if overlap == "half":
+        return 0.5
+    if overlap == "full":
+        return None
+    try:
+        f = float(overlap)
+    except ValueError:
+        raise ValueError(f"overlap: must be half, full or a fraction in [0, 1); got {overlap!r}") from None
+    if not 0 <= f < 1:
+        raise ValueError(f"overlap: must be in [0, 1); got {f}")
+    return f
+
+
+def level_steps(base: int, levels: int) -> list[int]:
+    return [max(1, base // 2 ** l) for l in range(levels)]
+
+
+def tile_positions(size: int, patch: int, stride: int) -> list[int]:
+    """Offsets of tiles along one dimension: every ``stride``, plus the last one flush with the end."""
+    last = size - patch
+    return sorted(set(range(0, last + 1, stride)) | {last})
+
+
+def parent_offset(o: int, patch: int, parent_size: int) -> int:
+    """Offset in the coarser level of the box that contains a tile at ``o`` (1-D; see the module docstring)."""
+    lo, hi = max(0, -((patch - o) // 2)), min(parent_size - patch, o // 2)  # valid nesting: 2o' <= o <= 2o' + p
+    return min(max((o // patch) * (patch // 2), lo), hi)
+
+
+def blend_window(patch: tuple[int, int, int], floor: float) -> torch.Tensor:
+    """Separable Hann-like weights [t,h,w] in (floor, 1]: small at a tile's border, 1 at its centre."""
+    ws = [floor + (1 - floor) * torch.sin(math.pi * (torch.arange(p, dtype=torch.float64) + 0.5) / p) ** 2 for p in patch]
+    return ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
+
+
+def take(cond: Condition, idx: torch.Tensor) -> Condition:
+    pick = lambda a: None if a is None else a[idx.to(a.device)]  # noqa: E731
+    return Condition(pick(cond.labels), pick(cond.text), pick(cond.text_mask))
+
+
+@dataclass
+class LevelStats:
+    level: int
+    steps: int
+    order: int
+    tiles_per_video: int
+    tile_evals: int = 0  # denoiser evaluations of one tile (CFG's two branches count once)
+    coarse_evals: int = 0  # coarse-context passes (one per parent and evaluation)
+    net_calls: int = 0
+    seconds: float = 0.0
+    videos: int = 0
+
+    def add(self, other: "LevelStats") -> "LevelStats":
+        for k in ("tile_evals", "coarse_evals", "net_calls", "seconds", "videos"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        return self
+
+    def row(self) -> dict:
+        v = max(self.videos, 1)
+        return {"level": self.level, "steps": self.steps, "order": self.order, "tiles_per_video": self.tiles_per_video,
+                "nfe_per_tile": self.tile_evals / v / self.tiles_per_video, "tile_evals_per_video": self.tile_evals / v,
+                "coarse_evals_per_video": self.coarse_evals / v, "net_calls": self.net_calls,
+                "seconds_per_video": self.seconds / v}
+
+
+@dataclass
+class _Level:
+    """Geometry of one level: tile offsets, their parent chains, the blend weights."""
+    offsets: list[tuple[int, int, int]]  # per tile, in this level's pixels
+    chains: torch.Tensor  # int64 [n_tiles, level+1, 3]: the offsets of the tile's parents (level 0 first) and its own
+    window: torch.Tensor  # [t,h,w]
+    weight_sum: torch.Tensor  # [T,H,W]
+    parent: list[int] = field(default_factory=list)  # parent id per tile
+
+
+class TiledSampler:
+    """Samples full-resolution videos from an HPDM; ``hook(level, step, video, offset, denoised)`` sees every tile."""
+
+    def __init__(self, net, cfg: Config, opts: SampleOptions = SampleOptions(), device=None, hook=None):
+        self.net, self.cfg, self.m = net, cfg, cfg.model
+        opts.validate(self.m.levels)
+        self.opts, self.hook = opts, hook
+        self.device = device or next(net.parameters()).device
+        self.edm = EDM(cfg.diffusion)
+        steps = opts.steps or (cfg.diffusion.steps,)
+        self.steps = list(steps) if len(steps) == self.m.levels else level_steps(steps[0], self.m.levels)
+        self.guidance = cfg.diffusion.guidance if opts.guidance is None else opts.guidance
+        self.geometry = [self._geometry(l) for l in range(self.m.levels)]
+
+    # ---- geometry ------------------------------------------------------------------------------------------
+    def _stride(self) -> tuple[int, ...]:
+        f = overlap_fraction(self.opts.overlap)
+        if f is None:
+            return tuple(self.m.patchify)
+        return tuple(max(q, round(p * (1 - f) / q) * q) for p, q in zip(self.m.patch, self.m.patchify))
+
+    def _geometry(self, level: int) -> _Level:
+        P = self.m.patch
+        res = level_resolution(level, P)
+        pos = [tile_positions(r, p, s) for r, p, s in zip(res, P, self._stride())]
+        chains = []
+        for o in itertools.product(*pos):
+            chain = [tuple(o)]
+            for k in range(level - 1, -1, -1):
+                chain.insert(0, tuple(parent_offset(c, p, r) for c, p, r in zip(chain[0], P, level_resolution(k, P))))
+            chains.append(chain)
+        chains.sort()  # tiles that share a parent chain are adjacent
+        parents = {tuple(c[:-1]): None for c in chains}
+        ids = {k: i for i, k in enumerate(parents)}
+        window = blend_window(P, self.opts.window_floor)
+        wsum = torch.zeros(res, dtype=torch.float64)
+        for c in chains:
+            t, h, w = c[-1]
+            wsum[t:t + P[0], h:h + P[1], w:w + P[2]] += window
+        return _Level([c[-1] for c in chains], torch.tensor(chains, dtype=torch.int64).view(len(chains), level + 1, 3),
+                      window, wsum, [ids[tuple(c[:-1])] for c in chains])
+
+    # ---- sampling ------------------------------------------------------------------------------------------
+    def _noise(self, gens: list[torch.Generator], shape) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in gens]).to(self.device)
+
+    def _precond(self, sigma: float):
+        sd = self.cfg.diffusion.sigma_data
+        return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / math.sqrt(sigma ** 2 + sd ** 2), 1 / math.sqrt(sigma ** 2 + sd ** 2)
+
+    def _guide(self, d: torch.Tensor, n: int) -> torch.Tensor:
+        return d if self.guidance == 1.0 else d[n:] + self.guidance * (d[:n] - d[n:])
+
+    def _rows(self, cond: Condition, vids: torch.Tensor) -> Condition:
+        c = take(cond, vids)
+        return c if self.guidance == 1.0 else c.cat(c.unconditional())
+
+    def _double(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.guidance == 1.0 else torch.cat([x, x])
+
+    def _denoise_level0(self, x: torch.Tensor, sigma: float, cond: Condition, st: LevelStats) -> torch.Tensor:
+        V = x.shape[0]
+        c_skip, c_out, c_in = self._precond(sigma)
+        xin = self._double(x[:, None])
+        n = xin.shape[0]
+        boxes = boxes_from_offsets(torch.zeros(n, 1, 3, dtype=torch.int64), self.m.patch).to(self.device)
+        c = self._rows(cond, torch.arange(V))
+        f = self.net((c_in * xin).float(), torch.full((n, 1), math.log(sigma) / 4, device=self.device), boxes,
+                     c.labels, c.text, c.text_mask)
+        st.tile_evals += V
+        st.net_calls += 1
+        d = self._guide(c_skip * xin + c_out * f.double(), V)[:, 0]
+        if self.hook is not None:
+            for v in range(V):
+                self.hook(0, sigma, v, (0, 0, 0), d[v])
+        return d
+
+    def _denoise_tiles(self, level: int, x: torch.Tensor, sigma: float, coarse: list[torch.Tensor], cond: Condition,
+                       st: LevelStats) -> torch.Tensor:
+        """Blended denoised estimate of the level canvas x [V,3,T,H,W] (float64)."""
+        geo, (pt, ph, pw) = self.geometry[level], self.m.patch
+        V, n_tiles = x.shape[0], len(geo.offsets)
+        c_skip, c_out, c_in = self._precond(sigma)
+        s_coarse = sigma if self.opts.coarse == "renoise" else self.cfg.diffusion.sigma_min
+        _, _, c_in_c = self._precond(s_coarse)
+        acc = torch.zeros_like(x)
+        window = geo.window.to(self.device)
+        rows = [(v, i) for v in range(V) for i in range(n_tiles)]
+        for start in range(0, len(rows), self.opts.tile_batch):
+            chunk = rows[start:start + self.opts.tile_batch]
+            vids = torch.tensor([v for v, _ in chunk])
+            tiles = torch.tensor([i for _, i in chunk])
+            pkeys = {}  # (video, parent id) -> row in the coarse batch, in order of first appearance
+            for v, i in chunk:
+                pkeys.setdefault((v, geo.parent[i]), i)
+            prow = {k: r for r, k in enumerate(pkeys)}
+            pindex = torch.tensor([prow[(v, geo.parent[i])] for v, i in chunk], device=self.device)
+            pfirst = list(pkeys.values())  # a tile of each parent: its chain holds the parent's boxes
+            chains = geo.chains[tiles]  # [n, level+1, 3]
+            xs = torch.stack([x[v, :, t:t + pt, h:h + ph, w:w + pw] for (v, _), (t, h, w) in zip(chunk, chains[:, -1].tolist())])
+            cin = torch.stack([torch.stack([coarse[k][v, :, t:t + pt, h:h + ph, w:w + pw]
+                                            for k, (t, h, w) in enumerate(geo.chains[i, :level].tolist())])
+                               for (v, _), i in pkeys.items()])  # [m, level, 3, p...]
+            m = cin.shape[0]
+            pboxes = self._double(boxes_from_offsets(geo.chains[pfirst, :level], self.m.patch).to(self.device))
+            pcond = self._rows(cond, torch.tensor([v for v, _ in pkeys]))
+            ctx = self.net.coarse_context((c_in_c * self._double(cin)).float(),
+                                          torch.full(pboxes.shape[:2], math.log(s_coarse) / 4, device=self.device),
+                                          pboxes, pcond.labels, pcond.text, pcond.text_mask)
+            idx = pindex if self.guidance == 1.0 else torch.cat([pindex, pindex + m])
+            ctx = [None if c is None else c[idx] for c in ctx]
+            xin = self._double(xs[:, None])
+            tcond = self._rows(cond, vids)
+            f = self.net.forward_level((c_in * xin).float(), torch.full((xin.shape[0], 1), math.log(sigma) / 4, device=self.device),
+                                       self._double(boxes_from_offsets(chains, self.m.patch).to(self.device)), ctx,
+                                       tcond.labels, tcond.text, tcond.text_mask)
+            d = self._guide(c_skip * xin + c_out * f.double(), len(chunk))[:, 0]
+            st.tile_evals += len(chunk)
+            st.coarse_evals += m
+            st.net_calls += 1
+            for (v, _), (t, h, w), dv in zip(chunk, chains[:, -1].tolist(), d):
+                acc[v, :, t:t + pt, h:h + ph, w:w + pw] += window * dv
+                if self.hook is not None:
+                    self.hook(level, sigma, v, (t, h, w), dv)
+        return acc / geo.weight_sum.to(self.device)
+
+    def _solve(self, denoise, x: torch.Tensor, steps: int, churn: float, order: int, gens, bar) -> torch.Tensor:
+        """EDM (Karras et al. Algorithm 2) from x at sigma_max to sigma 0 with a given denoiser."""
+        sig = self.edm.sigma_steps(steps).tolist()
+        x = x * sig[0]
+        gamma = min(churn / steps, math.sqrt(2) - 1) if churn > 0 else 0.0
+        for i in range(steps):
+            s_cur, s_next = sig[i], sig[i + 1]
+            s_hat = s_cur * (1 + gamma)
+            if s_hat > s_cur:
+                x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * self._noise(gens, x.shape[1:])
+            d = (x - denoise(x, s_hat)) / s_hat
+            x_next = x + (s_next - s_hat) * d
+            if order == 2 and s_next > 0:
+                x_next = x + (s_next - s_hat) * (d + (x_next - denoise(x_next, s_next)) / s_next) / 2
+            x = x_next
+            if bar is not None:
+                bar.update(1)
+        return x
+
+    @torch.no_grad()
+    def sample(self, cond: Condition, seeds: list[int], progress: bool = False) -> tuple[list[torch.Tensor], list[LevelStats]]:
+        """Videos for ``seeds`` (one per video; a video depends only on its seed and condition).
+
+        Returns every level's canvas [V,3,T,H,W] (unclamped; the last is the full-resolution video) and per-level stats.
+        """
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        V, P = len(seeds), self.m.patch
+        levels, stats = [], []
+        bar = tqdm(total=sum(self.steps), unit="step", desc="sampling", disable=not progress, dynamic_ncols=True)
+        for l in range(self.m.levels):
+            st = LevelStats(l, self.steps[l], self.opts.level0_order if l == 0 else self.opts.fine_order,
+                            len(self.geometry[l].offsets), videos=V)
+            t0 = time.perf_counter()
+            x0 = self._noise(gens, (3, *level_resolution(l, P)))
+            if l == 0:
+                churn = self.cfg.diffusion.s_churn if self.opts.s_churn is None else self.opts.s_churn
+                x = self._solve(lambda x, s: self._denoise_level0(x, s, cond, st), x0, self.steps[0], churn, st.order, gens, bar)
+            else:
+                fixed = [self._noise(gens, (3, *level_resolution(k, P))) for k in range(l)]
+                def denoise(x, s, l=l, fixed=fixed, st=st):
+                    ctx = [levels[k].clamp(-1, 1) + s * fixed[k] if self.opts.coarse == "renoise" else levels[k].clamp(-1, 1)
+                           for k in range(l)]
+                    return self._denoise_tiles(l, x, s, ctx, cond, st)
+                x = self._solve(denoise, x0, self.steps[l], self.opts.fine_churn, st.order, gens, bar)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            st.seconds = time.perf_counter() - t0
+            levels.append(x)
+            stats.append(st)
+        bar.close()
+        return [x.float() for x in levels], stats
+
+
+def cost_table(stats: list[LevelStats]) -> str:
+    head = f"{'level':>5} {'steps':>5} {'order':>5} {'tiles':>6} {'NFE/tile':>8} {'tile NFE/video':>14} {'coarse NFE/video':>16} {'s/video':>9}"
+    rows = [head]
+    for s in stats:
+        r = s.row()
+        rows.append(f"{r['level']:>5} {r['steps']:>5} {r['order']:>5} {r['tiles_per_video']:>6} {r['nfe_per_tile']:>8.0f} "
+                    f"{r['tile_evals_per_video']:>14.0f} {r['coarse_evals_per_video']:>16.0f} {r['seconds_per_video']:>9.3f}")
+    return "\n".join(rows)

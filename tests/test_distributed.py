@@ -1,0 +1,165 @@
+"""Distributed training on CPU with real DeepSpeed engines, 2 processes started by the `deepspeed` launcher."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+BASE = ["--config", "configs/tiny.yaml", "train.batch_size=4", "train.log_every=1", "train.warmup_steps=2",
+        "data.synthetic_videos=12", "data.shuffle_buffer=8", "diffusion.steps=2", "train.sample_at_end=false"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(procs: int, run: Path, data: Path, *overrides, launcher: list[str] | None = None) -> list[str]:
+    """`hpdm train` in one process, or under the deepspeed launcher (``launcher`` replaces its default flags)."""
+    args = ["hpdm.cli", "train", *BASE, f"train.run_dir={run}", f"data.shards={data}", *overrides]
+    if procs == 1:
+        return [sys.executable, "-m", *args]
+    launcher = launcher or ["--num_gpus", str(procs), "--master_port", str(_port())]
+    return [str(Path(sys.executable).parent / "deepspeed"), *launcher, "--module", *args]
+
+
+def _env():
+    return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(procs, run, data, *overrides) -> str:
+    proc = subprocess.run(_cmd(procs, run, data, *overrides), capture_output=True, text=True, env=_env(), timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _latest(run: Path) -> str:
+    f = run / "checkpoints" / "latest"
+    return f.read_text() if f.is_file() else ""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Synthetic shards written once for the module (by a one-step run)."""
+    root = tmp_path_factory.mktemp("dist")
+    _run(1, root / "warmup", root / "data", "train.steps=1")
+    return root / "data"
+
+
+def test_kill9_resume_gives_identical_losses(tmp_path, data):
+    """ZeRO-2, 2 processes: kill -9 mid-run, restart with no flag, and the losses equal the uninterrupted run's."""
+    overrides = ("train.steps=10", "train.save_every=2", "train.zero_stage=2", "train.optimizer=lamb")
+    _run(2, tmp_path / "ref", data, *overrides)
+    reference = _losses(tmp_path / "ref")
+    assert sorted(reference) == list(range(1, 11))
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(2, run, data, *overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while _latest(run) < "step_00000004" and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _latest(run)
+    assert "step_00000004" <= killed_at < "step_00000010", f"the run was not interrupted mid-way ({killed_at})"
+
+    out = _run(2, run, data, *overrides)
+    resumed_from = int(killed_at.split("_")[1])
+    assert f"(step {resumed_from}," in out
+    after = {s: v for s, v in _losses(run).items() if s > resumed_from}  # the resumed run's lines come last
+    assert sorted(after) == list(range(resumed_from + 1, 11))
+    assert after == {s: reference[s] for s in after}, "losses after resuming differ from the uninterrupted run"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(2, run, data, "train.steps=200", "train.save_every=1000", "train.zero_stage=1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a cluster scheduler does: every process of the job
+    out, _ = proc.communicate(timeout=120)
+    assert "preempted: step" in out and "Traceback" not in out, out[-3000:]
+    stopped = int(out.split("preempted: step ")[1].split(",")[0])
+    assert 2 <= stopped < 200
+    assert _latest(run) == f"step_{stopped:08d}"
+    state = json.loads((run / "checkpoints" / _latest(run) / "state.json").read_text())
+    assert state["step"] == stopped and state["samples"] == 4 * stopped
+
+
+def test_world_size_change_2_to_1_to_2(tmp_path, data):
+    run = tmp_path / "run"
+    _run(2, run, data, "train.steps=4", "train.save_every=2", "train.zero_stage=2")
+    before = load_file(str(run / "checkpoints" / "step_00000004" / "ema.safetensors"))
+    out = subprocess.run([sys.executable, "-m", "hpdm.cli", "convert-checkpoint", str(run)], capture_output=True,
+                         text=True, env=_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _latest(run) == "step_00000004_universal"
+
+    out = _run(1, run, data, "train.steps=6", "train.save_every=2", "train.zero_stage=2")
+    assert "resumed from" in out and "step_00000004_universal (step 4, 16 samples)" in out
+    state = json.loads((run / "checkpoints" / "step_00000006" / "state.json").read_text())
+    assert state["world_size"] == 1 and state["samples"] == 24
+    after = load_file(str(run / "checkpoints" / "step_00000006" / "ema.safetensors"))
+    assert before.keys() == after.keys() and not torch.equal(before["tokenize.weight"], after["tokenize.weight"])
+
+    assert subprocess.run([sys.executable, "-m", "hpdm.cli", "convert-checkpoint", str(run)], env=_env(),
+                          capture_output=True, timeout=300).returncode == 0
+    out = _run(2, run, data, "train.steps=8", "train.save_every=2", "train.zero_stage=2")
+    assert "step_00000006_universal (step 6, 24 samples)" in out
+    assert json.loads((run / "checkpoints" / "step_00000008" / "state.json").read_text())["world_size"] == 2
+
+
+def test_two_node_launch_on_loopback(tmp_path, data):
+    """Two per-node launches (node ranks 0 and 1, one process each) form one job over 127.0.0.1."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(_port())
+    procs = []
+    for node in ("0", "1"):
+        launcher = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", node, "--master_addr", "127.0.0.1",
+                    "--master_port", port]
+        cmd = _cmd(2, tmp_path / "run", data, "train.steps=3", "train.zero_stage=3", launcher=launcher)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    assert "dist_world_size=2" in outs[0] and "done: step 3" in outs[0]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert len(list((tmp_path / "run" / "checkpoints" / "step_00000003").glob("zero_pp_rank_*_model_states.pt"))) == 2
+
+
+def test_zero3_ema_equals_single_process(tmp_path):
+    script = Path(__file__).parent / "scripts" / "ema_run.py"
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], capture_output=True,
+                         text=True, env=_env(), timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    two = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(_port()), str(script),
+                          str(tmp_path / "two.safetensors")], capture_output=True, text=True, env=_env(), timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+        moved += int(not torch.equal(a[k], load_file(str(tmp_path / "one.safetensors.init"))[k]))
+    assert moved > len(a) // 2, "the EMA barely moved: the comparison would prove nothing"

@@ -1,0 +1,141 @@
+"""Hierarchical tiled sampling: geometry, the window-weighted blend of tiles, NFE counts, caching, `hpdm sample`."""
+import itertools
+
+import av
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from hpdm.config import Config, load_config
+from hpdm.diffusion import Condition
+from hpdm.generate import share
+from hpdm.model import HPDM
+from hpdm.pyramid import boxes_from_offsets, level_resolution, sample_offsets
+from hpdm.sampling import SampleOptions, TiledSampler, blend_window, parent_offset, tile_positions
+from tests.helpers import randomize, tiny_model_config
+
+
+def export_model(model: HPDM, cfg: Config, path) -> str:
+    """What `hpdm export` writes: weights plus the run config as metadata."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+    return str(path)
+
+
+class Counter:
+    """Counts the network's calls and rows per entry point (forward, coarse_context, forward_level)."""
+
+    def __init__(self, net):
+        self.calls, self.rows = {}, {}
+        for name in ("forward", "coarse_context", "forward_level"):
+            fn = getattr(net, name)
+
+            def wrapped(x, *a, _fn=fn, _name=name, **k):
+                self.calls[_name] = self.calls.get(_name, 0) + 1
+                self.rows[_name] = self.rows.get(_name, 0) + x.shape[0]
+                return _fn(x, *a, **k)
+            setattr(net, name, wrapped)
+
+
+def test_parent_boxes_nest_and_tiles_cover():
+    p = 8
+    for level in range(1, 4):
+        size, parent = p * 2 ** level, p * 2 ** (level - 1)
+        for o in range(size - p + 1):
+            q = parent_offset(o, p, parent)
+            assert 0 <= q <= parent - p and 2 * q <= o and o + p <= 2 * q + 2 * p, (level, o, q)
+        for stride in (1, 4, 5, 8):
+            pos = tile_positions(size, p, stride)
+            covered = set(itertools.chain.from_iterable(range(o, o + p) for o in pos))
+            assert covered == set(range(size)) and pos[-1] == size - p
+    w = blend_window((4, 16, 16), 1e-3)
+    assert w.min() > 0 and w.max() <= 1 and torch.allclose(w, w.flip(0).flip(1).flip(2))
+
+
+def test_cached_context_reproduces_the_joint_forward():
+    cfg = tiny_model_config()
+    net = randomize(HPDM(cfg)).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 3, *cfg.patch, generator=g)
+    boxes = boxes_from_offsets(sample_offsets(2, 3, cfg.patch, g), cfg.patch)
+    c, labels = torch.randn(2, 3, generator=g), torch.tensor([1, -1])
+    full = net(x, c, boxes, labels)
+    for K in (1, 2):
+        ctx = net.coarse_context(x[:, :K], c[:, :K], boxes[:, :K], labels)
+        out = net.forward_level(x[:, K:K + 1], c[:, K:K + 1], boxes[:, :K + 1], ctx, labels)
+        torch.testing.assert_close(out[:, 0], full[:, K], rtol=0, atol=1e-6)
+
+
+def test_tiles_blend_with_the_window_and_nfe_match_the_steps():
+    cfg = Config(model=tiny_model_config())
+    net = randomize(HPDM(cfg.model), std=0.05).eval()
+    count = Counter(net)
+    steps, V, guidance = (3, 2, 1), 2, 2.0
+    last: dict = {}
+    sampler = TiledSampler(net, cfg, SampleOptions(steps=steps, guidance=guidance, tile_batch=5),
+                           hook=lambda l, s, v, o, d: last.setdefault((l, s), []).append((v, o, d.clone())))
+    levels, stats = sampler.sample(Condition(labels=torch.tensor([1, 3])), seeds=[0, 1])
+    P = cfg.model.patch
+    assert [tuple(x.shape) for x in levels] == [(V, 3, *level_resolution(l, P)) for l in range(3)]
+    window = blend_window(P, sampler.opts.window_floor)
+    for l in (1, 2):
+        final = min(s for (lv, s) in last if lv == l)  # the last step: sigma_hat of the step that lands on 0
+        acc, wsum = torch.zeros(V, 3, *level_resolution(l, P), dtype=torch.float64), torch.zeros(level_resolution(l, P), dtype=torch.float64)
+        hits = torch.zeros(V, *level_resolution(l, P), dtype=torch.int64)
+        for v, (t, h, w), d in last[(l, final)]:
+            sl = (slice(t, t + P[0]), slice(h, h + P[1]), slice(w, w + P[2]))
+            acc[(v, slice(None), *sl)] += window * d
+            hits[(v, *sl)] += 1
+            if v == 0:
+                wsum[sl] += window
+        assert (hits > 0).all(), "a pixel was written by no tile"
+        assert hits.max() == 8, "50 % overlap: inner pixels lie in 8 tiles"
+        # the final Euler step to sigma 0 returns the denoised estimate: the window-weighted blend of the tiles
+        torch.testing.assert_close(levels[l].double(), acc / wsum, rtol=0, atol=1e-5)
+    # NFE: level 0 is Heun (2 per step, the last step first-order), finer levels Euler; CFG doubles the rows only
+    n_tiles = [len(g.offsets) for g in sampler.geometry]
+    assert n_tiles == [1, 27, 343]
+    assert count.calls["forward"] == 2 * steps[0] - 1 and count.rows["forward"] == (2 * steps[0] - 1) * V * 2
+    assert count.rows["forward_level"] == 2 * V * sum(n * s for n, s in zip(n_tiles[1:], steps[1:]))
+    assert [s.tile_evals // V for s in stats] == [2 * steps[0] - 1, n_tiles[1] * steps[1], n_tiles[2] * steps[2]]
+    assert count.calls["coarse_context"] == sum(s.net_calls for s in stats[1:])
+    # the cache: one coarse pass per (video, parent) per tile batch, far fewer than one per tile
+    assert stats[2].coarse_evals < stats[2].tile_evals / 2
+
+
+def test_a_video_depends_only_on_its_seed_not_on_its_batch():
+    cfg = Config(model=tiny_model_config())
+    net = randomize(HPDM(cfg.model), std=0.05).eval()
+    sampler = TiledSampler(net, cfg, SampleOptions(steps=(2, 1, 1), tile_batch=32))
+    alone, _ = sampler.sample(Condition(labels=torch.tensor([2])), seeds=[7])
+    both, _ = sampler.sample(Condition(labels=torch.tensor([0, 2])), seeds=[3, 7])
+    torch.testing.assert_close(both[-1][1], alone[-1][0], rtol=0, atol=1e-4)
+    assert sorted(share(10, 0, 3) + share(10, 1, 3) + share(10, 2, 3)) == list(range(10))
+    assert share(10, 1, 3) == [1, 4, 7]
+
+
+def test_full_overlap_uses_a_one_token_stride():
+    cfg = Config(model=tiny_model_config())
+    sampler = TiledSampler(HPDM(cfg.model), cfg, SampleOptions(overlap="full"))
+    assert len(sampler.geometry[1].offsets) == 5 * 5 * 5  # 8x32x32 canvas, 4x16x16 tiles, stride 1x4x4
+    with pytest.raises(ValueError, match="overlap"):
+        SampleOptions(overlap="1.5").validate(3)
+
+
+def test_hpdm_sample_writes_full_resolution_videos(tmp_path):
+    from hpdm.cli import main
+
+    cfg = load_config("configs/tiny.yaml")  # the demo: 3 levels of 8x32x32, video 32x128x128
+    torch.manual_seed(0)
+    path = export_model(HPDM(cfg.model), cfg, tmp_path / "demo.safetensors")
+    out = tmp_path / "samples"
+    assert main(["sample", path, "--out", str(out), "-n", "2", "--steps", "2,1,1", "--tile-batch", "64", "--batch", "2",
+                 "--label", "3"]) == 0
+    for i in range(2):
+        with av.open(str(out / f"video_{i:05d}.mp4")) as f:
+            frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+        assert len(frames) == 32 and frames[0].shape == (128, 128, 3)
+    assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cost = yaml.safe_load((out / "cost.json").read_text())["levels"]
+    assert [r["tile_evals_per_video"] for r in cost] == [3, 27, 343]
