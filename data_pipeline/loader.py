@@ -6,9 +6,11 @@ consumed here, which worker is next). On resume the workers are rotated so the n
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import logging
+import multiprocessing
 import signal
 
 import torch
@@ -28,10 +30,19 @@ def _worker_init(_):
     # Keep the garbage collector off the objects inherited at fork: touching them would copy their pages
     # (copy-on-write) into every worker and show up as host memory growth.
     gc.freeze()
-    # A scheduler's preemption signal goes to every process of the job; the trainer handles it and shuts the
-    # workers down itself after its checkpoint, so a worker must not die of it first.
+    # A scheduler's preemption signal goes to every process of the job; the trainer handles it, finishes its
+    # step and checkpoints, so a worker must not die of it first. Workers still end with their parent (PyTorch's
+    # watchdog), on the loader's shutdown, and at the parent's exit (_kill_workers_at_exit).
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """multiprocessing ends daemonic children with SIGTERM at exit, which the workers ignore: kill them."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
 
 
 class _WorkerDataset(IterableDataset):

@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hpdm.checkpoint import Checkpointer
+from hpdm.checkpoint import Checkpointer, allow_deepspeed_globals, is_complete
 from hpdm.config import Config, from_dict
 from hpdm.model import HPDM
 
@@ -20,7 +20,7 @@ RAW_PREFIX = "raw."
 
 
 def _checkpoint_folder(path: Path) -> Path:
-    if (path / "ema.safetensors").is_file():
+    if is_complete(path):
         return path
     latest = Checkpointer(path).latest()
     if latest is None:
@@ -44,9 +44,7 @@ def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
         model_states = ckpt / "mp_rank_00_model_states.pt"
         if not model_states.is_file():
             raise FileNotFoundError(f"{model_states} is missing: raw weights of ZeRO-3 runs need `hpdm convert-checkpoint` first")
-        from hpdm.checkpoint import _safe_globals  # noqa: PLC0415
-
-        _safe_globals()
+        allow_deepspeed_globals()
         module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
         tensors.update({RAW_PREFIX + k: v for k, v in module.items()})
     out = Path(out)

@@ -94,6 +94,38 @@ class _Profiler:
             self.prof = None
 
 
+def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: int, accum: int, device,
+          sync: bool) -> tuple[torch.Tensor, dict]:
+    """One optimizer step over ``accum`` micro-batches; returns the per-level losses and the time split
+    (accurate on GPU only when ``sync``, which waits for the device at each boundary)."""
+    m = cfg.model
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    wait = compute = opt_time = 0.0
+    level_losses = torch.zeros(m.levels, device=device)
+    for _ in range(accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        video = batch["video"].to(device, non_blocking=True)
+        offsets = sample_offsets(micro, m.levels, m.patch, gen)
+        x0 = gather_pyramid(video, offsets.to(device), m.patch, dtype, impl=m.kernels)
+        boxes = boxes_from_offsets(offsets, m.patch).to(device)
+        cond = _cond(cfg, batch, device).dropped(m.cond_dropout, gen)
+        sigma = edm.sample_sigma(micro, m.levels, device, gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
+        loss, per_level = edm.loss(engine, x0, boxes, cond, sigma, noise)
+        engine.backward(loss)
+        if sync and device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        engine.step()  # DeepSpeed steps the optimizer at the end of the accumulation
+        if sync and device.type == "cuda":
+            torch.cuda.synchronize()
+        wait, compute, opt_time = wait + t1 - t0, compute + t2 - t1, opt_time + time.perf_counter() - t2
+        level_losses += per_level / accum
+    return level_losses, {"time/data_wait_s": wait, "time/fwd_bwd_s": compute, "time/optimizer_s": opt_time}
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the final progress and the last logged metrics."""
     rank, world, device = init_distributed()
@@ -114,9 +146,7 @@ def train(cfg: Config) -> dict:
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = HPDM(m).to(device)
-    if t.init_from:  # fine-tuning from a lower-resolution generator (a resumed checkpoint overrides it)
-        from hpdm.finetune import init_from_generator  # noqa: PLC0415
-
+    if t.init_from and latest is None:  # fine-tuning from a lower-resolution generator (not when resuming)
         init_from_generator(model, t.init_from)
     ema = EMA(model, t.ema_halflife)  # before ZeRO-3 partitions the parameters
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.betas, t.weight_decay)
@@ -141,74 +171,52 @@ def train(cfg: Config) -> dict:
     metrics = Metrics(cfg.to_dict(), run_dir, t.wandb_project, rank)
     flops, peak = training_flops_per_sample(m), peak_flops(device, t.precision)
     profiler = _Profiler(t.profile_steps, run_dir / "profile", rank, device)
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batches = iter(loader)
     bar = tqdm(total=t.steps * t.batch_size, initial=samples, unit="clip", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
     preempted = False
-    while step < t.steps:
-        profiler.at(step)
-        timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
-        t_start = time.perf_counter()
-        wait = compute = opt_time = 0.0
-        level_losses = torch.zeros(m.levels, device=device)
-        for _ in range(accum):
+    try:
+        while step < t.steps:
+            profiler.at(step)
+            timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
             t0 = time.perf_counter()
-            batch = next(batches)
-            t1 = time.perf_counter()
-            video = batch["video"].to(device, non_blocking=True)
-            offsets = sample_offsets(micro, m.levels, m.patch, gen)
-            x0 = gather_pyramid(video, offsets.to(device), m.patch, dtype, impl=m.kernels)
-            boxes = boxes_from_offsets(offsets, m.patch).to(device)
-            cond = _cond(cfg, batch, device).dropped(m.cond_dropout, gen)
-            sigma = edm.sample_sigma(micro, m.levels, device, gen)
-            noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
-            loss, per_level = edm.loss(engine, x0, boxes, cond, sigma, noise)
-            engine.backward(loss)
+            level_losses, times = _step(engine, edm, cfg, batches, gen, micro, accum, device, sync=timed)
+            step += 1
+            samples += t.batch_size
+            ema.update(engine.module, t.batch_size, samples)
+            bar.update(t.batch_size)
             if timed:
-                sync()
-            t2 = time.perf_counter()
-            engine.step()  # DeepSpeed steps the optimizer at the end of the accumulation
-            if timed:
-                sync()
-            wait, compute, opt_time = wait + t1 - t0, compute + t2 - t1, opt_time + time.perf_counter() - t2
-            level_losses += per_level / accum
-        step += 1
-        samples += t.batch_size
-        ema.update(engine.module, t.batch_size, samples)
-        bar.update(t.batch_size)
-        if timed:
-            dt = time.perf_counter() - t_start
-            if world > 1:
-                dist.all_reduce(level_losses)
-                level_losses /= world
-            level_losses = level_losses.cpu()
-            grad_norm = engine.get_global_grad_norm()
-            last = {"loss": level_losses.mean().item(), **{f"loss/level{l}": v.item() for l, v in enumerate(level_losses)},
-                    "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "samples_per_s": t.batch_size / dt, "time/step_s": dt, "time/data_wait_s": wait,
-                    "time/fwd_bwd_s": compute, "time/optimizer_s": opt_time,
-                    "tflops_per_gpu": flops * t.batch_size / dt / world / 1e12, **memory_gib(device), "step": step}
-            if peak:
-                last["mfu"] = flops * t.batch_size / dt / world / peak
-            bar.set_postfix(loss=f"{last['loss']:.4f}", clips_s=f"{last['samples_per_s']:.1f}")
-            metrics.log(last, samples)
-        preempted = preemption.requested(device)
-        if step % t.save_every == 0 or step == t.steps or preempted:
-            ckpt.save(engine, ema, step, samples, loader.state_dict(), gen.get_state(), cfg.to_dict())
-        if preempted:
-            if rank == 0:
-                log.warning("preempted (signal %s): checkpoint at step %d written, exiting", preemption.signal, step)
-            break
-    profiler.at(step)
-    bar.close()
+                dt = time.perf_counter() - t0
+                if world > 1:
+                    dist.all_reduce(level_losses)
+                    level_losses /= world
+                level_losses = level_losses.cpu()
+                grad_norm = engine.get_global_grad_norm()
+                last = {"loss": level_losses.mean().item(), **{f"loss/level{l}": v.item() for l, v in enumerate(level_losses)},
+                        "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        "samples_per_s": t.batch_size / dt, "time/step_s": dt, **times,
+                        "tflops_per_gpu": flops * t.batch_size / dt / world / 1e12, **memory_gib(device), "step": step}
+                if peak:
+                    last["mfu"] = flops * t.batch_size / dt / world / peak
+                bar.set_postfix(loss=f"{last['loss']:.4f}", clips_s=f"{last['samples_per_s']:.1f}")
+                metrics.log(last, samples)
+            preempted = preemption.requested(device)
+            if step % t.save_every == 0 or step == t.steps or preempted:
+                ckpt.save(engine, ema, step, samples, loader.state_dict(), gen.get_state(), cfg.to_dict())
+            if preempted:
+                if rank == 0:
+                    log.warning("preempted (signal %s): checkpoint at step %d written, exiting", preemption.signal, step)
+                break
+        profiler.at(step)
+    finally:
+        batches.close()  # shut the data-loader workers down, also when the step raised
+        bar.close()
+        metrics.close()
 
     if t.sample_at_end and rank == 0 and not preempted:
         net = HPDM(m).to(device).eval()
         ema.copy_to(net)
         path = sample_video(net, edm, cfg, label=0, path=run_dir / "samples" / f"step_{step:08d}.mp4", seed=t.seed, device=device)
         log.info("sample written to %s", path)
-    metrics.close()
     dist.barrier()
     return {"step": step, "samples": samples, "rank": rank, "preempted": preempted, **last}

@@ -49,3 +49,73 @@ def test_train_checkpoint_sample_and_resume(tmp_path):
     assert (ckpts / "latest").read_text() == "step_00000008"
     assert json.loads((ckpts / "step_00000008" / "state.json").read_text())["samples"] == 32
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000006", "step_00000008"]
+
+
+@pytest.mark.slow
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    run, data = tmp_path / "run", tmp_path / "data"
+    _train(run, data, "train.sample_at_end=false")
+    ckpts = run / "checkpoints"
+    # make rank 0's write of the step-9 EMA file fail after DeepSpeed has written its shards: a crash mid-save
+    (ckpts / "step_00000009" / "ema.safetensors").mkdir(parents=True)
+    cmd_overrides = ("train.steps=9", "train.sample_at_end=false")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml",
+                           f"train.run_dir={run}", f"data.shards={data}", *OVERRIDES, *cmd_overrides],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "Is a directory" in proc.stderr
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert any((ckpts / "step_00000009").glob("*optim_states.pt")) and not (ckpts / "step_00000009" / "state.json").exists()
+
+    (ckpts / "step_00000009" / "ema.safetensors").rmdir()
+    out = _train(run, data, *cmd_overrides)
+    assert "(step 6, 24 samples)" in out
+    assert (ckpts / "latest").read_text() == "step_00000009"
+    assert json.loads((ckpts / "step_00000009" / "state.json").read_text())["step"] == 9
+
+
+@pytest.mark.slow
+def test_export_round_trip(tmp_path):
+    import torch
+
+    from hpdm.export import load_generator
+    from hpdm.pyramid import boxes_from_offsets, sample_offsets
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    _train(run, data, "train.sample_at_end=false")
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "export", str(run), str(out), "--raw"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ema = load_file(str(run / "checkpoints" / "step_00000006" / "ema.safetensors"))
+    cfg, model = load_generator(out)
+    _, from_run = load_generator(run)
+    _, raw = load_generator(out, raw=True)
+    assert cfg.model.patch == (8, 32, 32)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ema[name]) and torch.equal(p, dict(from_run.named_parameters())[name])
+    assert any(not torch.equal(p, ema[n]) for n, p in raw.named_parameters()), "raw weights equal the EMA"
+    boxes = boxes_from_offsets(sample_offsets(1, 3, cfg.model.patch), cfg.model.patch)
+    x = torch.randn(1, 3, 3, *cfg.model.patch)
+    args = (x, torch.zeros(1, 3), boxes, torch.tensor([1]))
+    torch.testing.assert_close(model(*args), from_run(*args), rtol=0, atol=0)
+
+
+def test_checkpoint_mirrored_to_s3_and_resumed_from_it(tmp_path, s3_server, monkeypatch):
+    s3_server.env(monkeypatch)
+    run, data = tmp_path / "run", tmp_path / "data"
+    uri = f"s3://{s3_server.bucket}/checkpoints/{tmp_path.name}"
+    _train(run, data, f"train.checkpoint_uri={uri}", "train.sample_at_end=false")
+    from data_pipeline.storage import Storage
+
+    storage = Storage()
+    assert storage.read_bytes(f"{uri}/latest") == b"step_00000006"
+    names = {u.rsplit("/", 1)[1] for u in storage.list(f"{uri}/step_00000006")}
+    assert {"state.json", "ema.safetensors", "rank_00000.safetensors", "mp_rank_00_model_states.pt"} <= names
+
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")  # a new node: nothing local
+    out = _train(run, data, f"train.checkpoint_uri={uri}", "train.steps=7", "train.sample_at_end=false")
+    assert "(step 6, 24 samples)" in out
+    assert storage.read_bytes(f"{uri}/latest") == b"step_00000007"
