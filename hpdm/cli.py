@@ -1,4 +1,4 @@
-"""The ``hpdm`` command: train, info, export, sample, eval-fvd, make-shards, bench-kernels."""
+"""The ``hpdm`` command: train, info, export, sample, eval-fvd, make-shards, doctor, bench-kernels."""
 from __future__ import annotations
 
 import argparse
@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 
     data_cli.add_arguments(p)
     p.set_defaults(func=data_cli.run)
+    p = sub.add_parser("doctor", help="check this node (packages, GPUs, data, checkpoint storage) for a config")
+    from hpdm import doctor  # noqa: PLC0415
+
+    doctor.add_arguments(p)
+    p.set_defaults(func=doctor.run)
     p = sub.add_parser("bench-kernels", help="time the fused kernels against their references (GPU)")
     from kernels import bench  # noqa: PLC0415
 

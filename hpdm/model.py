@@ -132,24 +132,38 @@ class HPDM(nn.Module):
             out[l] = fused.view(B, -1, D)
         return out
 
+    def _tokenize(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [B,L,3,t,h,w] -> per level [B,N,D] data tokens."""
+        pt, ph, pw = self.cfg.patchify
+        tokens = rearrange(x.to(self.tokenize.weight.dtype), "b l c (t pt) (h ph) (w pw) -> l b (t h w) (c pt ph pw)",
+                           pt=pt, ph=ph, pw=pw)
+        return list((self.tokenize(tokens) + self.pos).unbind(0))
+
+    def _detokenize(self, h: torch.Tensor) -> torch.Tensor:
+        """[B,L,N,D] tokens -> [B,L,3,t,h,w] pixels."""
+        out = self.detokenize(self.out_norm(h))
+        (t, hh, w), (pt, ph, pw) = self.grid, self.cfg.patchify
+        return rearrange(out, "b l (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
+
+    def _run_block(self, b: int, h: list, z: list, cond: torch.Tensor, boxes: torch.Tensor, active: int) -> tuple[list, list]:
+        """Context fusion, then block ``b`` on the ``active`` coarsest levels batched together; the rest pass through."""
+        block = self.blocks[b]
+        h = self._fuse(b, block, h, active, boxes)
+        xs, zs = block(torch.cat(h[:active]), torch.cat(z[:active]), cond[:, :active].transpose(0, 1).flatten(0, 1))
+        h, z = list(h), list(z)
+        h[:active], z[:active] = xs.chunk(active), zs.chunk(active)
+        return h, z
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B,L,3,t,h,w] (L <= cfg.levels, a prefix of the pyramid), c_noise [B,L], boxes [B,L,6] -> like x."""
         B, L = x.shape[:2]
-        x = x.to(self.tokenize.weight.dtype)
-        pt, ph, pw = self.cfg.patchify
-        tokens = rearrange(x, "b l c (t pt) (h ph) (w pw) -> l b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
-        h = list((self.tokenize(tokens) + self.pos).unbind(0))
+        h = self._tokenize(x)
         cond = self.cond(c_noise, boxes, labels, text, text_mask)  # [B,L,Z]
         z = [self.latents.expand(B, -1, -1)] * L
-        for b, block in enumerate(self.blocks):
-            active = min(self.cfg.levels_per_block[b], L)
-            h = self._fuse(b, block, h, active, boxes)
-            xs, zs = block(torch.cat(h[:active]), torch.cat(z[:active]), cond[:, :active].transpose(0, 1).flatten(0, 1))
-            h[:active], z[:active] = xs.chunk(active), zs.chunk(active)
-        out = self.detokenize(self.out_norm(torch.stack(h)))  # [L,B,N,pixels]
-        t, hh, w = self.grid
-        return rearrange(out, "l b (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
+        for b in range(len(self.blocks)):
+            h, z = self._run_block(b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], L))
+        return self._detokenize(torch.stack(h, dim=1))
 
     # ---- tiled sampling: coarse activations computed once per parent region and reused by every tile inside it ----
     def fuses_into(self, b: int, level: int) -> bool:
@@ -164,11 +178,8 @@ class HPDM(nn.Module):
         patch fuses before that block, [B,K,t,h,w,D] (None where level K does not fuse). With ``forward_level``
         this reproduces ``forward(...)[:, K]`` exactly, since coarse levels never see finer ones."""
         B, K = x.shape[:2]
-        pt, ph, pw = self.cfg.patchify
         t, hh, w = self.grid
-        tokens = rearrange(x.to(self.tokenize.weight.dtype), "b l c (t pt) (h ph) (w pw) -> l b (t h w) (c pt ph pw)",
-                           pt=pt, ph=ph, pw=pw)
-        h = list((self.tokenize(tokens) + self.pos).unbind(0))
+        h = self._tokenize(x)
         cond = self.cond(c_noise, boxes, labels, text, text_mask)
         z = [self.latents.expand(B, -1, -1)] * K
         ctx: list[torch.Tensor | None] = []
@@ -177,10 +188,7 @@ class HPDM(nn.Module):
                        if self.fuses_into(b, K) else None)
             if not any(self.fuses_into(c, K) for c in range(b + 1, len(self.blocks))):
                 return ctx + [None] * (len(self.blocks) - b - 1)
-            active = min(self.cfg.levels_per_block[b], K)
-            h = self._fuse(b, block, h, active, boxes)
-            xs, zs = block(torch.cat(h[:active]), torch.cat(z[:active]), cond[:, :active].transpose(0, 1).flatten(0, 1))
-            h[:active], z[:active] = xs.chunk(active), zs.chunk(active)
+            h, z = self._run_block(b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], K))
         return ctx
 
     def forward_level(self, x: torch.Tensor, c_noise: torch.Tensor, boxes: torch.Tensor, context: list[torch.Tensor | None],
@@ -189,11 +197,8 @@ class HPDM(nn.Module):
         """Level K alone: x [B,1,3,t,h,w], c_noise [B,1], boxes [B,K+1,6] (coarse boxes, then this patch's),
         ``context`` from ``coarse_context`` (rows aligned with x). Returns [B,1,3,t,h,w]."""
         B, K = x.shape[0], boxes.shape[1] - 1
-        pt, ph, pw = self.cfg.patchify
         t, hh, w = self.grid
-        tokens = rearrange(x.to(self.tokenize.weight.dtype), "b l c (t pt) (h ph) (w pw) -> (l b) (t h w) (c pt ph pw)",
-                           pt=pt, ph=ph, pw=pw)
-        h = self.tokenize(tokens) + self.pos
+        h = self._tokenize(x)[0]
         cond = self.cond(c_noise, boxes[:, K:], labels, text, text_mask)[:, 0]
         z = self.latents.expand(B, -1, -1)
         for b, block in enumerate(self.blocks):
@@ -203,5 +208,4 @@ class HPDM(nn.Module):
                 h = context_fusion(h.view(B, t, hh, w, -1), context[b], boxes[:, K], boxes[:, :K],
                                    impl=self.cfg.kernels).view(B, t * hh * w, -1)
             h, z = block(h, z, cond)
-        out = self.detokenize(self.out_norm(h))
-        return rearrange(out, "b (t h w) (c pt ph pw) -> b 1 c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
+        return self._detokenize(h[:, None])

@@ -1,0 +1,117 @@
+"""`hpdm doctor`: a good local config passes; missing data, unwritable run folders and missing buckets FAIL."""
+import os
+import socket
+import time
+
+import pytest
+import torch
+
+from data_pipeline.storage import Storage
+from hpdm import doctor
+from hpdm.cli import main
+from hpdm.config import load_config
+
+
+def _doctor(capsys, *overrides) -> tuple[int, dict[str, tuple[str, str]], str]:
+    """Run `hpdm doctor` in-process; returns the exit code, {check: (status, detail)} and the whole output."""
+    code = main(["doctor", "--config", "configs/tiny.yaml", "--timeout", "15", "data.synthetic=false", *overrides])
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines()[2:]:
+        parts = line.split(None, 2) if line.strip() else []
+        if len(parts) == 3 and parts[1] in ("ok", "warn", "FAIL"):
+            rows[parts[0]] = (parts[1], parts[2])
+    return code, rows, out
+
+
+def test_good_local_config_passes(capsys, tiny_shards, tmp_path):
+    run = tmp_path / "runs" / "x"
+    code, rows, out = _doctor(capsys, f"data.shards={tiny_shards['one']}", f"train.run_dir={run}")
+    assert code == 0, out
+    assert rows["data"][0] == "ok" and "index.json: 1 shards, 12 samples" in rows["data"][1]
+    assert rows["run_dir"][0] == "ok" and "probe file written" in rows["run_dir"][1]
+    assert not (tmp_path / "runs").exists(), "the folders the probe created were left behind"
+    assert rows["deepspeed"][0] == rows["torch"][0] == "ok" and rows["attention"][0] == "ok"
+    assert rows["disk"][0] == "ok" and "GiB free" in rows["disk"][1]
+    if not torch.cuda.is_available():
+        assert rows["gpus"][0] == "warn" and rows["flash-attn"][0] == "ok"
+
+
+def test_missing_shards_and_unwritable_run_dir_fail(capsys, tmp_path):
+    (tmp_path / "afile").write_text("in the way")
+    code, rows, out = _doctor(capsys, f"data.shards={tmp_path / 'no-data'}", f"train.run_dir={tmp_path / 'afile' / 'run'}")
+    assert code == 1 and "FAIL" in out.splitlines()[-1]
+    assert rows["data"] == ("FAIL", f"data.shards {tmp_path / 'no-data'} does not exist")
+    assert rows["run_dir"][0] == "FAIL" and f"{tmp_path / 'afile'} is a file, not a folder" in rows["run_dir"][1]
+
+    if os.geteuid() == 0:  # root writes into read-only folders: use a folder nobody can create things in
+        read_only = "/proc/hpdm-doctor-test"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        read_only = str(tmp_path / "ro")
+    code, rows, out = _doctor(capsys, f"train.run_dir={read_only}/run")
+    assert code == 1 and rows["run_dir"][0] == "FAIL" and "is not writable" in rows["run_dir"][1], out
+
+
+def test_synthetic_data_still_to_be_written_is_a_warning(capsys, tmp_path):
+    code, rows, _ = _doctor(capsys, "data.synthetic=true", f"data.shards={tmp_path / 'syn'}", f"train.run_dir={tmp_path / 'r'}")
+    assert code == 0 and rows["data"][0] == "warn" and "rank 0 writes" in rows["data"][1]
+
+
+def test_s3_bucket_checks_and_no_secret_printed(capsys, s3_server, monkeypatch, tmp_path):
+    s3_server.env(monkeypatch)
+    Storage().write_bytes(f"s3://{s3_server.bucket}/doctor/index.json", b'{"shards": [], "num_samples": 0}')
+    code, rows, out = _doctor(capsys, f"data.shards=s3://{s3_server.bucket}/doctor", f"train.run_dir={tmp_path / 'r'}",
+                              f"train.checkpoint_uri=s3://{s3_server.bucket}/ckpt")
+    assert code == 0, out
+    assert rows["data"][0] == "ok" and rows["checkpoint_uri"][0] == "ok"
+    assert not Storage().exists(f"s3://{s3_server.bucket}/ckpt/.hpdm-write-check"), "the probe object was left behind"
+    assert "AWS_SECRET_ACCESS_KEY" in rows["aws-credentials"][1] and s3_server.admin[1] not in out
+
+    code, rows, out = _doctor(capsys, "data.shards=s3://no-such-bucket/data", f"train.run_dir={tmp_path / 'r'}",
+                              "train.checkpoint_uri=s3://no-such-bucket/ckpt")
+    assert code == 1 and s3_server.admin[1] not in out
+    for check in ("data", "checkpoint_uri"):
+        assert rows[check][0] == "FAIL" and "bucket 'no-such-bucket' does not exist" in rows[check][1], out
+
+
+def test_network_checks_are_time_limited(monkeypatch):
+    t0 = time.monotonic()
+    rows = doctor._limited(lambda: time.sleep(30), 0.3)
+    assert rows[0][1] == "FAIL" and "did not finish within" in rows[0][2] and time.monotonic() - t0 < 5
+
+    with socket.socket() as s:  # a port nothing listens on: refused, reported quickly
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hpdm-doctor-secret")
+    cfg = load_config("configs/tiny.yaml", [f"data.endpoint_url=http://127.0.0.1:{port}", "train.checkpoint_uri=s3://b/c"])
+    t0 = time.monotonic()
+    rows = doctor._limited(lambda: doctor.check_checkpoint_uri(cfg), 10)
+    assert rows[0][1] == "FAIL" and time.monotonic() - t0 < 12 and "hpdm-doctor-secret" not in rows[0][2]
+
+
+def test_launcher_env_and_credential_redaction(monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(k, v)
+        env_row = dict((n, (s, d)) for n, s, d in doctor.check_launcher(2.0))["launcher-env"]
+        assert env_row[0] == "ok" and "rank 1 of 2" in env_row[1] and "master reachable" in env_row[1]
+    env_row = dict((n, (s, d)) for n, s, d in doctor.check_launcher(2.0))["launcher-env"]
+    assert env_row[0] == "warn" and "not reachable" in env_row[1]
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:url-secret@s3.example.com:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    (_, _, detail), = doctor.check_credentials(load_config("configs/tiny.yaml", ["train.checkpoint_uri=s3://b/c"]))
+    assert "http://s3.example.com:9000" in detail and "AWS_SECRET_ACCESS_KEY" in detail
+    assert "url-secret" not in detail and "env-secret" not in detail
+
+
+@pytest.mark.parametrize("required,expected", [(True, "FAIL"), (False, "ok")])
+def test_missing_package_status(required, expected):
+    status, detail = doctor._package("hpdm_no_such_module", "hpdm-no-such-dist", required, gpu=False)[0][1:]
+    assert status == expected and "not installed" in detail
+    assert doctor._package("hpdm_no_such_module", "hpdm-no-such-dist", False, gpu=True)[0][1] == "warn"
