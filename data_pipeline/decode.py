@@ -60,6 +60,8 @@ def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generato
     resize_s = 0.0
     try:
         with av.open(io.BytesIO(data), mode="r") as c:
+            if not c.streams.video:
+                raise VideoError("no video stream")
             s = c.streams.video[0]
             s.thread_count = spec.threads
             rate = float(s.average_rate or s.guessed_rate or meta["fps"])

@@ -36,7 +36,7 @@ from data_pipeline.storage import Storage, join
 
 log = logging.getLogger(__name__)
 UNIVERSAL_MARK = "universal"  # file in a checkpoint folder converted by `hpdm convert-checkpoint`
-_OWN_FILE = re.compile(r"(zero_pp_rank_|rank_)0*(\d+)[_.]")
+_OWN_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank_(\d+)\.")  # files that rank N writes
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
@@ -79,24 +79,34 @@ class Checkpointer:
         self.storage = storage or Storage()
 
     # -- finding ---------------------------------------------------------------------------------------
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, fetching it from the remote copy when it is not here."""
-        if self.remote and self.storage.exists(join(self.remote, "latest")):
-            tag = self.storage.read_bytes(join(self.remote, "latest")).decode().strip()
-            if not is_complete(self.root / tag):
-                self._download(tag)
-            return self.root / tag
+    def _local_latest(self) -> str:
         f = self.root / "latest"
         if not f.is_file():
-            return None
-        path = self.root / f.read_text().strip()
-        if not is_complete(path):
-            raise FileNotFoundError(f"{f} names {path.name}, which has no state.json: the checkpoint is incomplete")
-        return path
+            return ""
+        tag = f.read_text().strip()
+        if not is_complete(self.root / tag):
+            raise FileNotFoundError(f"{f} names {tag}, which has no state.json: the checkpoint is incomplete")
+        return tag
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, here or (when newer) in the remote copy, which is then fetched.
+
+        Collective when a remote copy is configured: every rank calls it."""
+        tag = self._local_latest()
+        if self.remote and self.storage.exists(join(self.remote, "latest")):
+            remote = self.storage.read_bytes(join(self.remote, "latest")).decode().strip()
+            # a newer local one (e.g. converted by `hpdm convert-checkpoint`, step_N_universal > step_N) wins
+            tag = max(tag, remote)
+            need = torch.tensor([float(tag == remote and not is_complete(self.root / tag))])
+            if dist.is_initialized():
+                dist.all_reduce(need, op=dist.ReduceOp.MAX)
+            if need.item():
+                self._download(remote)
+        return self.root / tag if tag else None
 
     def _download(self, tag: str) -> None:
-        """Local rank 0 of every node fetches the whole folder (shared file systems just get it again)."""
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        """Collective. Local rank 0 of every node without the folder fetches it (shared file systems once per node)."""
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not is_complete(self.root / tag):
             prefix = join(self.remote, tag)
             urls = self.storage.list(prefix)
             log.info("downloading checkpoint %s (%d files)", prefix, len(urls))
@@ -137,7 +147,7 @@ class Checkpointer:
             return
         for f in sorted(path.iterdir()):
             m = _OWN_FILE.match(f.name)
-            owner = int(m.group(2)) if m else 0
+            owner = int(m.group(1) or m.group(2)) if m else 0
             if owner == rank and f.name != "state.json":
                 self.storage.upload(str(f), join(self.remote, path.name, f.name))
 

@@ -1,4 +1,4 @@
-"""The ``hpdm`` command: train, info, export, sample, eval-fvd, make-shards, doctor, bench-kernels."""
+"""The ``hpdm`` command: train, info, export, convert-checkpoint, sample, eval-fvd, make-shards, doctor, bench-kernels."""
 from __future__ import annotations
 
 import argparse

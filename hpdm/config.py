@@ -117,7 +117,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_halflife: float = 500_000.0  # in samples (clips)
     precision: str = "fp32"  # fp32 (the paper's) | bf16
-    zero_stage: int = 1
+    zero_stage: int = 0
     seed: int = 0
     log_every: int = 10
     save_every: int = 1000
@@ -142,6 +142,11 @@ class TrainConfig:
             raise ConfigError("train.lr", "must be > 0")
         if self.init_from and not Path(self.init_from).exists():
             raise ConfigError("train.init_from", f"no such file or folder: {self.init_from}")
+        if self.optimizer == "lamb" and self.zero_stage > 0:
+            # ZeRO hands the optimizer flat partitions of many tensors, so LAMB's per-tensor trust ratio would be
+            # taken over a whole shard (and change with the number of processes).
+            raise ConfigError("train.optimizer", f"lamb needs train.zero_stage=0 (got {self.zero_stage}): its per-layer "
+                                                 "trust ratio is wrong on ZeRO's flat partitions; use adamw with ZeRO")
         if self.keep_checkpoints < 1:
             raise ConfigError("train.keep_checkpoints", "must be >= 1")
         if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):

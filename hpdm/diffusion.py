@@ -1,4 +1,4 @@
-"""EDM diffusion (Karras et al. 2022): preconditioning, training noise levels, loss, and a one-level sampler.
+"""EDM diffusion (Karras et al. 2022): preconditioning, training noise levels, loss, and the sampler.
 
 All pyramid levels of a sample share one noise level by default (``independent_levels`` draws one per
 level). The loss is the EDM-weighted squared error, averaged over pixels within a level, then over levels.
@@ -46,13 +46,15 @@ class EDM:
     def __init__(self, cfg: DiffusionConfig):
         self.cfg = cfg
 
+    def precondition(self, sigma):
+        """(c_skip, c_out, c_in) of EDM for a float or a tensor of noise levels."""
+        sd = self.cfg.sigma_data
+        norm = (sigma ** 2 + sd ** 2) ** 0.5
+        return sd ** 2 / norm ** 2, sigma * sd / norm, 1 / norm
+
     def denoise(self, net, x: torch.Tensor, sigma: torch.Tensor, boxes: torch.Tensor, cond: Condition) -> torch.Tensor:
         """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise). x [B,L,...], sigma [B,L]."""
-        sd = self.cfg.sigma_data
-        s = sigma.view(*sigma.shape, 1, 1, 1, 1).to(torch.float32)
-        c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-        c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (s ** 2 + sd ** 2).sqrt()
+        c_skip, c_out, c_in = self.precondition(sigma.view(*sigma.shape, 1, 1, 1, 1).to(torch.float32))
         f = net((c_in * x).to(x.dtype), sigma.log() / 4, boxes, cond.labels, cond.text, cond.text_mask)
         return c_skip * x + c_out * f.to(torch.float32)
 
@@ -80,39 +82,24 @@ class EDM:
         t = (c.sigma_max ** inv + i / max(steps - 1, 1) * (c.sigma_min ** inv - c.sigma_max ** inv)) ** c.rho
         return torch.cat([t, torch.zeros(1, dtype=torch.float64)]).to(device)
 
-    def guided(self, net, x, sigma, boxes, cond: Condition, guidance: float) -> torch.Tensor:
-        """Denoised estimate with classifier-free guidance (one batched call for both branches)."""
-        if guidance == 1.0:
-            return self.denoise(net, x, sigma, boxes, cond)
-        both = self.denoise(net, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([boxes, boxes]),
-                            cond.cat(cond.unconditional()))
-        c, u = both.chunk(2)
-        return u + guidance * (c - u)
+    def solve(self, denoise, x: torch.Tensor, steps: int, churn: float, order: int, noise, on_step=None) -> torch.Tensor:
+        """EDM sampler (Karras et al., Algorithm 2) from unit noise ``x`` to sigma 0.
 
-    @torch.no_grad()
-    def sample(self, net, shape: tuple[int, ...], boxes: torch.Tensor, cond: Condition, steps: int | None = None,
-               guidance: float | None = None, s_churn: float | None = None, second_order: bool = True,
-               generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """EDM sampler (Algorithm 2 of Karras et al.) for one level: shape [B,1,3,t,h,w]; returns x at sigma 0."""
-        c = self.cfg
-        steps = steps or c.steps
-        guidance = c.guidance if guidance is None else guidance
-        s_churn = c.s_churn if s_churn is None else s_churn
-        sig = self.sigma_steps(steps)
-        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(device) * sig[0]
-        B = shape[0]
-        gamma = min(s_churn / steps, math.sqrt(2) - 1)
+        ``denoise(x, sigma)`` is the (guided) denoised estimate, ``noise(shape)`` draws fresh unit noise for the
+        churn; ``order`` 2 adds Heun's correction. Works in the dtype of ``x`` (float64 for sampling)."""
+        sig = self.sigma_steps(steps).tolist()
+        x = x * sig[0]
+        gamma = min(churn / steps, math.sqrt(2) - 1) if churn > 0 else 0.0
         for i in range(steps):
             s_cur, s_next = sig[i], sig[i + 1]
-            s_hat = s_cur * (1 + gamma) if s_churn > 0 else s_cur
+            s_hat = s_cur * (1 + gamma)
             if s_hat > s_cur:
-                x = x + (s_hat ** 2 - s_cur ** 2).sqrt() * torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
-            sig_b = torch.full((B, shape[1]), float(s_hat), device=device)
-            d = (x - self.guided(net, x.float(), sig_b, boxes, cond, guidance).double()) / s_hat
+                x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * noise(x.shape[1:])
+            d = (x - denoise(x, s_hat)) / s_hat
             x_next = x + (s_next - s_hat) * d
-            if second_order and s_next > 0:
-                sig_n = torch.full((B, shape[1]), float(s_next), device=device)
-                d2 = (x_next - self.guided(net, x_next.float(), sig_n, boxes, cond, guidance).double()) / s_next
-                x_next = x + (s_next - s_hat) * (d + d2) / 2
+            if order == 2 and s_next > 0:
+                x_next = x + (s_next - s_hat) * (d + (x_next - denoise(x_next, s_next)) / s_next) / 2
             x = x_next
-        return x.float()
+            if on_step is not None:
+                on_step()
+        return x

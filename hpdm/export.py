@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -29,10 +30,8 @@ def _checkpoint_folder(path: Path) -> Path:
 
 
 def _run_config(ckpt: Path) -> Config:
-    for candidate in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml"):
-        if candidate.is_file():
-            return from_dict(Config, yaml.safe_load(candidate.read_text()))
-    raise FileNotFoundError(f"no config.yaml for checkpoint {ckpt}")
+    """The config the checkpoint was trained with (saved in its state.json)."""
+    return from_dict(Config, json.loads((ckpt / "state.json").read_text())["config"])
 
 
 def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:

@@ -42,8 +42,11 @@ class Metrics:
         if mode != "disabled":
             import wandb  # noqa: PLC0415
 
+            id_file = run_dir / "wandb_run_id"  # a resumed job continues the same wandb run
+            if not id_file.is_file():
+                id_file.write_text(wandb.util.generate_id())
             self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
-                                  resume="allow")
+                                  id=id_file.read_text().strip(), resume="allow")
 
     def log(self, values: dict, samples: int) -> None:
         if self.rank != 0:

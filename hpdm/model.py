@@ -21,14 +21,14 @@ from kernels import context_fusion
 
 
 class FourierEmbedding(nn.Module):
-    """Sinusoidal features of a scalar (the EDM noise conditioning ``ln(sigma) / 4``)."""
+    """Sinusoidal features of a scalar (the EDM noise conditioning ``ln(sigma) / 4``, about -2 to 2)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(dim // 2) / (dim // 2)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = x[:, None].float() * self.freqs * 1000
+        a = x[:, None].float() * self.freqs
         return torch.cat([a.cos(), a.sin()], dim=-1)
 
 

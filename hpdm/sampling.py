@@ -183,10 +183,6 @@ class TiledSampler:
     def _noise(self, gens: list[torch.Generator], shape) -> torch.Tensor:
         return torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in gens]).to(self.device)
 
-    def _precond(self, sigma: float):
-        sd = self.cfg.diffusion.sigma_data
-        return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / math.sqrt(sigma ** 2 + sd ** 2), 1 / math.sqrt(sigma ** 2 + sd ** 2)
-
     def _guide(self, d: torch.Tensor, n: int) -> torch.Tensor:
         return d if self.guidance == 1.0 else d[n:] + self.guidance * (d[:n] - d[n:])
 
@@ -199,7 +195,7 @@ class TiledSampler:
 
     def _denoise_level0(self, x: torch.Tensor, sigma: float, cond: Condition, st: LevelStats) -> torch.Tensor:
         V = x.shape[0]
-        c_skip, c_out, c_in = self._precond(sigma)
+        c_skip, c_out, c_in = self.edm.precondition(sigma)
         xin = self._double(x[:, None])
         n = xin.shape[0]
         boxes = boxes_from_offsets(torch.zeros(n, 1, 3, dtype=torch.int64), self.m.patch).to(self.device)
@@ -219,9 +215,9 @@ class TiledSampler:
         """Blended denoised estimate of the level canvas x [V,3,T,H,W] (float64)."""
         geo, (pt, ph, pw) = self.geometry[level], self.m.patch
         V, n_tiles = x.shape[0], len(geo.offsets)
-        c_skip, c_out, c_in = self._precond(sigma)
+        c_skip, c_out, c_in = self.edm.precondition(sigma)
         s_coarse = sigma if self.opts.coarse == "renoise" else self.cfg.diffusion.sigma_min
-        _, _, c_in_c = self._precond(s_coarse)
+        _, _, c_in_c = self.edm.precondition(s_coarse)
         acc = torch.zeros_like(x)
         window = geo.window.to(self.device)
         rows = [(v, i) for v in range(V) for i in range(n_tiles)]
@@ -264,23 +260,8 @@ class TiledSampler:
         return acc / geo.weight_sum.to(self.device)
 
     def _solve(self, denoise, x: torch.Tensor, steps: int, churn: float, order: int, gens, bar) -> torch.Tensor:
-        """EDM (Karras et al. Algorithm 2) from x at sigma_max to sigma 0 with a given denoiser."""
-        sig = self.edm.sigma_steps(steps).tolist()
-        x = x * sig[0]
-        gamma = min(churn / steps, math.sqrt(2) - 1) if churn > 0 else 0.0
-        for i in range(steps):
-            s_cur, s_next = sig[i], sig[i + 1]
-            s_hat = s_cur * (1 + gamma)
-            if s_hat > s_cur:
-                x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * self._noise(gens, x.shape[1:])
-            d = (x - denoise(x, s_hat)) / s_hat
-            x_next = x + (s_next - s_hat) * d
-            if order == 2 and s_next > 0:
-                x_next = x + (s_next - s_hat) * (d + (x_next - denoise(x_next, s_next)) / s_next) / 2
-            x = x_next
-            if bar is not None:
-                bar.update(1)
-        return x
+        return self.edm.solve(denoise, x, steps, churn, order, lambda shape: self._noise(gens, shape),
+                              on_step=None if bar is None else (lambda: bar.update(1)))
 
     @torch.no_grad()
     def sample(self, cond: Condition, seeds: list[int], progress: bool = False) -> tuple[list[torch.Tensor], list[LevelStats]]:

@@ -27,6 +27,7 @@ from hpdm.metrics import Metrics, memory_gib, peak_flops
 from hpdm.model import HPDM
 from hpdm.optim import build_optimizer, lr_factor
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
+from hpdm.sampling import TiledSampler
 from hpdm.video_io import to_uint8, write_mp4
 from kernels import gather_pyramid
 
@@ -64,14 +65,12 @@ def _cond(cfg: Config, batch: dict, device) -> Condition:
     return Condition()
 
 
-def sample_video(net, edm: EDM, cfg: Config, label: int, path: Path, seed: int, device) -> Path:
-    """Draw level 0 (the whole video at the coarsest resolution) and write it as mp4."""
-    g = torch.Generator().manual_seed(seed)
-    boxes = boxes_from_offsets(torch.zeros(1, 1, 3, dtype=torch.int64), cfg.model.patch).to(device)
-    cond = Condition(labels=torch.tensor([label], device=device)) if cfg.model.cond == "class" else Condition()
-    x = edm.sample(net, (1, 1, 3, *cfg.model.patch), boxes, cond, generator=g, device=device)
+def sample_video(net, cfg: Config, path: Path, seed: int, device) -> Path:
+    """Draw one full-resolution video (class 0 where class-conditioned) by tiled sampling and write it as mp4."""
+    cond = Condition(labels=torch.zeros(1, dtype=torch.long, device=device)) if cfg.model.cond == "class" else Condition()
+    levels, _ = TiledSampler(net, cfg, device=device).sample(cond, seeds=[seed])
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(path, to_uint8(x[0, 0]))
+    write_mp4(path, to_uint8(levels[-1][0]))
     return path
 
 
@@ -216,7 +215,7 @@ def train(cfg: Config) -> dict:
     if t.sample_at_end and rank == 0 and not preempted:
         net = HPDM(m).to(device).eval()
         ema.copy_to(net)
-        path = sample_video(net, edm, cfg, label=0, path=run_dir / "samples" / f"step_{step:08d}.mp4", seed=t.seed, device=device)
+        path = sample_video(net, cfg, run_dir / "samples" / f"step_{step:08d}.mp4", seed=t.seed, device=device)
         log.info("sample written to %s", path)
     dist.barrier()
     return {"step": step, "samples": samples, "rank": rank, "preempted": preempted, **last}

@@ -56,13 +56,22 @@ def test_condition_dropout_rate():
     assert not text.text_mask.any()
 
 
-@pytest.mark.parametrize("second_order,churn", [(True, 0.0), (False, 0.0), (True, 40.0)])
-def test_sampler_recovers_single_point_dataset(second_order, churn):
+@pytest.mark.parametrize("order,churn", [(2, 0.0), (1, 0.0), (2, 40.0)])
+def test_sampler_recovers_single_point_dataset(order, churn):
     edm = EDM(DiffusionConfig())
-    x0 = torch.rand(1, 1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    out = edm.sample(_oracle(edm, x0), x0.shape, torch.zeros(1, 1, 6), Condition(), steps=12, second_order=second_order,
-                     s_churn=churn, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(1, 1, 3, 4, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    calls = []
+
+    def denoise(x, sigma):
+        calls.append(sigma)
+        return edm.denoise(_oracle(edm, x0), x, torch.full((1, 1), sigma), torch.zeros(1, 1, 6), Condition()).double()
+
+    x = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    out = edm.solve(denoise, x, steps=12, churn=churn, order=order, noise=lambda shape: torch.randn(shape, generator=g, dtype=torch.float64))
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
+    assert len(calls) == (2 * 12 - 1 if order == 2 else 12)
+    assert calls[0] >= 80.0 and min(calls) >= 0.002
 
 
 def test_tiny_model_overfits_one_clip_within_a_minute():

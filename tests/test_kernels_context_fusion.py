@@ -101,3 +101,30 @@ def test_full_size_on_gpu(levels):
     for f, r in zip(fused, ref):
         torch.testing.assert_close(f.float(), r.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-5)
     assert torch.equal(fused[2], _run("fused", x, ctx, box, cboxes, grad)[2])
+
+
+def test_reference_geometry_on_a_linear_ramp():
+    """Coarse tokens holding their own centre coordinates must resample to the fine tokens' centres (trilinear
+    interpolation is exact on linear functions), clamped to the span of the coarse centres (border padding),
+    and averaged over the coarser levels."""
+    from hpdm.pyramid import boxes_from_offsets, sample_offsets
+    from kernels.context_fusion import context_fusion_reference
+
+    patch, grid = (4, 8, 8), (2, 4, 4)  # 2x2x2 pixel tokens
+    offsets = sample_offsets(6, 3, patch, torch.Generator().manual_seed(3))
+    boxes = boxes_from_offsets(offsets, patch).double()
+
+    def centres(box):  # [B, t, h, w, 3] token centres in normalised video coordinates
+        axes = [box[:, d:d + 1] + (torch.arange(n, dtype=torch.float64) + 0.5) / n * (box[:, d + 3:d + 4] - box[:, d:d + 1])
+                for d, n in enumerate(grid)]
+        return torch.stack(torch.broadcast_tensors(axes[0][:, :, None, None], axes[1][:, None, :, None],
+                                                   axes[2][:, None, None, :]), dim=-1)
+
+    for level in (1, 2):
+        ctx = torch.stack([centres(boxes[:, k]) for k in range(level)], dim=1)  # [B, K, t, h, w, 3]
+        out = context_fusion_reference(torch.zeros(6, *grid, 3, dtype=torch.float64), ctx, boxes[:, level], boxes[:, :level])
+        fine = centres(boxes[:, level])
+        expected = torch.stack([torch.maximum(torch.minimum(fine, c.amax(dim=(1, 2, 3), keepdim=True)),
+                                              c.amin(dim=(1, 2, 3), keepdim=True)) for c in ctx.unbind(1)]).mean(0)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        assert not torch.allclose(out, centres(boxes[:, level - 1]))  # the boxes do matter

@@ -40,7 +40,7 @@ def test_train_checkpoint_sample_and_resume(tmp_path):
     assert "tokenize.weight" in ema and len(ema) > 50
     with av.open(str(run / "samples" / "step_00000006.mp4")) as f:
         frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
-    assert len(frames) == 8 and frames[0].shape == (32, 32, 3)  # level 0 of the tiny config: 8x32x32
+    assert len(frames) == 32 and frames[0].shape == (128, 128, 3)  # the tiny config's full resolution
     assert list(run.glob("wandb/offline-run-*")), "no offline wandb run was written"
     assert "done: step 6, 24 clips" in out
 
