@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import uuid
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ class Metrics:
 
             id_file = run_dir / "wandb_run_id"  # a resumed job continues the same wandb run
             if not id_file.is_file():
-                id_file.write_text(wandb.util.generate_id())
+                id_file.write_text(uuid.uuid4().hex[:12])
             self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
                                   id=id_file.read_text().strip(), resume="allow")
 
