@@ -48,6 +48,11 @@ def from_folder(src: str) -> tuple[list[Item], list[str]]:
     classes = sorted({r.split(os.sep)[0] for r in rels}) if labelled else []
     lookup = {c: i for i, c in enumerate(classes)}
     items = [Item(sample_key(r), os.path.join(src, r), lookup[r.split(os.sep)[0]] if labelled else -1) for r in rels]
+    keys: dict[str, str] = {}
+    for item, rel in zip(items, rels):
+        if item.key in keys:  # e.g. a.avi and a.mp4: one tar record would silently mix them
+            raise SourceError(f"{src}: {keys[item.key]!r} and {rel!r} map to the same sample key {item.key!r}; rename one")
+        keys[item.key] = rel
     return items, classes
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -93,7 +94,7 @@ class Storage:
     # -- errors and retries -------------------------------------------------------------------------------
     def explain(self, exc: BaseException, url: str, action: str) -> StorageError:
         """Turn a low-level exception into a StorageError naming the URL and the likely fix."""
-        where = f"{action} {url}"
+        where = f"{action} {re.sub(r'//[^/@]*@', '//', url)}"  # never show user:password@ of a URL
         name = type(exc).__name__
         text = str(exc)
         if name in ("NoCredentialsError", "PartialCredentialsError"):

@@ -156,3 +156,11 @@ def test_shards_are_readable_by_webdataset(tiny_shards):
         meta = json.loads(s["json"])
         with av.open(io.BytesIO(s["mp4"])) as c:
             assert c.streams.video[0].codec_context.width == meta["width"]
+
+
+def test_folder_videos_with_the_same_key_are_refused(tmp_path):
+    """a.avi and a.mp4 would become one tar record; make-shards must stop and name both files."""
+    for name in ("a.avi", "a.mp4"):
+        (tmp_path / name).write_bytes(b"not decoded here")
+    with pytest.raises(SourceError, match="a.avi.*a.mp4"):
+        load_sources(str(tmp_path))
