@@ -34,6 +34,15 @@ class Condition:
             mask = mask & ~drop[:, None]
         return Condition(labels, self.text, mask)
 
+    def rows(self, idx, device=None) -> "Condition":
+        """The samples ``idx`` (a list or index tensor) of this condition, optionally moved to ``device``."""
+        def pick(a):
+            if a is None:
+                return None
+            a = a[torch.as_tensor(idx, device=a.device)]
+            return a if device is None else a.to(device)
+        return Condition(pick(self.labels), pick(self.text), pick(self.text_mask))
+
     def unconditional(self) -> "Condition":
         return self.dropped(1.0)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch.distributed as dist
 
 from hpdm import fvd
-from hpdm.generate import conditions, default_device, rank_world, select, share, video_seed
+from hpdm.generate import conditions, default_device, rank_world, share, video_seed
 from hpdm.sampling import SampleOptions, TiledSampler
 from hpdm.video_io import to_uint8
 
@@ -38,7 +38,7 @@ def generated_clips(generator: str, n: int, frames: int, seed: int, opts: Sample
         mine = share(n, rank, world)
         for start in range(0, len(mine), batch):
             ids = mine[start:start + batch]
-            c = select(cond, ids, device)
+            c = cond.rows(ids, device)
             levels, _ = sampler.sample(c, [video_seed(seed, i) for i in ids])
             for i, x in zip(ids, levels[-1]):
                 yield i, to_uint8(x[:, :frames])

@@ -78,11 +78,6 @@ def conditions(cond_kind: str, num_classes: int, n: int, seed: int, label: int |
     return Condition()
 
 
-def select(cond: Condition, ids: list[int], device) -> Condition:
-    """The rows ``ids`` of a condition, on ``device``."""
-    return Condition(*(None if a is None else a[ids].to(device) for a in (cond.labels, cond.text, cond.text_mask)))
-
-
 def write_png(path: str | Path, img: np.ndarray) -> None:
     """Minimal RGB PNG writer (no imaging library needed): uint8 [H,W,3]."""
     h, w, _ = img.shape
@@ -119,7 +114,7 @@ def generate(generator: str, out: str | Path, num: int = 4, label: int | None = 
     files, frames, stats = [], [], None
     for start in range(0, len(mine), batch):
         ids = mine[start:start + batch]
-        c = select(cond, ids, device)
+        c = cond.rows(ids, device)
         levels, st = sampler.sample(c, [video_seed(seed, i) for i in ids], progress=progress and rank == 0)
         stats = st if stats is None else [a.add(b) for a, b in zip(stats, st)]
         for i, x in zip(ids, levels[-1]):

@@ -97,11 +97,6 @@ def blend_window(patch: tuple[int, int, int], floor: float) -> torch.Tensor:
     return ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
 
 
-def take(cond: Condition, idx: torch.Tensor) -> Condition:
-    pick = lambda a: None if a is None else a[idx.to(a.device)]  # noqa: E731
-    return Condition(pick(cond.labels), pick(cond.text), pick(cond.text_mask))
-
-
 @dataclass
 class LevelStats:
     level: int
@@ -187,7 +182,7 @@ class TiledSampler:
         return d if self.guidance == 1.0 else d[n:] + self.guidance * (d[:n] - d[n:])
 
     def _rows(self, cond: Condition, vids: torch.Tensor) -> Condition:
-        c = take(cond, vids)
+        c = cond.rows(vids)
         return c if self.guidance == 1.0 else c.cat(c.unconditional())
 
     def _double(self, x: torch.Tensor) -> torch.Tensor:
