@@ -20,7 +20,7 @@ from .config import DataConfig
 from .decode import ClipSpec
 from .shardlist import resolve_shards
 from .storage import Storage
-from .stream import ShardStream, add_stats, check_skips, new_stats
+from .stream import ShardStream, add_stats, check_skips, fresh_cursor, new_stats
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -149,8 +149,7 @@ class VideoLoader:
             if st:
                 totals = add_stats(totals, st["stats"])
         self._base = totals
-        self._states = [{"cursor": {"epoch": epoch, "pos": 0, "offset": 0, "index": 0, "buffer": [], "draws": 0,
-                                    "good": 0}, "stats": new_stats()} for _ in range(self.workers)]
+        self._states = [{"cursor": fresh_cursor(epoch), "stats": new_stats()} for _ in range(self.workers)]
 
 
 def build_loader(cfg: DataConfig, *, frames: int, size: tuple[int, int], batch_size: int, rank: int = 0,

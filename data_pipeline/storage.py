@@ -156,13 +156,12 @@ class Storage:
 
     def put_file(self, local: str, url: str) -> None:
         """Move a finished local file to ``url`` (rename locally, upload to S3: both atomic for readers)."""
-        fs, path = self._fs_path(url)
-        if fs is None:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            shutil.move(local, path)
+        if is_s3(url):
+            self.upload(local, url)
+            os.remove(local)
             return
-        self.retry(lambda: fs.put_file(local, path), url, "uploading")
-        os.remove(local)
+        os.makedirs(os.path.dirname(url) or ".", exist_ok=True)
+        shutil.move(local, url)
 
     def upload(self, local: str, url: str) -> None:
         """Copy a local file to ``url`` (local paths too), keeping the local file."""
