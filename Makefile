@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` trains the tiny model on synthetic videos, `make test` runs the tests.
+# Two commands on a fresh machine: `make demo` trains a tiny model on synthetic videos, `make test` runs the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
@@ -23,10 +23,11 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: venv
-	$(VENV)/bin/hpdm train --config configs/tiny.yaml
+	$(VENV)/bin/hpdm train --config configs/tiny_1level.yaml
+	$(VENV)/bin/hpdm eval-synthetic runs/tiny_1level -n 16 --batch 16
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-demo:
-	rm -rf runs/tiny data/synthetic
+	rm -rf runs/tiny_1level data/synthetic16

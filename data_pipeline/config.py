@@ -13,7 +13,7 @@ class DataConfig:
     shuffle_buffer: int = 256
     frame_stride: int = 1  # take every n-th frame (after fps resampling)
     fps: float = 0.0  # resample clips to this frame rate; 0 keeps the native rate
-    flip: bool = True  # random horizontal flip in training
+    flip: bool = True  # random horizontal flip in training (must be off for the synthetic set: see validate)
     max_skip_fraction: float = 0.05  # stop the job when more of the samples seen so far were bad
     endpoint_url: str = ""  # S3-compatible endpoint; empty: AWS_ENDPOINT_URL or AWS itself
     skip_check_after: int = 50  # samples a rank (or a worker) must have seen before max_skip_fraction applies
@@ -39,6 +39,9 @@ class DataConfig:
                 raise ConfigError(f"data.{key}", "must be >= 0")
         if self.fps < 0 or self.io_backoff < 0:
             raise ConfigError("data.fps" if self.fps < 0 else "data.io_backoff", "must be >= 0")
+        if self.synthetic and self.flip:
+            raise ConfigError("data.flip", "must be false with data.synthetic: a horizontal flip turns a shape moving "
+                                           "left into one moving right while its class label stays")
         if not self.shards:
             raise ConfigError("data.shards", "must name a folder, an s3:// prefix or a brace pattern of .tar shards")
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):

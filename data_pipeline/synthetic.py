@@ -36,6 +36,15 @@ def class_name(label: int) -> str:
     return f"{colour} {shape} moving {d}"
 
 
+def shape_mask(shape: str, ox: np.ndarray, oy: np.ndarray, r: float) -> np.ndarray:
+    """Pixels of a ``shape`` of half-size ``r`` at offsets (ox, oy) from its centre (triangles point up)."""
+    if shape == "square":
+        return (np.abs(ox) <= r) & (np.abs(oy) <= r)
+    if shape == "circle":
+        return ox**2 + oy**2 <= r * r
+    return (oy <= r) & (oy >= -r) & (np.abs(ox) <= (oy + r) / 2)
+
+
 def render(label: int, frames: int, height: int, width: int, seed: int) -> np.ndarray:
     """uint8 [frames, height, width, 3] of clip ``seed`` in class ``label``."""
     rng = np.random.default_rng(seed)
@@ -53,14 +62,8 @@ def render(label: int, frames: int, height: int, width: int, seed: int) -> np.nd
         cx, cy = (cx0 + dx * speed * t) % width, (cy0 + dy * speed * t) % height
         ox = (xx - cx + width / 2) % width - width / 2  # wrap around the edges
         oy = (yy - cy + height / 2) % height - height / 2
-        if shape == "square":
-            mask = (np.abs(ox) <= r) & (np.abs(oy) <= r)
-        elif shape == "circle":
-            mask = ox**2 + oy**2 <= r * r
-        else:
-            mask = (oy <= r) & (oy >= -r) & (np.abs(ox) <= (oy + r) / 2)
         out[t] = base
-        out[t][mask] = COLOURS[colour]
+        out[t][shape_mask(shape, ox, oy, r)] = COLOURS[colour]
     return out
 
 
@@ -68,7 +71,8 @@ def write_clip(args) -> dict:
     i, label, frames, h, w, folder = args
     name = f"clip{i:06d}.mp4"
     with open(os.path.join(folder, name), "wb") as f:
-        f.write(encode(render(label, frames, h, w, seed=i), FPS))
+        # Full colour resolution: with 4:2:0 a small red circle and a red square decode alike (issue 10).
+        f.write(encode(render(label, frames, h, w, seed=i), FPS, pix_fmt="yuv444p"))
     return {"path": name, "label": label, "caption": f"a {class_name(label)}"}
 
 

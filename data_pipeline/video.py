@@ -48,12 +48,13 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
-def encode(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 20) -> bytes:
-    """Encode uint8 [T,H,W,3] (H, W even) as an mp4 in memory."""
+def encode(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 20, pix_fmt: str = "yuv420p") -> bytes:
+    """Encode uint8 [T,H,W,3] (H, W even) as an mp4 in memory. ``yuv444p`` keeps full colour resolution (4:2:0
+    halves it, which blurs small coloured shapes into one another)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         s.codec_context.thread_count = 1
         if codec == "libx264":
             s.options = {"crf": str(crf), "preset": "veryfast"}

@@ -3,7 +3,8 @@
 Layout under ``run_dir/checkpoints`` (mirrored to ``train.checkpoint_uri`` when that is an ``s3://`` prefix):
 
     step_00001000/   DeepSpeed's files (each rank writes its own shard), rank_00000.safetensors per rank
-                     (RNG state; data-loader position in its metadata), ema.safetensors, state.json
+                     (RNG state; data-loader position in its metadata), ema.safetensors, raw.safetensors (the
+                     consolidated raw weights, for sampling and export at any ZeRO stage), state.json
     latest           the name of the newest complete checkpoint
 
 A checkpoint is complete once ``state.json`` exists, which rank 0 writes after every rank has finished its
@@ -33,9 +34,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data_pipeline.storage import Storage, join
+from hpdm.ema import full_parameters
 
 log = logging.getLogger(__name__)
 UNIVERSAL_MARK = "universal"  # file in a checkpoint folder converted by `hpdm convert-checkpoint`
+RAW_FILE = "raw.safetensors"
 _OWN_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank_(\d+)\.")  # files that rank N writes
 
 
@@ -124,6 +127,9 @@ class Checkpointer:
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
                                client_state={UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
         save_file({"rng": rng}, str(path / f"rank_{rank:05d}.safetensors"), metadata={"loader": json.dumps(loader_state)})
+        with full_parameters(engine.module):  # collective under ZeRO-3
+            if rank == 0:
+                save_file({n: p.detach().contiguous() for n, p in engine.module.named_parameters()}, str(path / RAW_FILE))
         if rank == 0:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(path / "ema.safetensors"))
         self._upload(path, rank)
@@ -204,7 +210,9 @@ def convert_to_universal(src: str | Path) -> Path:
                     "--output_folder", str(tmp)], check=True)
     for f in ckpt.glob("rank_*.safetensors"):
         shutil.copy2(f, tmp / f.name)
-    shutil.copy2(ckpt / "ema.safetensors", tmp / "ema.safetensors")
+    for name in ("ema.safetensors", RAW_FILE):
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, tmp / name)
     (tmp / UNIVERSAL_MARK).write_text(f"converted from {ckpt.name}\n")
     shutil.copy2(ckpt / "state.json", tmp / "state.json")
     shutil.rmtree(out, ignore_errors=True)

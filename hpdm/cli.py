@@ -1,4 +1,5 @@
-"""The ``hpdm`` command: train, info, export, convert-checkpoint, sample, eval-fvd, make-shards, doctor, bench-kernels."""
+"""The ``hpdm`` command: train, info, export, convert-checkpoint, sample, eval-fvd, eval-synthetic, make-shards, doctor,
+bench-kernels."""
 from __future__ import annotations
 
 import argparse
@@ -112,6 +113,25 @@ def cmd_eval_fvd(args) -> int:
     return 0
 
 
+def cmd_eval_synthetic(args) -> int:
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from hpdm.synthetic_eval import evaluate_generator, report_table  # noqa: PLC0415
+
+    if args.num < 1:
+        print("hpdm eval-synthetic: error: -n must be >= 1", file=sys.stderr)
+        return 2
+    result = evaluate_generator(args.generator, args.num, _sample_options(args), seed=args.seed, batch=args.batch,
+                                raw=args.raw)
+    print(report_table(result))
+    print(f"class_correct: {result['class_correct']:.3f} over {result['videos']} videos")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_convert(args) -> int:
     from hpdm.checkpoint import convert_to_universal  # noqa: PLC0415
 
@@ -167,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the result JSON here")
     _add_sampler_args(p)
     p.set_defaults(func=cmd_eval_fvd)
+    p = sub.add_parser("eval-synthetic", help="sample a model of the synthetic moving-shapes set and measure its shapes")
+    p.add_argument("generator", help="exported .safetensors, checkpoint folder or run folder")
+    p.add_argument("-n", "--num", type=int, default=16, help="videos to sample (classes in turn)")
+    p.add_argument("--raw", action="store_true", help="use the raw instead of the EMA weights")
+    p.add_argument("--out", default=None, help="also write the result JSON here")
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_eval_synthetic, batch=4)
     p = sub.add_parser("convert-checkpoint", help="make a checkpoint resumable at another number of processes")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
     p.set_defaults(func=cmd_convert)

@@ -42,7 +42,8 @@ class ModelConfig:
     levels_per_block: tuple[int, ...] = (1, 1, 2, 2, 3, 3)  # adaptive computation: levels each block processes
     head_dim: int = 64
     mlp_ratio: float = 4.0  # latent MLPs
-    data_mlp_ratio: float = 9.0  # data-token MLP of the write layer (4 latent layers and 9 put S/M/L within 5 % of the paper)
+    token_conv: int = 3  # kernel of the depthwise convolution over the token grid in every block (0: none)
+    data_mlp_ratio: float = 8.0  # data-token MLP of the write layer (4 latent layers and 8 put S/M/L within 7 % of the paper)
     cond: str = "class"  # class | text | none
     num_classes: int = 101
     text_dim: int = 4096  # width of the supplied text embeddings (T5-11B: 4096)
@@ -75,6 +76,8 @@ class ModelConfig:
             raise ConfigError("model.levels_per_block", f"must be non-decreasing from >= 1 to model.levels ({self.levels}); got {list(lpb)}")
         if self.latent_dim % self.head_dim or self.token_dim % self.head_dim:
             raise ConfigError("model.head_dim", "must divide model.latent_dim and model.token_dim")
+        if self.token_conv < 0 or self.token_conv % 2 == 0 and self.token_conv:
+            raise ConfigError("model.token_conv", f"must be 0 (none) or an odd kernel size; got {self.token_conv}")
         _choice("model.cond", self.cond, ("class", "text", "none"))
         _choice("model.context_fusion", self.context_fusion, ("deep", "shallow", "none"))
         _choice("model.kernels", self.kernels, ("auto", "reference", "fused"))
@@ -124,7 +127,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     checkpoint_uri: str = ""  # s3://bucket/prefix: every checkpoint is also uploaded there, and resumed from there
     profile_steps: tuple[int, int] = (0, 0)  # [start, end): trace these steps with torch.profiler (Perfetto JSON)
-    sample_at_end: bool = True
+    sample_at_end: bool = True  # a full-resolution video and a sample grid from the EMA when training ends
+    sample_every: int = 0  # every N steps a grid of samples (and the synthetic measure) from the EMA; 0: never
+    sample_videos: int = 4  # videos per sample grid (classes in turn)
     wandb_project: str = "hpdm"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed keys merged over the generated config
     init_from: str = ""  # a lower-resolution generator (exported file, checkpoint or run) to start from (hpdm/finetune.py)
@@ -147,6 +152,10 @@ class TrainConfig:
             # taken over a whole shard (and change with the number of processes).
             raise ConfigError("train.optimizer", f"lamb needs train.zero_stage=0 (got {self.zero_stage}): its per-layer "
                                                  "trust ratio is wrong on ZeRO's flat partitions; use adamw with ZeRO")
+        if self.sample_every < 0:
+            raise ConfigError("train.sample_every", "must be >= 0")
+        if self.sample_videos < 1:
+            raise ConfigError("train.sample_videos", "must be >= 1")
         if self.keep_checkpoints < 1:
             raise ConfigError("train.keep_checkpoints", "must be >= 1")
         if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):

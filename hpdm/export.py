@@ -13,7 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hpdm.checkpoint import Checkpointer, allow_deepspeed_globals, is_complete
+from hpdm.checkpoint import RAW_FILE, Checkpointer, allow_deepspeed_globals, is_complete
 from hpdm.config import Config, from_dict
 from hpdm.model import HPDM
 
@@ -34,18 +34,28 @@ def _run_config(ckpt: Path) -> Config:
     return from_dict(Config, json.loads((ckpt / "state.json").read_text())["config"])
 
 
+def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The raw (non-EMA) weights of a checkpoint folder: ``raw.safetensors``, or, in checkpoints written before
+    it existed, the module state that DeepSpeed keeps whole below ZeRO-3."""
+    if (ckpt / RAW_FILE).is_file():
+        return load_file(str(ckpt / RAW_FILE))
+    model_states = ckpt / "mp_rank_00_model_states.pt"
+    if model_states.is_file():
+        allow_deepspeed_globals()
+        module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
+        if module is not None:
+            return module
+    raise FileNotFoundError(f"{ckpt} holds no raw weights: it has no {RAW_FILE} (older hpdm) and its DeepSpeed model "
+                            "state is partitioned (ZeRO-3)")
+
+
 def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
     """Write the EMA weights of a checkpoint (or a run's latest) and its config to ``out`` (safetensors)."""
     ckpt = _checkpoint_folder(Path(src))
     cfg = _run_config(ckpt)
     tensors = load_file(str(ckpt / "ema.safetensors"))
     if raw:
-        model_states = ckpt / "mp_rank_00_model_states.pt"
-        if not model_states.is_file():
-            raise FileNotFoundError(f"{model_states} is missing: raw weights of ZeRO-3 runs need `hpdm convert-checkpoint` first")
-        allow_deepspeed_globals()
-        module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
-        tensors.update({RAW_PREFIX + k: v for k, v in module.items()})
+        tensors.update({RAW_PREFIX + k: v for k, v in _raw_weights(ckpt).items()})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out),
@@ -63,15 +73,16 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
             raise ValueError(f"{path} carries no config metadata: was it written by `hpdm export`?")
         cfg = from_dict(Config, yaml.safe_load(meta["config"]))
         tensors = load_file(str(path))
+        if raw:
+            tensors = {k[len(RAW_PREFIX):]: v for k, v in tensors.items() if k.startswith(RAW_PREFIX)}
+            if not tensors:
+                raise ValueError(f"{path} holds no raw weights (export with --raw)")
+        else:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(RAW_PREFIX)}
     else:
         ckpt = _checkpoint_folder(path)
-        cfg, tensors = _run_config(ckpt), load_file(str(ckpt / "ema.safetensors"))
-    if raw:
-        tensors = {k[len(RAW_PREFIX):]: v for k, v in tensors.items() if k.startswith(RAW_PREFIX)}
-        if not tensors:
-            raise ValueError(f"{path} holds no raw weights (export with --raw)")
-    else:
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(RAW_PREFIX)}
+        cfg = _run_config(ckpt)
+        tensors = _raw_weights(ckpt) if raw else load_file(str(ckpt / "ema.safetensors"))
     model = HPDM(cfg.model)
     model.load_state_dict(tensors)
     return cfg, model.to(device).eval()

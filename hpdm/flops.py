@@ -26,7 +26,8 @@ def block_flops(cfg: ModelConfig) -> int:
     read = _layer(M, N, Z, D, Z, int(Z * cfg.mlp_ratio))
     latent = _layer(M, M, Z, Z, Z, int(Z * cfg.mlp_ratio))
     write = _layer(N, M, D, Z, D, int(D * cfg.data_mlp_ratio))
-    return read + cfg.latent_layers * latent + write
+    conv = 2 * N * D * (cfg.token_conv ** 3 + D) if cfg.token_conv else 0  # depthwise taps + projection
+    return conv + read + cfg.latent_layers * latent + write
 
 
 def forward_flops_per_level(cfg: ModelConfig) -> list[int]:

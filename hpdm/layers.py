@@ -1,8 +1,9 @@
-"""Transformer pieces of the RIN backbone: attention, MLP, adaLN modulation, and the three layer kinds.
+"""Transformer pieces of the RIN backbone: attention, MLP, adaLN modulation, and the layer kinds.
 
 A *read* layer lets latents attend to data tokens, a *latent* layer is self-attention among latents, and a
 *write* layer lets data tokens attend to latents. Every layer's residual branches are modulated (shift,
-scale, gate; zero-initialised gate) by the per-sample conditioning vector.
+scale, gate; zero-initialised gate) by the per-sample conditioning vector. A *token convolution* mixes each
+data token with its neighbours in space and time.
 """
 from __future__ import annotations
 
@@ -39,18 +40,20 @@ class Mlp(nn.Sequential):
 
 
 class Modulation(nn.Module):
-    """adaLN: (shift, scale, gate) per residual branch from the conditioning vector; zero-initialised."""
+    """adaLN: (shift, scale, gate) per residual branch from the conditioning vector (without the gate when not
+    ``gated``); zero-initialised. ``c`` [B,Z] gives [B,1,dim] pieces; ``c`` [...,Z] gives [...,dim]."""
 
-    def __init__(self, cond_dim: int, dim: int, branches: int):
+    def __init__(self, cond_dim: int, dim: int, branches: int, gated: bool = True):
         super().__init__()
-        self.branches = branches
-        self.proj = nn.Linear(cond_dim, 3 * branches * dim)
+        self.branches, self.pieces = branches, 3 if gated else 2
+        self.proj = nn.Linear(cond_dim, self.pieces * branches * dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, c: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        chunks = self.proj(c)[:, None].chunk(3 * self.branches, dim=-1)
-        return [chunks[3 * i:3 * i + 3] for i in range(self.branches)]
+        out = self.proj(c)
+        chunks = (out[:, None] if c.dim() == 2 else out).chunk(self.pieces * self.branches, dim=-1)
+        return [chunks[self.pieces * i:self.pieces * (i + 1)] for i in range(self.branches)]
 
 
 def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -78,3 +81,26 @@ class ResidualLayer(nn.Module):
         h = _modulate(self.norm1, x, s1, g1)
         x = x + a1 * self.attn(h, self.ctx_norm(ctx) if self.cross else h)
         return x + a2 * self.mlp(_modulate(self.norm2, x, s2, g2))
+
+
+class TokenConv(nn.Module):
+    """``x += gate * proj(gelu(depthwise_conv3d(mod(norm(x)))))`` over the token grid, adaLN-Zero like the others.
+
+    Data tokens otherwise meet only through the latents, so neighbouring tokens decide their pixels on their own
+    and a shape comes out as specks, each token's own guess; this local path lets them agree. Its modulation lets
+    the condition steer it: a class that names a direction of motion selects the matching shift in time."""
+
+    def __init__(self, dim: int, grid: tuple[int, int, int], kernel: int, cond_dim: int):
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.conv = nn.Conv3d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mod = Modulation(cond_dim, dim, branches=1)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        (shift, scale, gate), = self.mod(c)
+        B, N, D = x.shape
+        y = _modulate(self.norm, x, shift, scale).transpose(1, 2).reshape(B, D, *self.grid)
+        y = self.conv(y).reshape(B, D, N).transpose(1, 2)
+        return x + gate * self.proj(nn.functional.gelu(y, approximate="tanh"))

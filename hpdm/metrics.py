@@ -57,6 +57,13 @@ class Metrics:
         if self.run is not None:
             self.run.log(values, step=samples)
 
+    def image(self, key: str, path: Path, samples: int) -> None:
+        """An image file (a sample grid) to wandb; the file itself stays in the run folder."""
+        if self.rank == 0 and self.run is not None:
+            import wandb  # noqa: PLC0415
+
+            self.run.log({key: wandb.Image(str(path))}, step=samples)
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from hpdm.config import ModelConfig
-from hpdm.layers import ResidualLayer
+from hpdm.layers import Modulation, ResidualLayer, TokenConv
 from kernels import context_fusion
 
 
@@ -71,11 +71,13 @@ class Conditioning(nn.Module):
 
 
 class Block(nn.Module):
-    """One RIN block: read (latents <- data), ``latent_layers`` self-attention layers, write (data <- latents)."""
+    """One RIN block: a token convolution (``model.token_conv``), read (latents <- data), ``latent_layers``
+    self-attention layers, write (data <- latents)."""
 
     def __init__(self, cfg: ModelConfig, fuses: bool):
         super().__init__()
         D, Z, hd, r = cfg.token_dim, cfg.latent_dim, cfg.head_dim, cfg.mlp_ratio
+        self.conv = TokenConv(D, cfg.token_grid, cfg.token_conv, Z) if cfg.token_conv else None
         self.read = ResidualLayer(Z, D, Z, hd, r, Z)
         self.latent = nn.ModuleList(ResidualLayer(Z, None, Z, hd, r, Z) for _ in range(cfg.latent_layers))
         self.write = ResidualLayer(D, Z, D, hd, cfg.data_mlp_ratio, Z)
@@ -86,6 +88,8 @@ class Block(nn.Module):
             nn.init.zeros_(self.fuse.bias)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.conv is not None:
+            x = self.conv(x, c)
         z = self.read(z, c, x)
         for layer in self.latent:
             z = layer(z, c)
@@ -108,7 +112,10 @@ class HPDM(nn.Module):
         self.cond = Conditioning(cfg)
         fusing = cfg.context_fusion != "none"
         self.blocks = nn.ModuleList(Block(cfg, fuses=fusing and n > 1) for n in cfg.levels_per_block)
-        self.out_norm = nn.LayerNorm(D)
+        # Output layer modulated by the conditioning (DiT's final adaLN): the noise level sets the output's scale,
+        # which a plain LayerNorm would fix for every noise level alike.
+        self.out_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.out_mod = Modulation(cfg.latent_dim, D, branches=1, gated=False)
         self.detokenize = nn.Linear(D, pixels)
         nn.init.zeros_(self.detokenize.weight)
         nn.init.zeros_(self.detokenize.bias)
@@ -139,9 +146,10 @@ class HPDM(nn.Module):
                            pt=pt, ph=ph, pw=pw)
         return list((self.tokenize(tokens) + self.pos).unbind(0))
 
-    def _detokenize(self, h: torch.Tensor) -> torch.Tensor:
-        """[B,L,N,D] tokens -> [B,L,3,t,h,w] pixels."""
-        out = self.detokenize(self.out_norm(h))
+    def _detokenize(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """[B,L,N,D] tokens, conditioning [B,L,Z] -> [B,L,3,t,h,w] pixels."""
+        (shift, scale), = self.out_mod(cond.unsqueeze(2))
+        out = self.detokenize(self.out_norm(h) * (1 + scale) + shift)
         (t, hh, w), (pt, ph, pw) = self.grid, self.cfg.patchify
         return rearrange(out, "b l (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
 
@@ -163,7 +171,7 @@ class HPDM(nn.Module):
         z = [self.latents.expand(B, -1, -1)] * L
         for b in range(len(self.blocks)):
             h, z = self._run_block(b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], L))
-        return self._detokenize(torch.stack(h, dim=1))
+        return self._detokenize(torch.stack(h, dim=1), cond)
 
     # ---- tiled sampling: coarse activations computed once per parent region and reused by every tile inside it ----
     def fuses_into(self, b: int, level: int) -> bool:
@@ -208,4 +216,4 @@ class HPDM(nn.Module):
                 h = context_fusion(h.view(B, t, hh, w, -1), context[b], boxes[:, K], boxes[:, :K],
                                    impl=self.cfg.kernels).view(B, t * hh * w, -1)
             h, z = block(h, z, cond)
-        return self._detokenize(h[:, None])
+        return self._detokenize(h[:, None], cond[:, None])

@@ -27,7 +27,7 @@ from hpdm.metrics import Metrics, memory_gib, peak_flops
 from hpdm.model import HPDM
 from hpdm.optim import build_optimizer, lr_factor
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
-from hpdm.sampling import TiledSampler
+from hpdm.monitor import plot_progress, sample_and_measure
 from hpdm.video_io import to_uint8, write_mp4
 from kernels import gather_pyramid
 
@@ -65,13 +65,25 @@ def _cond(cfg: Config, batch: dict, device) -> Condition:
     return Condition()
 
 
-def sample_video(net, cfg: Config, path: Path, seed: int, device) -> Path:
-    """Draw one full-resolution video (class 0 where class-conditioned) by tiled sampling and write it as mp4."""
-    cond = Condition(labels=torch.zeros(1, dtype=torch.long, device=device)) if cfg.model.cond == "class" else Condition()
-    levels, _ = TiledSampler(net, cfg, device=device).sample(cond, seeds=[seed])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(path, to_uint8(levels[-1][0]))
-    return path
+def _samples(ema: EMA, cfg: Config, step: int, run_dir: Path, metrics: Metrics, samples: int,
+             device, video: bool = False) -> None:
+    """Rank 0: sample the EMA weights (grid PNG, synthetic measure, progress plot; the first video as mp4 when
+    ``video``); the other ranks wait at a barrier."""
+    if dist.get_rank() == 0:
+        t0 = time.perf_counter()
+        net = HPDM(cfg.model).to(device).eval()
+        ema.copy_to(net)
+        values, grid, levels = sample_and_measure(net, cfg, step, run_dir, device)
+        metrics.log({**values, "step": step, "time/sampling_s": time.perf_counter() - t0}, samples)
+        metrics.image("samples", grid, samples)
+        plot_progress(run_dir)
+        shown = ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in values.items() if not k.startswith("synthetic/coarse"))
+        log.info("samples at step %d: %s%s", step, grid, f" ({shown})" if shown else "")
+        if video:
+            path = run_dir / "samples" / f"step_{step:08d}.mp4"
+            write_mp4(path, to_uint8(levels[-1][0]))
+            log.info("sample written to %s", path)
+    dist.barrier()
 
 
 class _Profiler:
@@ -173,49 +185,49 @@ def train(cfg: Config) -> dict:
     batches = iter(loader)
     bar = tqdm(total=t.steps * t.batch_size, initial=samples, unit="clip", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
-    preempted = False
+    preempted, first_step = False, step
     try:
-        while step < t.steps:
+        try:
+            while step < t.steps:
+                profiler.at(step)
+                timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+                t0 = time.perf_counter()
+                level_losses, times = _step(engine, edm, cfg, batches, gen, micro, accum, device, sync=timed)
+                step += 1
+                samples += t.batch_size
+                ema.update(engine.module, t.batch_size, samples)
+                bar.update(t.batch_size)
+                if timed:
+                    dt = time.perf_counter() - t0
+                    if world > 1:
+                        dist.all_reduce(level_losses)
+                        level_losses /= world
+                    level_losses = level_losses.cpu()
+                    grad_norm = engine.get_global_grad_norm()
+                    last = {"loss": level_losses.mean().item(), **{f"loss/level{l}": v.item() for l, v in enumerate(level_losses)},
+                            "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                            "samples_per_s": t.batch_size / dt, "time/step_s": dt, **times,
+                            "tflops_per_gpu": flops * t.batch_size / dt / world / 1e12, **memory_gib(device), "step": step}
+                    if peak:
+                        last["mfu"] = flops * t.batch_size / dt / world / peak
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", clips_s=f"{last['samples_per_s']:.1f}")
+                    metrics.log(last, samples)
+                if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+                    _samples(ema, cfg, step, run_dir, metrics, samples, device)
+                preempted = preemption.requested(device)
+                if step % t.save_every == 0 or step == t.steps or preempted:
+                    ckpt.save(engine, ema, step, samples, loader.state_dict(), gen.get_state(), cfg.to_dict())
+                if preempted:
+                    if rank == 0:
+                        log.warning("preempted (signal %s): checkpoint at step %d written, exiting", preemption.signal, step)
+                    break
             profiler.at(step)
-            timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
-            t0 = time.perf_counter()
-            level_losses, times = _step(engine, edm, cfg, batches, gen, micro, accum, device, sync=timed)
-            step += 1
-            samples += t.batch_size
-            ema.update(engine.module, t.batch_size, samples)
-            bar.update(t.batch_size)
-            if timed:
-                dt = time.perf_counter() - t0
-                if world > 1:
-                    dist.all_reduce(level_losses)
-                    level_losses /= world
-                level_losses = level_losses.cpu()
-                grad_norm = engine.get_global_grad_norm()
-                last = {"loss": level_losses.mean().item(), **{f"loss/level{l}": v.item() for l, v in enumerate(level_losses)},
-                        "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "samples_per_s": t.batch_size / dt, "time/step_s": dt, **times,
-                        "tflops_per_gpu": flops * t.batch_size / dt / world / 1e12, **memory_gib(device), "step": step}
-                if peak:
-                    last["mfu"] = flops * t.batch_size / dt / world / peak
-                bar.set_postfix(loss=f"{last['loss']:.4f}", clips_s=f"{last['samples_per_s']:.1f}")
-                metrics.log(last, samples)
-            preempted = preemption.requested(device)
-            if step % t.save_every == 0 or step == t.steps or preempted:
-                ckpt.save(engine, ema, step, samples, loader.state_dict(), gen.get_state(), cfg.to_dict())
-            if preempted:
-                if rank == 0:
-                    log.warning("preempted (signal %s): checkpoint at step %d written, exiting", preemption.signal, step)
-                break
-        profiler.at(step)
+        finally:
+            batches.close()  # shut the data-loader workers down, also when the step raised
+            bar.close()
+        if t.sample_at_end and not preempted and step > first_step:  # a finished run that is rerun samples nothing
+            _samples(ema, cfg, step, run_dir, metrics, samples, device, video=True)
     finally:
-        batches.close()  # shut the data-loader workers down, also when the step raised
-        bar.close()
         metrics.close()
-
-    if t.sample_at_end and rank == 0 and not preempted:
-        net = HPDM(m).to(device).eval()
-        ema.copy_to(net)
-        path = sample_video(net, cfg, run_dir / "samples" / f"step_{step:08d}.mp4", seed=t.seed, device=device)
-        log.info("sample written to %s", path)
     dist.barrier()
     return {"step": step, "samples": samples, "rank": rank, "preempted": preempted, **last}

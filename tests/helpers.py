@@ -1,5 +1,9 @@
-"""Small shared pieces for tests: a tiny model config and weight randomisation."""
+"""Small shared pieces for tests: a tiny model config, weight randomisation, running the ``hpdm`` command."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -21,3 +25,11 @@ def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def run_hpdm(*args: str, timeout: float = 600) -> str:
+    """Run the ``hpdm`` command (wandb off) as a user would; asserts that it succeeds and returns its output."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr

@@ -15,6 +15,7 @@ def test_data_keys_load_and_validate():
     ("data.prefetch=0", "data.prefetch"),
     ("data.endpoint_url=127.0.0.1:9000", "data.endpoint_url"),
     ("data.shuffle_buffer=-2", "data.shuffle_buffer"),
+    ("data.synthetic=true", "data.flip"),  # flip is on by default; the synthetic set's classes name a direction
 ])
 def test_bad_data_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -31,7 +31,7 @@ def test_shards_written_to_and_streamed_back_from_s3(s3_server, monkeypatch, tin
 def test_synthetic_dataset_on_s3_with_endpoint_from_config(s3_server, monkeypatch):
     s3_server.env(monkeypatch)
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    cfg = DataConfig(shards=f"s3://{s3_server.bucket}/syn", synthetic=True, synthetic_videos=4, num_workers=0,
+    cfg = DataConfig(shards=f"s3://{s3_server.bucket}/syn", synthetic=True, flip=False, synthetic_videos=4, num_workers=0,
                      endpoint_url=s3_server.endpoint)
     index = prepare_dataset(cfg, (4, 16, 16), num_classes=2)
     assert index["num_samples"] == 4

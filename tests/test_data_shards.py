@@ -126,7 +126,7 @@ def test_cli_make_shards(tiny_manifest, tmp_path, capsys):
 
 
 def test_synthetic_dataset_goes_through_make_shards(tmp_path):
-    cfg = DataConfig(shards=str(tmp_path / "syn"), synthetic=True, synthetic_videos=10, num_workers=1, frame_stride=2)
+    cfg = DataConfig(shards=str(tmp_path / "syn"), synthetic=True, flip=False, synthetic_videos=10, num_workers=1, frame_stride=2)
     index = prepare_dataset(cfg, (6, 24, 32), num_classes=6)
     assert index["num_samples"] == 10 and index["format"] == "hpdm-shards/1"
     assert index["class_names"][:2] == ["red square moving left", "red square moving right"]

@@ -34,7 +34,9 @@ def test_new_levels_keep_the_old_level0_output(tmp_path):
     c, labels = torch.randn(2, 3, generator=g), torch.tensor([2, -1])
     with torch.no_grad():
         out = new(x, c, boxes, labels)
-        assert torch.equal(out[:, :1], old(x[:, :1], c[:, :1], boxes[:, :1], labels))
+        # The 3-level model batches the levels together, so the CPU's matmul blocking may change the last bits:
+        # equal up to float32 rounding, not bit for bit.
+        torch.testing.assert_close(out[:, :1], old(x[:, :1], c[:, :1], boxes[:, :1], labels), rtol=1e-5, atol=1e-6)
         assert torch.isfinite(out).all()
 
 

@@ -27,7 +27,7 @@ def test_shapes_and_dtypes(dtype):
     out = model(x, c, boxes, labels)
     assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out.float()).all()
     # a prefix of the pyramid (level 0 alone, as when sampling level 0) gives the same level-0 output
-    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-2)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=3e-2)  # bf16: a few ulps of ~1
     torch.testing.assert_close(model(x[:, :1], c[:, :1], boxes[:, :1], labels), out[:, :1], **tol)
 
 

@@ -33,8 +33,10 @@ def test_train_checkpoint_sample_and_resume(tmp_path):
     assert state["step"] == 6 and state["samples"] == 24 and state["config"]["train"]["steps"] == 6
     with safe_open(str(ckpts / "step_00000006" / "rank_00000.safetensors"), framework="pt") as f:
         assert "epoch" in json.loads(f.metadata()["loader"])
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "synthetic/one_shape" in r] == [6]  # the measure of the samples at the end
     assert all(r["loss"] > 0 and r["time/step_s"] > 0 and "loss/level2" in r for r in logged)
     ema = load_file(str(ckpts / "step_00000006" / "ema.safetensors"))
     assert "tokenize.weight" in ema and len(ema) > 50
