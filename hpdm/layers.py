@@ -41,7 +41,7 @@ class Mlp(nn.Sequential):
 
 class Modulation(nn.Module):
     """adaLN: (shift, scale, gate) per residual branch from the conditioning vector (without the gate when not
-    ``gated``); zero-initialised. ``c`` [B,Z] gives [B,1,dim] pieces; ``c`` [...,Z] gives [...,dim]."""
+    ``gated``); zero-initialised. ``c`` [...,Z] gives [...,1,dim] pieces, which broadcast over the tokens."""
 
     def __init__(self, cond_dim: int, dim: int, branches: int, gated: bool = True):
         super().__init__()
@@ -51,8 +51,7 @@ class Modulation(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, c: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        out = self.proj(c)
-        chunks = (out[:, None] if c.dim() == 2 else out).chunk(self.pieces * self.branches, dim=-1)
+        chunks = self.proj(c).unsqueeze(-2).chunk(self.pieces * self.branches, dim=-1)
         return [chunks[self.pieces * i:self.pieces * (i + 1)] for i in range(self.branches)]
 
 

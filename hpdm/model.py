@@ -148,7 +148,7 @@ class HPDM(nn.Module):
 
     def _detokenize(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """[B,L,N,D] tokens, conditioning [B,L,Z] -> [B,L,3,t,h,w] pixels."""
-        (shift, scale), = self.out_mod(cond.unsqueeze(2))
+        (shift, scale), = self.out_mod(cond)
         out = self.detokenize(self.out_norm(h) * (1 + scale) + shift)
         (t, hh, w), (pt, ph, pw) = self.grid, self.cfg.patchify
         return rearrange(out, "b l (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)

@@ -17,13 +17,20 @@ from hpdm.sampling import SampleOptions, TiledSampler
 from hpdm.video_io import to_uint8
 
 
-def sample_levels(net, cfg: Config, videos: int, seed: int, device) -> tuple[list[torch.Tensor], list[int | None]]:
-    """``videos`` samples (classes in turn where class-conditioned): every level's canvas [V,3,T,H,W] and the labels."""
+def sample_levels(net, cfg: Config, videos: int, seed: int, device, opts: SampleOptions | None = None,
+                  batch: int = 0, progress: bool = False) -> tuple[list[torch.Tensor], list[int | None]]:
+    """``videos`` samples (classes in turn where class-conditioned), ``batch`` at a time (0: all at once): every
+    level's canvas [V,3,T,H,W] on the CPU, and the labels. Video i depends only on ``seed``, i and its label."""
     m = cfg.model
     labels = [i % m.num_classes if m.cond == "class" else None for i in range(videos)]
-    cond = Condition(labels=torch.tensor(labels, device=device)) if m.cond == "class" else Condition()
-    levels, _ = TiledSampler(net, cfg, SampleOptions(), device=device).sample(cond, [video_seed(seed, i) for i in range(videos)])
-    return [x.cpu() for x in levels], labels
+    sampler = TiledSampler(net, cfg, opts or SampleOptions(), device=device)
+    chunks = []
+    for start in range(0, videos, batch or videos):
+        ids = range(start, min(videos, start + (batch or videos)))
+        cond = Condition(labels=torch.tensor([labels[i] for i in ids], device=device)) if m.cond == "class" else Condition()
+        levels, _ = sampler.sample(cond, [video_seed(seed, i) for i in ids], progress=progress)
+        chunks.append([x.cpu() for x in levels])
+    return [torch.cat(parts) for parts in zip(*chunks)], labels
 
 
 def level_grid(levels: list[torch.Tensor], columns: int = 8, min_side: int = 64) -> np.ndarray:

@@ -178,25 +178,17 @@ def evaluate_generator(generator: str, num: int, opts, seed: int = 0, batch: int
                        progress: bool = True) -> dict:
     """Sample ``num`` videos from a generator (classes in turn; unconditional models judged by consistency) and
     measure every level."""
-    from hpdm.diffusion import Condition  # noqa: PLC0415
     from hpdm.export import load_generator  # noqa: PLC0415
-    from hpdm.generate import default_device, video_seed  # noqa: PLC0415
-    from hpdm.sampling import TiledSampler  # noqa: PLC0415
+    from hpdm.generate import default_device  # noqa: PLC0415
+    from hpdm.monitor import sample_levels  # noqa: PLC0415
 
     device = default_device()
     cfg, net = load_generator(generator, raw=raw, device=device)
     if cfg.model.cond == "text":
         raise ValueError(f"{generator} is text-conditioned; the synthetic measure takes class-conditional or "
                          "unconditional models")
-    labels = [i % cfg.model.num_classes if cfg.model.cond == "class" else None for i in range(num)]
-    sampler = TiledSampler(net, cfg, opts, device=device)
-    chunks: list[list[torch.Tensor]] = []
-    for start in range(0, num, batch):
-        ids = list(range(start, min(num, start + batch)))
-        cond = Condition(labels=torch.tensor([labels[i] for i in ids], device=device)) if cfg.model.cond == "class" else Condition()
-        levels, _ = sampler.sample(cond, [video_seed(seed, i) for i in ids], progress=progress)
-        chunks.append([x.cpu() for x in levels])
-    return level_reports([torch.cat(parts) for parts in zip(*chunks)], labels)
+    levels, labels = sample_levels(net, cfg, num, seed, device, opts, batch, progress)
+    return level_reports(levels, labels)
 
 
 def report_table(result: dict) -> str:
