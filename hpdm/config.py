@@ -14,9 +14,10 @@ from pathlib import Path
 import yaml
 
 from data_pipeline.config import DataConfig
+from hpdm.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config key or value; the message starts with the dotted key."""
 
     def __init__(self, key: str, message: str):

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# No test leaves 127.0.0.1: without credentials botocore would otherwise ask the cloud instance-metadata address.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 if not torch.cuda.is_available():
     # Triton kernels run through its interpreter on CPU; this must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
