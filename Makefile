@@ -17,14 +17,22 @@ $(VENV)/.installed: setup.py
 	if nvidia-smi -L >/dev/null 2>&1 || [ -z "$(TORCH_CPU_INDEX)" ]; then \
 		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	else \
-		$(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
+		$(PY) -m pip install -q --retries 1 --timeout 15 torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX) || { \
+		echo "cannot install torch from $(TORCH_CPU_INDEX); trying pip's own index"; \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION); }; \
 	fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+DEMO := runs/tiny_1level
+
 demo: venv
 	$(VENV)/bin/hpdm train --config configs/tiny_1level.yaml
-	$(VENV)/bin/hpdm eval-synthetic runs/tiny_1level -n 16 --batch 16
+	@$(MAKE) --no-print-directory $(DEMO)/eval-synthetic.json
+
+# measured again only when training wrote a newer checkpoint
+$(DEMO)/eval-synthetic.json: $(DEMO)/checkpoints/latest
+	$(VENV)/bin/hpdm eval-synthetic $(DEMO) -n 16 --batch 16 --out $@
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -20,10 +20,10 @@ import torch
 from hpdm.checkpoint import Checkpointer
 from hpdm.config import load_config
 from hpdm.distributed import init_distributed
+from hpdm.ds_config import deepspeed_config
 from hpdm.ema import EMA
 from hpdm.model import HPDM
 from hpdm.optim import build_optimizer
-from hpdm.trainer import deepspeed_config
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="hpdm-ckpt-"))
     ckpt = Checkpointer(root)
     t0 = time.perf_counter()
-    path = ckpt.save(engine, ema, 1, 1, {"version": 1}, torch.Generator().get_state(), cfg.to_dict())
+    path = ckpt.save(engine, ema, 1, 1, {"version": 1}, torch.Generator().get_state(), {"config": cfg.to_dict()})
     save_s = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in path.iterdir())
     t0 = time.perf_counter()

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from .shards_write import make_shards
-from .sources import SourceError
 from .storage import Storage, StorageError
+from .stream import DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,14 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the shards; user errors (DataError, StorageError) propagate to the caller, which prints them."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        index = make_shards(args.src, args.dest, shard_size_mb=args.shard_size_mb, workers=args.workers,
-                            reencode=args.reencode, max_side=args.max_side, storage=Storage(args.endpoint_url),
-                            progress=not args.no_progress)
-    except (SourceError, StorageError, ValueError) as exc:
-        print(f"make-shards: error: {exc}")
-        return 2
+    index = make_shards(args.src, args.dest, shard_size_mb=args.shard_size_mb, workers=args.workers,
+                        reencode=args.reencode, max_side=args.max_side, storage=Storage(args.endpoint_url),
+                        progress=not args.no_progress)
     print(f"make-shards: {index['num_samples']} videos in {len(index['shards'])} shards at {args.dest}"
           f" ({len(index['class_names'])} classes, {len(index['skipped'])} unreadable videos left out)")
     return 0
@@ -41,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpdm make-shards", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except (DataError, StorageError) as exc:  # bad sources, a destination with other files, storage
+        print(f"hpdm make-shards: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

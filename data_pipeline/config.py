@@ -23,22 +23,15 @@ class DataConfig:
     io_backoff: float = 0.5  # seconds before the first retry; doubles each time
 
     def validate(self) -> None:
-        from hpdm.config import ConfigError  # noqa: PLC0415 (the data package does not depend on hpdm at import)
+        # the data package does not depend on hpdm at import
+        from hpdm.config import ConfigError, check_range  # noqa: PLC0415
 
-        if self.num_workers < 0:
-            raise ConfigError("data.num_workers", "must be >= 0")
-        if self.frame_stride < 1:
-            raise ConfigError("data.frame_stride", "must be >= 1")
+        for key in ("synthetic_videos", "frame_stride", "prefetch", "decode_threads"):
+            check_range(f"data.{key}", getattr(self, key), 1)
+        for key in ("num_workers", "shuffle_buffer", "skip_check_after", "io_retries", "fps", "io_backoff"):
+            check_range(f"data.{key}", getattr(self, key), 0)
         if not 0.0 <= self.max_skip_fraction <= 1.0:
-            raise ConfigError("data.max_skip_fraction", "must be in [0, 1]")
-        for key in ("synthetic_videos", "prefetch", "decode_threads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}", "must be >= 1")
-        for key in ("shuffle_buffer", "skip_check_after", "io_retries"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"data.{key}", "must be >= 0")
-        if self.fps < 0 or self.io_backoff < 0:
-            raise ConfigError("data.fps" if self.fps < 0 else "data.io_backoff", "must be >= 0")
+            raise ConfigError("data.max_skip_fraction", f"must be in [0, 1]; got {self.max_skip_fraction}")
         if self.synthetic and self.flip:
             raise ConfigError("data.flip", "must be false with data.synthetic: a horizontal flip turns a shape moving "
                                            "left into one moving right while its class label stays")

@@ -7,28 +7,42 @@ import json
 from braceexpand import braceexpand
 
 from .shards_write import INDEX
-from .storage import Storage, StorageError, join
+from .storage import Storage, StorageError, join, summary
+from .stream import DataError
+
+
+def is_pattern(spec: str) -> bool:
+    """``spec`` names shard files (a brace pattern or one ``.tar``), not a folder or prefix."""
+    return "{" in spec or spec.endswith(".tar")
 
 
 def load_index(storage: Storage, spec: str) -> dict | None:
     """The index under ``spec``, or None if it has none."""
-    if "{" in spec or spec.endswith(".tar"):
+    if is_pattern(spec):
         return None
     url = join(spec, INDEX)
     if not storage.exists(url):
         return None
-    return json.loads(storage.read_bytes(url))
+    try:
+        index = json.loads(storage.read_bytes(url))
+    except ValueError as exc:
+        raise DataError(f"{url}: not a valid index ({exc}); rewrite it with `hpdm make-shards`") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise DataError(f"{url}: not a shard index (no list of shards); rewrite it with `hpdm make-shards`")
+    return index
 
 
 def resolve_shards(storage: Storage, spec: str) -> tuple[list[str], list[int | None]]:
     """Shard URLs in a fixed order, and their sample counts where an index says them."""
-    if "{" in spec or spec.endswith(".tar"):
+    if is_pattern(spec):
         urls = list(braceexpand(spec))
         return urls, [None] * len(urls)
     index = load_index(storage, spec)
     if index is not None:
-        return [join(spec, s["name"]) for s in index["shards"]], [s["samples"] for s in index["shards"]]
-    urls = storage.list(spec, ".tar")
+        return [join(spec, s["name"]) for s in index["shards"]], [s.get("samples") for s in index["shards"]]
+    found = storage.contents(spec)
+    urls = [u for u in found if u.endswith(".tar")]
     if not urls:
-        raise StorageError(f"{spec}: no index.json and no .tar shards; write some with `hpdm make-shards`")
+        what = f"found {summary(found)}" if found else "nothing is there"
+        raise StorageError(f"{spec}: no index.json and no .tar shards ({what}); write some with `hpdm make-shards`")
     return urls, [None] * len(urls)

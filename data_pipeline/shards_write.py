@@ -1,9 +1,13 @@
 """``make-shards``: pack videos into tar shards of a target size, locally or on S3, resumably.
 
 The plan (which video goes to which shard) is fixed up front from the sorted source list and the source file
-sizes, so shards can be written in parallel and a rerun knows what is done: each finished shard leaves a
-``shard-NNNNNN.meta.json`` beside it (written after the tar), and a rerun skips every shard whose sidecar
-lists the same videos with the same options. ``index.json`` is written last.
+sizes, so shards can be written in parallel and a rerun knows what is done: each shard has a
+``shard-NNNNNN.meta.json`` beside it, written before the tar (marked "writing") and again after it, and a rerun
+skips every finished shard whose sidecar lists the same videos with the same options. ``index.json`` is
+written last.
+
+make-shards writes only where it finds nothing or its own work (these names, a sidecar for every tar): any
+other file at the destination stops it before it writes anything, so it never overwrites data it did not make.
 
 Videos are stored as their original bytes under their real extension (``.mp4``, ``.avi``, ...), since PyAV
 decodes them all; ``reencode`` ("non-mp4" or "all") or ``max_side`` turns them into H.264 ``.mp4``.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 import multiprocessing as mp
@@ -21,12 +26,18 @@ from tqdm import tqdm
 
 from .sources import Item, load_sources
 from .storage import Storage, join
+from .stream import DataError
 from .tario import TarWriter
 from .video import VideoError, probe, reencode
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
 FORMAT = "hpdm-shards/1"
+# What make-shards leaves at a destination: shards, sidecars, the index, and leftovers of interrupted writes
+# (Storage.write_bytes's temporary files, local scratch folders, the S3 write probe).
+OWN = re.compile(r"shard-\d{6}\.tar|shard-\d{6}\.meta\.json|index\.json|(shard-\d{6}\.meta|index)\.json\.tmp\d+"
+                 r"|\.hpdm-tmp-.+|\.hpdm-write-check")
+ONLY_OWN = "write to an empty folder or prefix (make-shards only resumes its own shards there)"
 
 
 def plan_shards(items: list[Item], shard_bytes: int) -> list[list[Item]]:
@@ -66,12 +77,16 @@ def _sample(it: Item, options: dict, classes: list[str]) -> dict[str, bytes]:
 def write_shard(storage: Storage, dest: str, i: int, items: list[Item], options: dict, classes: list[str], tmpdir: str) -> dict:
     """Write shard ``i`` and its sidecar; return the sidecar. Unreadable videos are skipped and listed."""
     name = shard_name(i)
+    side_url = join(dest, name.replace(".tar", ".meta.json"))
+    side = {"name": name, "keys": [it.key for it in items], "options": options, "state": "writing"}
+    storage.write_bytes(side_url, json.dumps(side).encode())  # so a tar at dest always has a sidecar
     local = os.path.join(tmpdir, name)
     writer = TarWriter(local)
-    skipped = []
+    skipped, labels = [], [-1]
     for it in items:
         try:
             writer.write(it.key, _sample(it, options, classes))
+            labels.append(it.label)
         except (OSError, VideoError) as exc:
             log.warning("make-shards: skipping %s: %s", it.path, exc)
             skipped.append({"path": it.path, "reason": str(exc)})
@@ -80,39 +95,70 @@ def write_shard(storage: Storage, dest: str, i: int, items: list[Item], options:
         storage.put_file(local, join(dest, name))
     else:
         os.remove(local)
-    side = {"name": name, "samples": writer.samples, "bytes": size if writer.samples else 0,
-            "keys": [it.key for it in items], "options": options, "skipped": skipped}
-    storage.write_bytes(join(dest, name.replace(".tar", ".meta.json")), json.dumps(side).encode())
+    side.update(state="done", samples=writer.samples, bytes=size if writer.samples else 0, skipped=skipped,
+                max_label=max(labels))
+    storage.write_bytes(side_url, json.dumps(side).encode())
     return side
 
 
-def _done(storage: Storage, dest: str, i: int, items: list[Item], options: dict) -> dict | None:
-    url = join(dest, shard_name(i).replace(".tar", ".meta.json"))
-    if not storage.exists(url):
-        return None
+def _sidecar(storage: Storage, url: str) -> dict:
+    name = url.rsplit("/", 1)[-1]
     try:
         side = json.loads(storage.read_bytes(url))
     except ValueError:
-        return None
-    ok = side.get("keys") == [it.key for it in items] and side.get("options") == options
-    return side if ok else None
+        side = None
+    if not (isinstance(side, dict) and side.get("name") == name.replace(".meta.json", ".tar")
+            and isinstance(side.get("keys"), list)):
+        raise DataError(f"{url}: not a sidecar written by make-shards; {ONLY_OWN}")
+    return side
+
+
+def existing_work(storage: Storage, dest: str) -> dict[str, dict]:
+    """The sidecars of the make-shards work at DEST, by shard name. Raises a DataError naming the first thing
+    there that make-shards did not write: another file, a tar without its sidecar, another kind of index."""
+    found = storage.contents(dest)
+    names = {u.rstrip("/").rsplit("/", 1)[-1]: u for u in found}
+    for name, url in names.items():
+        if not OWN.fullmatch(name):
+            raise DataError(f"{url}: make-shards did not write this, and will not write beside it; {ONLY_OWN}")
+        if name.endswith(".tar") and name.replace(".tar", ".meta.json") not in names:
+            raise DataError(f"{url}: a shard without its sidecar {name.replace('.tar', '.meta.json')}, so not "
+                            f"written by make-shards; {ONLY_OWN}")
+    if INDEX in names:
+        try:
+            index = json.loads(storage.read_bytes(names[INDEX]))
+        except ValueError:
+            index = None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise DataError(f"{names[INDEX]}: not an index written by make-shards ({FORMAT}); {ONLY_OWN}")
+    return {n.replace(".meta.json", ".tar"): _sidecar(storage, u) for n, u in names.items() if n.endswith(".meta.json")}
+
+
+def _done(sides: dict[str, dict], i: int, items: list[Item], options: dict) -> dict | None:
+    side = sides.get(shard_name(i))
+    same = side and side["keys"] == [it.key for it in items] and side.get("options") == options
+    return side if same and side.get("state") != "writing" else None
 
 
 def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: int = 1, reencode: str = "none",
                 max_side: int = 0, storage: Storage | None = None, progress: bool = True,
-                class_names: list[str] | None = None) -> dict:
-    """Write SRC's videos to shards under DEST and return the index (also written as DEST/index.json)."""
+                class_names: list[str] | None = None, origin: str = "") -> dict:
+    """Write SRC's videos to shards under DEST and return the index (also written as DEST/index.json).
+
+    ``origin`` (e.g. the synthetic set's parameters) is recorded with the options in every sidecar and the index.
+    """
     if reencode not in ("none", "non-mp4", "all"):
         raise ValueError(f"reencode: must be none, non-mp4 or all; got {reencode!r}")
     storage = storage or Storage()
     items, classes = load_sources(src)
     classes = list(class_names) if class_names else classes
+    existing = existing_work(storage, dest)
     storage.check_writable(dest)
-    options = {"reencode": reencode, "max_side": int(max_side)}
+    options = {"reencode": reencode, "max_side": int(max_side)} | ({"origin": origin} if origin else {})
     groups = plan_shards(items, int(shard_size_mb * (1 << 20)))
     sides: dict[int, dict] = {}
     for i, g in enumerate(groups):
-        side = _done(storage, dest, i, g, options)
+        side = _done(existing, i, g, options)
         if side is not None:
             sides[i] = side
     todo = [i for i in range(len(groups)) if i not in sides]
@@ -144,6 +190,8 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
         "skipped": [s for i in range(len(groups)) for s in sides[i]["skipped"]],
         "options": options,
     }
+    if all("max_label" in s for s in sides.values()):  # sidecars of older versions do not say
+        index["max_label"] = max((s["max_label"] for s in sides.values()), default=-1)
     storage.write_bytes(join(dest, INDEX), json.dumps(index, indent=1).encode())
     if index["skipped"]:
         log.warning("make-shards: %d videos could not be read and were left out (listed in index.json)", len(index["skipped"]))

@@ -5,8 +5,10 @@ Folder: every video file below SRC. When all of them sit exactly one folder deep
 are unlabelled.
 
 Manifest (``.jsonl`` or ``.csv``): one video per row with ``path`` (relative to the manifest's folder or
-absolute) and optionally ``caption`` and ``label``. Labels are integers, or class names that are sorted and
-numbered; integer labels take their names from ``classes.txt`` beside the manifest if there is one.
+absolute) and optionally ``caption`` and ``label``. Labels are integers (-1 or empty: none), or class names that
+are sorted and numbered, never both in one manifest; integer labels take their names from ``classes.txt`` beside
+the manifest if there is one (and must be below its number of lines). Every line is checked; an error names the
+manifest and the line.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from .stream import DataError
 from .video import VIDEO_EXTS
 
 
@@ -27,7 +30,7 @@ class Item:
     caption: str = ""
 
 
-class SourceError(ValueError):
+class SourceError(DataError, ValueError):
     """A malformed source folder or manifest; the message names the file and line."""
 
 
@@ -57,50 +60,75 @@ def from_folder(src: str) -> tuple[list[Item], list[str]]:
 
 
 def _rows(path: str):
+    """(line number, row dict) of each record of a CSV or JSONL manifest."""
     with open(path, newline="") as f:
         if path.endswith(".csv"):
-            for n, row in enumerate(csv.DictReader(f), start=2):
-                yield n, row
-        else:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield n, json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise SourceError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+            yield from enumerate(csv.DictReader(f), start=2)
+            return
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise SourceError(f"{path}:{n}: not a JSON object (got {type(row).__name__}); write one object "
+                                  '{"path": ..., "label": ..., "caption": ...} per line')
+            yield n, row
+
+
+def _label(path: str, n: int, label) -> int | str:
+    """An integer label (-1: none) or a class name, from a manifest cell or JSON value."""
+    if label is None or (isinstance(label, str) and not label.strip()):
+        return -1
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, str):
+        label = label.strip()
+        label = int(label) if re.fullmatch(r"-?\d+", label) else label
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        raise SourceError(f"{path}:{n}: label {label!r} is neither an integer nor a class name")
+    if isinstance(label, int) and label < -1:
+        raise SourceError(f"{path}:{n}: label {label} is negative; use -1 or leave it empty for no label")
+    return label
 
 
 def from_manifest(path: str) -> tuple[list[Item], list[str]]:
     base = os.path.dirname(os.path.abspath(path))
-    rows = []
+    rows, first = [], {}  # is a class name -> (line, label) of the first such label
     for n, row in _rows(path):
-        if not row.get("path"):
-            raise SourceError(f"{path}:{n}: missing 'path'")
-        label = row.get("label", "")
-        rows.append((n, row["path"], "" if label is None else label, str(row.get("caption") or "")))
-    named = [lab for _, _, lab, _ in rows if isinstance(lab, str) and lab != "" and not lab.lstrip("-").isdigit()]
-    classes = sorted(set(named))
-    if not classes and os.path.exists(os.path.join(base, "classes.txt")):
-        with open(os.path.join(base, "classes.txt")) as f:
+        p = row.get("path")
+        if not p or not isinstance(p, str):
+            raise SourceError(f"{path}:{n}: missing 'path'" if not p else f"{path}:{n}: 'path' must be a string")
+        label = _label(path, n, row.get("label"))
+        named = isinstance(label, str)
+        if label != -1:
+            if (not named) in first:
+                m, other = first[not named]
+                raise SourceError(f"{path}:{n}: label {label!r} is {'a class name' if named else 'an integer'} but "
+                                  f"line {m} has {other!r}; use class names on every line, or integers on every "
+                                  "line (named by classes.txt)")
+            first.setdefault(named, (n, label))
+        rows.append((n, p, label, str(row.get("caption") or "")))
+    classes = sorted({lab for _, _, lab, _ in rows if isinstance(lab, str)})
+    names_file = os.path.join(base, "classes.txt")
+    if not classes and os.path.exists(names_file):
+        with open(names_file) as f:
             classes = [line.strip() for line in f if line.strip()]
+        for n, _, label, _ in rows:
+            if label >= len(classes):
+                raise SourceError(f"{path}:{n}: label {label} but {names_file} names only {len(classes)} classes "
+                                  f"(labels 0..{len(classes) - 1})")
     lookup = {c: i for i, c in enumerate(classes)}
     items, seen = [], set()
     for n, p, label, caption in rows:
-        if isinstance(label, str) and label in lookup:
-            label = lookup[label]
-        elif label == "":
-            label = -1
-        else:
-            try:
-                label = int(label)
-            except ValueError:
-                raise SourceError(f"{path}:{n}: label {label!r} is neither an integer nor a class name") from None
         full = p if os.path.isabs(p) else os.path.join(base, p)
         key = sample_key(p if not os.path.isabs(p) else os.path.relpath(p, base))
         if key in seen:
             raise SourceError(f"{path}:{n}: duplicate video {p!r}")
         seen.add(key)
-        items.append(Item(key, full, label, caption))
+        items.append(Item(key, full, lookup[label] if isinstance(label, str) else label, caption))
     if not items:
         raise SourceError(f"{path}: manifest lists no videos")
     return sorted(items, key=lambda i: i.key), classes

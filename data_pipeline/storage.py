@@ -42,6 +42,13 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def summary(urls: list[str]) -> str:
+    """``"12 files, e.g. shard-000000.tar"`` or ``"1 file: notes.txt"`` for what a listing found."""
+    names = [u.rstrip("/").rsplit("/", 1)[-1] for u in urls]
+    first = next((n for n in names if not n.startswith(".")), names[0])
+    return f"1 file: {first}" if len(urls) == 1 else f"{len(urls)} files, e.g. {first}"
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: connection resets, timeouts, throttling and 5xx answers."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError)):
@@ -56,6 +63,14 @@ def is_transient(exc: BaseException) -> bool:
     return any(t in str(exc) for t in _TRANSIENT_TEXT)
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """Nothing answered at the endpoint's address (connection refused, unknown host)."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, ConnectionRefusedError) or type(e).__name__ in ("EndpointConnectionError", "ClientConnectorError"):
+            return True
+    return False
+
+
 @dataclass
 class Storage:
     """A file system rooted at nothing in particular; every path given to it is a full URL or local path."""
@@ -66,6 +81,7 @@ class Storage:
 
     def __post_init__(self):
         self._s3, self._pid = None, 0
+        self._reached = False  # has the S3 endpoint ever answered? (see retry)
         self.endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
     def __getstate__(self):  # the s3fs client is rebuilt in each process (DataLoader workers fork)
@@ -107,18 +123,25 @@ class Storage:
         elif isinstance(exc, FileNotFoundError):
             msg = "no such file or object"
         elif is_transient(exc):
-            msg = f"cannot reach the storage endpoint {self.endpoint or ''} ({name}: {text})".replace("  ", " ")
+            msg = (f"cannot reach the storage endpoint {self.endpoint or 'of AWS S3'} ({name}: {text}); check the "
+                   "endpoint URL (data.endpoint_url, --endpoint-url or AWS_ENDPOINT_URL) and that the server is up")
         else:
             msg = f"{name}: {text}"
         return StorageError(f"{where}: {msg}")
 
     def retry(self, fn, url: str, action: str):
-        """Call ``fn()``; retry transient errors with exponential backoff, explain permanent ones."""
+        """Call ``fn()``; retry transient errors with exponential backoff, explain permanent ones.
+
+        An endpoint that has never answered and refuses connections (botocore has already retried) is most
+        likely a wrong URL, so it fails at once instead of after the whole backoff schedule."""
         for attempt in range(self.retries + 1):
             try:
-                return fn()
+                result = fn()
+                self._reached = True
+                return result
             except Exception as exc:  # noqa: BLE001 (classified below)
-                if not is_transient(exc) or attempt == self.retries:
+                fatal = not is_transient(exc) or attempt == self.retries or (not self._reached and is_unreachable(exc))
+                if fatal:
                     raise self.explain(exc, url, action) from exc
                 delay = self.backoff * 2**attempt
                 log.warning("%s %s failed (%s: %s); retry %d/%d in %.1fs", action, url, type(exc).__name__, exc,
@@ -192,16 +215,40 @@ class Storage:
                 raise StorageError(f"listing {url}: no such folder")
             names = [os.path.join(path, n) for n in os.listdir(path)]
         else:
-            names = ["s3://" + p for p in self.retry(lambda: fs.ls(path.rstrip("/"), detail=False), url, "listing")]
+            # refresh: s3fs caches listings, and a checkpoint prefix changes while a run lists it again
+            found = self.retry(lambda: fs.ls(path.rstrip("/"), detail=False, refresh=True), url, "listing")
+            names = ["s3://" + p for p in found]
         return sorted(n for n in names if n.endswith(suffix))
+
+    def contents(self, url: str) -> list[str]:
+        """Full URLs of everything at ``url``: the entries of a folder or of the prefix ``url/`` (so
+        ``s3://b/data2`` is not under ``s3://b/data``), ``[url]`` for a single file, ``[]`` when nothing is there."""
+        fs, path = self._fs_path(url)
+        if fs is None:
+            if os.path.isdir(path):
+                return sorted(os.path.join(path, n) for n in os.listdir(path))
+            return [path] if os.path.lexists(path) else []
+        self.check_bucket(url)
+
+        def ls():
+            try:
+                return fs.ls(path.rstrip("/"), detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
+
+        return sorted("s3://" + p for p in self.retry(ls, url, "listing"))
+
+    def check_bucket(self, url: str, action: str = "listing") -> None:
+        """Raise a StorageError naming the bucket of S3 ``url`` unless it exists and may be listed."""
+        bucket = url[len("s3://"):].split("/")[0]
+        self.retry(lambda: self.s3.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1), url, action)
 
     def check_writable(self, url: str) -> None:
         """Fail early with a clear message when the destination bucket is missing or not writable."""
         if not is_s3(url):
             os.makedirs(url, exist_ok=True)
             return
-        bucket = url[len("s3://"):].split("/")[0]
-        self.retry(lambda: self.s3.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1), url, "writing")  # bucket there?
+        self.check_bucket(url, "writing")
         probe = join(url, ".hpdm-write-check")
         self.write_bytes(probe, b"ok")
         self.retry(lambda: self.s3.rm_file(probe[5:]), probe, "deleting")

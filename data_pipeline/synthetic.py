@@ -16,9 +16,10 @@ import multiprocessing as mp
 import numpy as np
 
 from .config import DataConfig
-from .shards_write import make_shards
-from .shardlist import load_index, resolve_shards
-from .storage import Storage
+from .shards_write import existing_work, make_shards
+from .shardlist import is_pattern, load_index, resolve_shards
+from .storage import Storage, StorageError, is_s3, summary
+from .stream import DataError
 from .video import encode
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -93,7 +94,13 @@ def write_synthetic(dest: str, videos: int, resolution: tuple[int, int, int], nu
         total = sum(os.path.getsize(os.path.join(folder, r["path"])) for r in rows)
         shard_mb = max(total / 16, 1.0) / (1 << 20)  # about 16 shards, so many workers can split them
         return make_shards(manifest, dest, shard_size_mb=shard_mb, workers=workers, storage=storage,
-                           progress=progress, class_names=[class_name(c) for c in range(num_classes)])
+                           progress=progress, class_names=[class_name(c) for c in range(num_classes)],
+                           origin=synthetic_origin(videos, resolution, num_classes, frames))
+
+
+def synthetic_origin(videos: int, resolution: tuple[int, int, int], num_classes: int, frames: int) -> str:
+    """How the synthetic set was made, recorded in its sidecars: what may resume an interrupted write."""
+    return f"synthetic videos={videos} size={resolution[1]}x{resolution[2]} frames={frames} classes={num_classes}"
 
 
 def synthetic_frames(cfg: DataConfig, clip_frames: int) -> int:
@@ -103,16 +110,54 @@ def synthetic_frames(cfg: DataConfig, clip_frames: int) -> int:
 
 
 def prepare_dataset(cfg: DataConfig, resolution: tuple[int, int, int], num_classes: int) -> dict:
-    """Make sure ``cfg.shards`` holds a dataset and return its index. With ``cfg.synthetic`` and no index yet,
-    writes the synthetic dataset there first. Call on rank 0 only, with the other ranks at a barrier."""
+    """Make sure ``cfg.shards`` holds a dataset whose labels fit ``num_classes`` and return its index. With
+    ``cfg.synthetic`` and nothing at that location yet, writes the synthetic dataset there first (or finishes
+    an interrupted write of the same set); a location holding anything else is never written to.
+    Call on rank 0 only, with the other ranks at a barrier."""
     storage = Storage(cfg.endpoint_url, retries=cfg.io_retries, backoff=cfg.io_backoff)
     index = load_index(storage, cfg.shards)
-    if index is not None:
-        return index
-    if cfg.synthetic:
+    if index is None and cfg.synthetic:
+        frames = synthetic_frames(cfg, resolution[0])
+        check_empty(storage, cfg.shards, synthetic_origin(cfg.synthetic_videos, resolution, num_classes, frames))
         workers = min(8, os.cpu_count() or 1)  # one-off work on rank 0 while the others wait: use the machine
-        return write_synthetic(cfg.shards, cfg.synthetic_videos, tuple(resolution), num_classes,
-                               frames=synthetic_frames(cfg, resolution[0]), storage=storage, workers=workers)
-    urls, counts = resolve_shards(storage, cfg.shards)
-    return {"shards": [{"name": u.rsplit("/", 1)[-1], "samples": c} for u, c in zip(urls, counts)],
-            "num_samples": None, "class_names": []}
+        index = write_synthetic(cfg.shards, cfg.synthetic_videos, tuple(resolution), num_classes, frames=frames,
+                                storage=storage, workers=workers)
+    elif index is None:
+        urls, counts = resolve_shards(storage, cfg.shards)
+        if is_pattern(cfg.shards) and not storage.exists(urls[0]):
+            if is_s3(urls[0]):
+                storage.check_bucket(urls[0])  # say so when the bucket itself is missing
+            raise StorageError(f"data.shards {cfg.shards}: its first shard {urls[0]} does not exist")
+        index = {"shards": [{"name": u.rsplit("/", 1)[-1], "samples": c} for u, c in zip(urls, counts)],
+                 "num_samples": None, "class_names": []}
+    check_labels(index, num_classes, cfg.shards)
+    return index
+
+
+def check_empty(storage: Storage, spec: str, origin: str) -> None:
+    """Raise a DataError unless ``spec`` is an empty location (or holds only an interrupted write of ``origin``)."""
+    todo = "point data.shards at an empty folder or prefix for the synthetic set, or set data.synthetic=false"
+    if is_pattern(spec):
+        raise DataError(f"data.shards {spec}: data.synthetic=true writes a dataset to a folder or prefix, not to "
+                        f".tar files; {todo} to train on these shards")
+    found = storage.contents(spec)
+    if not found:
+        return
+    try:  # only leftovers of an interrupted write of this very set may be there
+        ours = all(s.get("options", {}).get("origin") == origin for s in existing_work(storage, spec).values())
+    except DataError:
+        ours = False
+    if not ours:
+        raise DataError(f"data.shards {spec} holds {summary(found)}, but no index.json; data.synthetic=true "
+                        f"writes only where nothing exists, so these files are left alone: {todo} to train on them")
+
+
+def check_labels(index: dict, num_classes: int, spec: str) -> None:
+    """Raise a DataError when the index shows labels or class names beyond ``num_classes``."""
+    top, names = index.get("max_label"), len(index.get("class_names") or [])
+    if isinstance(top, int) and top >= num_classes:
+        raise DataError(f"data.shards {spec}: labels go up to {top} but model.num_classes is {num_classes}; "
+                        f"set model.num_classes to at least {top + 1}")
+    if names > num_classes:
+        raise DataError(f"data.shards {spec}: the index names {names} classes but model.num_classes is "
+                        f"{num_classes}; set model.num_classes to at least {names}")

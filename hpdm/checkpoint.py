@@ -6,21 +6,27 @@ Layout under ``run_dir/checkpoints`` (mirrored to ``train.checkpoint_uri`` when 
                      (RNG state; data-loader position in its metadata), ema.safetensors, raw.safetensors (the
                      consolidated raw weights, for sampling and export at any ZeRO stage), state.json
     latest           the name of the newest complete checkpoint
+    set-aside/       checkpoints newer than the one a run resumed from, moved here instead of being overwritten
 
 A checkpoint is complete once ``state.json`` exists, which rank 0 writes after every rank has finished its
-files (and uploads); only then is ``latest`` replaced, atomically. A crash during a save therefore leaves the
-previous checkpoint in force. Nothing is unpickled on load: DeepSpeed's files go through
-``torch.load(weights_only=True)`` with an allow-list of DeepSpeed's plain-data classes; ours are safetensors
-and JSON.
+files; it lists every file with its size, so a truncated or missing file is found before loading. Only then is
+``latest`` replaced, atomically, and the copy uploaded. A crash or a failed upload therefore leaves a complete
+local checkpoint. When ``latest`` is missing or names a broken checkpoint, the newest intact one is used, with
+a warning (as torchtitan and Lightning resume from the newest complete step folder).
+
+Nothing from a checkpoint can run code: every ``torch.load`` during loading and conversion, DeepSpeed's own
+included, is forced to ``weights_only=True`` with an allow-list of DeepSpeed's plain-data classes
+(:func:`no_pickle`); our own files are safetensors and JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,24 +35,19 @@ import torch
 import torch.distributed as dist
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.storage import Storage, join
+from data_pipeline.storage import Storage, StorageError, join
+from hpdm.distributed import on_rank0
 from hpdm.ema import full_parameters
+from hpdm.errors import CheckpointError, RankFailed
 
 log = logging.getLogger(__name__)
 UNIVERSAL_MARK = "universal"  # file in a checkpoint folder converted by `hpdm convert-checkpoint`
 RAW_FILE = "raw.safetensors"
 _OWN_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank_(\d+)\.")  # files that rank N writes
-
-
-class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``."""
-
-    def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)
+_TAG = re.compile(r"^step_(\d+)(_universal)?$")
 
 
 def allow_deepspeed_globals() -> None:
@@ -58,6 +59,31 @@ def allow_deepspeed_globals() -> None:
     torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
 
 
+@contextlib.contextmanager
+def no_pickle():
+    """Within: every ``torch.load`` (DeepSpeed's too, which passes ``weights_only=False``) loads tensors and plain
+    data only, and a file that fails to load is named in a CheckpointError."""
+    allow_deepspeed_globals()
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{f}: refused, it holds objects other than tensors and plain data, and loading "
+                                  "them could run code (hpdm never writes such files)") from exc
+        except Exception as exc:  # noqa: BLE001 (any unreadable file is a checkpoint error naming it)
+            raise CheckpointError(f"{f}: cannot be read ({type(exc).__name__}: {exc})") from exc
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -65,6 +91,12 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def order(tag: str) -> tuple[int, int]:
+    """Sort key of checkpoint names: by step, a converted copy after its source; other names first."""
+    m = _TAG.match(tag)
+    return (int(m.group(1)), bool(m.group(2))) if m else (-1, 0)
 
 
 def is_complete(path: Path) -> bool:
@@ -75,6 +107,51 @@ def is_universal(path: Path) -> bool:
     return (path / UNIVERSAL_MARK).is_file()
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, or a CheckpointError that names it."""
+    f = path / "state.json"
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{f}: cannot be read ({exc})") from exc
+    if not isinstance(state, dict) or not {"step", "samples", "config"} <= state.keys():
+        raise CheckpointError(f"{f}: not an hpdm checkpoint state (needs step, samples and config)")
+    return state
+
+
+def problems(path: Path) -> list[str]:
+    """What makes a checkpoint folder unusable, each naming its file; empty when it is complete and intact."""
+    if not is_complete(path):
+        return [f"{path} has no state.json (its save did not finish)"]
+    try:
+        state = read_state(path)
+    except CheckpointError as exc:
+        return [str(exc)]
+    found = []
+    for name, size in state.get("files", {}).items():  # sizes recorded at save (older checkpoints have none)
+        f = path / name
+        if not f.is_file():
+            found.append(f"{f} is missing")
+        elif f.stat().st_size != size:
+            found.append(f"{f} has {f.stat().st_size} bytes; {size} were written")
+    for name in ("ema.safetensors", "rank_00000.safetensors", RAW_FILE):
+        f = path / name
+        if name == RAW_FILE and not f.is_file():
+            continue  # written since issue 10 only
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 (missing, truncated or not safetensors)
+            found.append(f"{f} cannot be read ({exc})")
+    return found
+
+
+def file_sizes(folder: Path, names=None) -> dict[str, int]:
+    """{path relative to ``folder``: size} of ``names`` (default: every file below it)."""
+    files = [folder / n for n in names] if names is not None else [p for p in folder.rglob("*") if p.is_file()]
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(files)}
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int = 3, remote: str = "", storage: Storage | None = None):
         self.root = Path(run_dir) / "checkpoints"
@@ -82,30 +159,62 @@ class Checkpointer:
         self.storage = storage or Storage()
 
     # -- finding ---------------------------------------------------------------------------------------
-    def _local_latest(self) -> str:
+    def folders(self) -> list[Path]:
+        """Checkpoint folders, oldest first."""
+        return sorted((p for p in self.root.glob("step_*") if p.is_dir() and _TAG.match(p.name)), key=lambda p: order(p.name))
+
+    def newest_local(self) -> str:
+        """The checkpoint named by ``latest`` when it is intact, else the newest intact one (with a warning).
+
+        Raises CheckpointError when checkpoints exist but none is intact: starting afresh would overwrite them."""
         f = self.root / "latest"
-        if not f.is_file():
-            return ""
-        tag = f.read_text().strip()
-        if not is_complete(self.root / tag):
-            raise FileNotFoundError(f"{f} names {tag}, which has no state.json: the checkpoint is incomplete")
-        return tag
+        named = f.read_text().strip() if f.is_file() else ""
+        if named and not problems(self.root / named):
+            return named
+        why = f"{f} names {named}: {'; '.join(problems(self.root / named))}" if named else f"{f} is missing"
+        broken = []
+        for p in reversed(self.folders()):
+            wrong = problems(p)
+            if not wrong:
+                log.warning("%s; resuming from %s, the newest intact checkpoint", "; ".join([why, *broken]), p.name)
+                return p.name
+            broken.append("; ".join(wrong))
+        if any(is_complete(p) for p in self.folders()):
+            raise CheckpointError(f"no intact checkpoint in {self.root}: " + " | ".join(broken)
+                                  + ". Repair or move these folders away to start the run afresh")
+        if named or broken:
+            log.warning("%s and no checkpoint is complete (%d unfinished saves); starting at step 0", why, len(broken))
+        return ""
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, here or (when newer) in the remote copy, which is then fetched.
+        """The checkpoint to resume from: the newest intact one here or (when newer) in the remote copy, which
+        is then fetched. Chosen on rank 0; collective: every rank calls it."""
+        def choose() -> str:
+            tag = self.newest_local()
+            if self.remote and self.storage.exists(join(self.remote, "latest")):
+                remote = self.storage.read_bytes(join(self.remote, "latest")).decode().strip()
+                tag = max(tag, remote, key=order)  # a converted local copy (step_N_universal) beats step_N
+            return tag
 
-        Collective when a remote copy is configured: every rank calls it."""
-        tag = self._local_latest()
-        if self.remote and self.storage.exists(join(self.remote, "latest")):
-            remote = self.storage.read_bytes(join(self.remote, "latest")).decode().strip()
-            # a newer local one (e.g. converted by `hpdm convert-checkpoint`, step_N_universal > step_N) wins
-            tag = max(tag, remote)
-            need = torch.tensor([float(tag == remote and not is_complete(self.root / tag))])
-            if dist.is_initialized():
-                dist.all_reduce(need, op=dist.ReduceOp.MAX)
-            if need.item():
-                self._download(remote)
+        tag = on_rank0(choose, share=True)
+        if tag and self.remote and not is_complete(self.root / tag):
+            self._download(tag)
         return self.root / tag if tag else None
+
+    def set_aside_newer(self, tag: str) -> None:
+        """Rank 0: move checkpoint folders newer than ``tag`` (the one resumed from) to ``set-aside/``, so that
+        this run's saves never overwrite them; unfinished saves are deleted."""
+        for p in self.folders():
+            if order(p.name) <= order(tag or "none"):
+                continue
+            if not is_complete(p):
+                shutil.rmtree(p)
+                continue
+            dest = self.root / "set-aside" / p.name
+            dest = dest.with_name(f"{p.name}.{int(time.time())}") if dest.exists() else dest
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(p, dest)
+            log.warning("%s is newer than the checkpoint this run resumes from; moved to %s", p, dest)
 
     def _download(self, tag: str) -> None:
         """Collective. Local rank 0 of every node without the folder fetches it (shared file systems once per node)."""
@@ -118,11 +227,12 @@ class Checkpointer:
         _barrier()
 
     # -- saving ----------------------------------------------------------------------------------------
-    def save(self, engine, ema, step: int, samples: int, loader_state: dict, rng: torch.Tensor, config: dict) -> Path:
-        """Collective: every rank calls it. Returns the checkpoint folder."""
+    def save(self, engine, ema, step: int, samples: int, loader_state: dict, rng: torch.Tensor, state: dict) -> Path:
+        """Collective: every rank calls it. ``state`` (config, ...) goes into state.json. Returns the folder."""
         t0 = time.perf_counter()
         rank, tag = _rank(), f"step_{step:08d}"
         path = self.root / tag
+        on_rank0(lambda: self._clear(path))
         # the version marker lets `hpdm convert-checkpoint` (DeepSpeed's ds_to_universal) convert this checkpoint
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
                                client_state={UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
@@ -132,45 +242,80 @@ class Checkpointer:
                 save_file({n: p.detach().contiguous() for n, p in engine.module.named_parameters()}, str(path / RAW_FILE))
         if rank == 0:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(path / "ema.safetensors"))
-        self._upload(path, rank)
-        _barrier()  # every rank's files are written (and uploaded)
+        mine = file_sizes(path, [f.name for f in path.iterdir() if self._owner(f.name) == rank])
+        sizes = [mine]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            sizes = [None] * dist.get_world_size()
+            dist.all_gather_object(sizes, mine)  # also the barrier after which every rank's files are written
         if rank == 0:
-            state = {"step": step, "samples": samples, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                     "config": config}
-            (path / "state.json").write_text(json.dumps(state, indent=1))
-            if self.remote:
-                self.storage.upload(str(path / "state.json"), join(self.remote, tag, "state.json"))
-                self.storage.write_bytes(join(self.remote, "latest"), tag.encode())
+            files = {k: v for s in sizes for k, v in s.items()}
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            (path / "state.json").write_text(json.dumps({"step": step, "samples": samples, "world_size": world,
+                                                         **state, "files": files}, indent=1))
             self.set_latest(tag)
             self._prune()
             log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
         _barrier()
+        if self.remote:
+            self._upload(path, rank)
         return path
 
+    def _clear(self, path: Path) -> None:
+        if is_complete(path):
+            raise CheckpointError(f"{path} exists and this run did not resume from it: refusing to overwrite it "
+                                  "(is another trainer writing to this run folder?)")
+        shutil.rmtree(path, ignore_errors=True)  # an unfinished save
+
+    @staticmethod
+    def _owner(name: str) -> int:
+        m = _OWN_FILE.match(name)
+        return int(m.group(1) or m.group(2)) if m else 0
+
     def _upload(self, path: Path, rank: int) -> None:
-        """Each rank uploads the files it wrote; rank 0 also the shared ones."""
-        if not self.remote:
-            return
-        for f in sorted(path.iterdir()):
-            m = _OWN_FILE.match(f.name)
-            owner = int(m.group(1) or m.group(2)) if m else 0
-            if owner == rank and f.name != "state.json":
-                self.storage.upload(str(f), join(self.remote, path.name, f.name))
+        """Collective. Each rank uploads the files it wrote, rank 0 also the shared ones, then state.json and
+        ``latest``. A failure anywhere is raised on every rank after the local checkpoint is complete."""
+        def upload_mine() -> None:
+            for f in sorted(path.iterdir()):
+                if self._owner(f.name) == rank and f.name != "state.json":
+                    self.storage.upload(str(f), join(self.remote, path.name, f.name))
+
+        def finish() -> None:
+            self.storage.upload(str(path / "state.json"), join(self.remote, path.name, "state.json"))
+            self.storage.write_bytes(join(self.remote, "latest"), path.name.encode())
+            self._prune_remote()
+
+        try:
+            on_rank0(finish, first=upload_mine)
+        except (StorageError, RankFailed) as exc:
+            raise CheckpointError(f"checkpoint {path} is complete locally, but uploading it to {self.remote} failed: "
+                                  f"{exc}. Fix the storage and rerun: the run resumes from the local checkpoint") from exc
 
     def set_latest(self, tag: str) -> None:
         tmp = self.root / f"latest.tmp{os.getpid()}"
         tmp.write_text(tag)
         os.replace(tmp, self.root / "latest")
 
+    def _kept(self, names: list[str], latest: str) -> set[str]:
+        return set(sorted(names, key=order)[-self.keep:]) | {latest}
+
     def _prune(self) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older incomplete ones (crashed saves)."""
         latest = (self.root / "latest").read_text().strip()
-        folders = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        complete = [p for p in folders if is_complete(p)]
-        keep = {p.name for p in complete[-self.keep:]} | {latest}
+        folders = self.folders()
+        keep = self._kept([p.name for p in folders if is_complete(p)], latest)
         for p in folders:
-            if p.name not in keep and p.name < latest:
+            if p.name not in keep and order(p.name) < order(latest):
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _prune_remote(self) -> None:
+        """The same rule for the remote copy: the newest ``keep`` checkpoints stay."""
+        latest = (self.root / "latest").read_text().strip()
+        tags = [u.rstrip("/").rsplit("/", 1)[1] for u in self.storage.list(self.remote)]
+        tags = [t for t in tags if _TAG.match(t)]
+        for t in tags:
+            if t not in self._kept(tags, latest) and order(t) < order(latest):
+                url = join(self.remote, t)
+                self.storage.retry(lambda u=url: self.storage.s3.rm(u[len("s3://"):], recursive=True), url, "deleting")
 
     # -- loading ---------------------------------------------------------------------------------------
     def load(self, engine, ema, path: Path) -> tuple[dict, dict | None, torch.Tensor | None]:
@@ -178,45 +323,88 @@ class Checkpointer:
 
         After a world-size change (a universal checkpoint), ranks without a saved state of their own get rank
         0's loader state (the loader then restarts its epoch) and no RNG state."""
-        allow_deepspeed_globals()
-        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        state = read_state(path)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if state.get("world_size", world) != world and not is_universal(path):
+            raise CheckpointError(f"{path} was written by {state['world_size']} processes and this run has {world}: "
+                                  f"run `hpdm convert-checkpoint {path.parent.parent}` first")
+        with no_pickle():
+            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-        state = json.loads((path / "state.json").read_text())
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
+        ema.load_state_dict(load_safetensors(path / "ema.safetensors"))
         own = path / f"rank_{_rank():05d}.safetensors"
-        same_world = state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
-        rank_file = own if own.is_file() and same_world else path / "rank_00000.safetensors"
-        with safe_open(str(rank_file), framework="pt") as f:
-            loader = json.loads(f.metadata()["loader"])
-        rng = load_file(str(rank_file))["rng"] if rank_file == own else None
+        rank_file = own if own.is_file() and state.get("world_size") == world else path / "rank_00000.safetensors"
+        try:
+            with safe_open(str(rank_file), framework="pt") as f:
+                loader = json.loads(f.metadata()["loader"])
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{rank_file}: cannot be read ({exc})") from exc
+        rng = load_safetensors(rank_file)["rng"] if rank_file == own else None
         return state, loader, rng
+
+
+def load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except Exception as exc:  # noqa: BLE001 (missing, truncated or not safetensors)
+        raise CheckpointError(f"{f}: cannot be read ({exc})") from exc
 
 
 def convert_to_universal(src: str | Path) -> Path:
     """Convert a checkpoint (or a run's latest) with DeepSpeed's ``ds_to_universal`` so that it loads at any
     world size; the result sits beside it as ``<name>_universal`` and becomes the run's latest."""
+    from deepspeed.checkpoint import ds_to_universal  # noqa: PLC0415
+
     src = Path(src)
     ckpt = src if is_complete(src) else Checkpointer(src).latest()
     if ckpt is None:
-        raise FileNotFoundError(f"{src} is neither a checkpoint folder nor a run with checkpoints")
+        raise CheckpointError(f"{src} is neither a checkpoint folder nor a run with checkpoints")
+    if wrong := problems(ckpt):
+        raise CheckpointError("; ".join(wrong))
     if is_universal(ckpt):
-        raise ValueError(f"{ckpt} is already universal")
+        raise CheckpointError(f"{ckpt} is already universal")
     out = ckpt.parent / f"{ckpt.name}_universal"
     tmp = ckpt.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-                    "--output_folder", str(tmp)], check=True)
+    argv = sys.argv
+    try:
+        sys.argv = ["ds_to_universal", "--input_folder", str(ckpt), "--output_folder", str(tmp)]
+        args = ds_to_universal.parse_arguments()
+    finally:
+        sys.argv = argv
+    with no_pickle():  # its worker processes are forked and inherit the restriction
+        ds_to_universal.main(args)
     for f in ckpt.glob("rank_*.safetensors"):
         shutil.copy2(f, tmp / f.name)
     for name in ("ema.safetensors", RAW_FILE):
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, tmp / name)
     (tmp / UNIVERSAL_MARK).write_text(f"converted from {ckpt.name}\n")
-    shutil.copy2(ckpt / "state.json", tmp / "state.json")
+    state = read_state(ckpt)
+    state["files"] = file_sizes(tmp)
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     (ckpt.parent / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal inside tmp's parent
     Checkpointer(ckpt.parent.parent).set_latest(out.name)
     return out
+
+
+SAMPLING_ONLY = {"diffusion.steps", "diffusion.guidance", "diffusion.s_churn", "model.kernels"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def config_differences(saved: dict, now: dict, sections=("model", "diffusion")) -> list[str]:
+    """``key: saved -> now`` for every setting of ``sections`` that a resume may not change (sampling-only
+    settings may)."""
+    old = _flat({s: saved.get(s, {}) for s in sections})
+    new = _flat(json.loads(json.dumps({s: now[s] for s in sections})))  # tuples as lists, like the saved JSON
+    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(old.keys() | new.keys())
+            if k not in SAMPLING_ONLY and old.get(k) != new.get(k)]

@@ -4,26 +4,50 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
+from pathlib import Path
 
 from hpdm.config import ConfigError, load_config
+from hpdm.errors import RankFailed, UsageError, user_errors
 
-DEFAULT_CONFIG = "configs/tiny.yaml"
+# The CPU demo config of the repository (an editable install or a checkout); used when --config is not given.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML run config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--config", default=None, help="YAML run config (default: the repository's configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-3 model.levels=2")
 
 
-def cmd_train(args) -> int:
-    from hpdm.trainer import train  # noqa: PLC0415 (DeepSpeed is a heavy import)
+def default_config() -> Path:
+    """The config of a command run without --config: the repository's configs/tiny.yaml, wherever hpdm is run from.
+    An installed copy of hpdm without the repository has none, and then --config is required."""
+    if not DEFAULT_CONFIG.is_file():
+        raise UsageError(f"--config: not given, and the default {DEFAULT_CONFIG} does not exist (this installation "
+                         "of hpdm has no configs/ folder); pass --config FILE")
+    if _rank0():
+        logging.getLogger("hpdm.cli").info("no --config given: using %s", DEFAULT_CONFIG)
+    return DEFAULT_CONFIG
 
-    cfg = load_config(args.config, args.overrides)
+
+def _rank0() -> bool:
+    """Whether this is the only or the first process of a launch (RANK, as torchrun and deepspeed set it)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # before DeepSpeed's heavy import: config errors come at once
+    from hpdm.trainer import train  # noqa: PLC0415
+
     result = train(cfg)
     if result["rank"] == 0:
-        what = "preempted" if result["preempted"] else "done"
-        print(f"{what}: step {result['step']}, {result['samples']} clips, loss {result.get('loss', float('nan')):.4f}")
+        if not result["trained_steps"]:
+            print(f"already complete: step {result['step']}, {result['samples']} clips (raise train.steps to train on)")
+        else:
+            what = "preempted" if result["preempted"] else "done"
+            print(f"{what}: step {result['step']}, {result['samples']} clips, loss {result.get('loss', float('nan')):.4f}")
     return 0
 
 
@@ -33,6 +57,8 @@ def cmd_info(args) -> int:
     from hpdm.flops import activation_bytes, forward_flops_per_level, parameter_counts  # noqa: PLC0415
     from hpdm.model import HPDM  # noqa: PLC0415
 
+    if args.micro_batch < 0:
+        raise UsageError(f"--micro-batch: must be >= 0; got {args.micro_batch}")
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
     with torch.device("meta"):
@@ -82,7 +108,11 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 def _sample_options(args):
     from hpdm.sampling import SampleOptions  # noqa: PLC0415
 
-    steps = tuple(int(s) for s in args.steps.split(",") if s.strip()) if args.steps else ()
+    try:
+        steps = tuple(int(s) for s in args.steps.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--steps: must be whole numbers separated by commas, e.g. 128,64,32; "
+                         f"got {args.steps!r}") from None
     return SampleOptions(steps=steps, guidance=args.guidance, overlap=args.overlap, s_churn=args.churn,
                          level0_order=args.level0_order, fine_order=args.fine_order, coarse=args.coarse,
                          tile_batch=args.tile_batch)
@@ -92,8 +122,7 @@ def cmd_sample(args) -> int:
     from hpdm.generate import generate  # noqa: PLC0415
 
     if args.prompt and not args.text_emb:
-        print("hpdm bundles no text encoder: encode the prompt with T5 and pass --text-emb FILE", file=sys.stderr)
-        return 2
+        raise UsageError("--prompt: hpdm bundles no text encoder: encode the prompt with T5 and pass --text-emb FILE")
     result = generate(args.generator, args.out, num=args.num, label=args.label, text_emb=args.text_emb, seed=args.seed,
                       opts=_sample_options(args), batch=args.batch, fps=args.fps, raw=args.raw)
     print(f"wrote {len(result['files'])} videos of {'x'.join(map(str, result['resolution']))} to {args.out}"
@@ -104,7 +133,10 @@ def cmd_sample(args) -> int:
 def cmd_eval_fvd(args) -> int:
     from hpdm.eval_fvd import evaluate, main_result  # noqa: PLC0415
 
-    size = tuple(int(v) for v in args.size.split("x")) if args.size else None
+    try:
+        size = tuple(int(v) for v in args.size.split("x")) if args.size else None
+    except ValueError:
+        raise UsageError(f"--size: must be HxW, e.g. 128x128; got {args.size!r}") from None
     result = evaluate(args.i3d, fake=args.fake, generator=args.generator, real=args.real, real_shards=args.real_shards,
                       num_fake=args.num_fake, num_real=args.num_real, frames=args.frames, size=size, c3d=args.c3d,
                       layout=args.layout, batch=args.batch, seed=args.seed, opts=_sample_options(args),
@@ -119,9 +151,6 @@ def cmd_eval_synthetic(args) -> int:
 
     from hpdm.synthetic_eval import evaluate_generator, report_table  # noqa: PLC0415
 
-    if args.num < 1:
-        print("hpdm eval-synthetic: error: -n must be >= 1", file=sys.stderr)
-        return 2
     result = evaluate_generator(args.generator, args.num, _sample_options(args), seed=args.seed, batch=args.batch,
                                 raw=args.raw)
     print(report_table(result))
@@ -143,6 +172,7 @@ def cmd_convert(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="hpdm", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of every error, user errors included")
     # the `deepspeed` launcher passes --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,18 +236,34 @@ def main(argv: list[str] | None = None) -> int:
     from hpdm import doctor  # noqa: PLC0415
 
     doctor.add_arguments(p)
-    p.set_defaults(func=doctor.run)
+    p.set_defaults(func=doctor.run, config=None)  # None: the default config, resolved in main from any folder
     p = sub.add_parser("bench-kernels", help="time the fused kernels against their references (GPU)")
     from kernels import bench  # noqa: PLC0415
 
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+    for p in sub.choices.values():  # `hpdm train --debug ...` as well as `hpdm --debug train ...`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", "") is None:
+            args.config = str(default_config())
         return args.func(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except user_errors() as e:
+        return _report(args, e)
+
+
+def _report(args, exc: BaseException) -> int:
+    """Print a user error as one line on stderr and return the exit status 2. Of a multi-process launch, rank 0
+    prints, and another rank only an error of its own (not one that every rank meets, like a config error);
+    with --debug every rank also prints its traceback."""
+    if args.debug:
+        traceback.print_exc()
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or not isinstance(exc, (ConfigError, UsageError, RankFailed)):
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        print(f"hpdm {args.command}: error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run configuration: typed dataclasses loaded from YAML, with ``section.key=value`` overrides.
 
-Every error names the key it is about, e.g. ``model.levels_per_block: must have one entry per block``.
+Every error names the key it is about and the value, e.g. ``train.save_every: must be >= 1; got 0``, or the file (and
+line) or the override it comes from, e.g. ``configs/x.yaml:3: YAML syntax error: ...``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ class ConfigError(UserError, ValueError):
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_range(key: str, value, low: float, strict: bool = False, high: float | None = None) -> None:
+    """``value`` (a number, or a tuple checked entry by entry) must be >= ``low`` (> when ``strict``) and, given
+    ``high``, < ``high``; else a ConfigError naming ``key`` and the value."""
+    many = isinstance(value, tuple)
+    if all((v > low if strict else v >= low) and (high is None or v < high) for v in (value if many else (value,))):
+        return
+    want = f"in [{low}, {high})" if high is not None else f"{'>' if strict else '>='} {low}"
+    raise ConfigError(key, f"{'every entry ' if many else ''}must be {want}; got {list(value) if many else value}")
 
 
 @dataclass
@@ -65,25 +76,28 @@ class ModelConfig:
         return tuple(p // q for p, q in zip(self.patch, self.patchify))
 
     def validate(self) -> None:
+        for key in ("patch", "levels", "patchify", "token_dim", "latent_dim", "num_latents", "blocks", "latent_layers",
+                    "head_dim", "num_classes", "text_dim"):
+            check_range(f"model.{key}", getattr(self, key), 1)
+        for key in ("mlp_ratio", "data_mlp_ratio"):
+            check_range(f"model.{key}", getattr(self, key), 0, strict=True)
         for i, (p, q) in enumerate(zip(self.patch, self.patchify)):
             if p % q:
                 raise ConfigError("model.patchify", f"dimension {i} ({q}) must divide model.patch ({p})")
-        if self.levels < 1:
-            raise ConfigError("model.levels", "must be >= 1")
         lpb = self.levels_per_block
         if len(lpb) != self.blocks:
             raise ConfigError("model.levels_per_block", f"must have one entry per block ({self.blocks}); got {len(lpb)}")
         if lpb[0] < 1 or any(b < a for a, b in zip(lpb, lpb[1:])) or lpb[-1] != self.levels:
             raise ConfigError("model.levels_per_block", f"must be non-decreasing from >= 1 to model.levels ({self.levels}); got {list(lpb)}")
         if self.latent_dim % self.head_dim or self.token_dim % self.head_dim:
-            raise ConfigError("model.head_dim", "must divide model.latent_dim and model.token_dim")
+            raise ConfigError("model.head_dim", f"must divide model.latent_dim ({self.latent_dim}) and model.token_dim "
+                                                f"({self.token_dim}); got {self.head_dim}")
         if self.token_conv < 0 or self.token_conv % 2 == 0 and self.token_conv:
             raise ConfigError("model.token_conv", f"must be 0 (none) or an odd kernel size; got {self.token_conv}")
         _choice("model.cond", self.cond, ("class", "text", "none"))
         _choice("model.context_fusion", self.context_fusion, ("deep", "shallow", "none"))
         _choice("model.kernels", self.kernels, ("auto", "reference", "fused"))
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ConfigError("model.cond_dropout", "must be in [0, 1)")
+        check_range("model.cond_dropout", self.cond_dropout, 0, high=1)
 
 
 @dataclass
@@ -100,10 +114,14 @@ class DiffusionConfig:
     s_churn: float = 40.0  # stochasticity of the level-0 sampler (0: deterministic)
 
     def validate(self) -> None:
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ConfigError("diffusion.sigma_min", "must satisfy 0 < sigma_min < sigma_max")
-        if self.steps < 1:
-            raise ConfigError("diffusion.steps", "must be >= 1")
+        for key in ("sigma_data", "p_std", "sigma_min", "rho"):
+            check_range(f"diffusion.{key}", getattr(self, key), 0, strict=True)
+        if self.sigma_max <= self.sigma_min:
+            raise ConfigError("diffusion.sigma_max",
+                              f"must be > diffusion.sigma_min ({self.sigma_min}); got {self.sigma_max}")
+        check_range("diffusion.steps", self.steps, 1)
+        check_range("diffusion.guidance", self.guidance, 0)
+        check_range("diffusion.s_churn", self.s_churn, 0)
 
 
 @dataclass
@@ -126,6 +144,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_checkpoints: int = 3
+    max_skipped_steps: int = 20  # stop when DeepSpeed skips more optimizer steps than this in a row (non-finite grads)
     checkpoint_uri: str = ""  # s3://bucket/prefix: every checkpoint is also uploaded there, and resumed from there
     profile_steps: tuple[int, int] = (0, 0)  # [start, end): trace these steps with torch.profiler (Perfetto JSON)
     sample_at_end: bool = True  # a full-resolution video and a sample grid from the EMA when training ends
@@ -141,11 +160,13 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("fp32", "bf16"))
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("train.zero_stage", f"must be 0, 1, 2 or 3; got {self.zero_stage}")
-        for key in ("steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}", "must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError("train.lr", "must be > 0")
+        for key in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints", "sample_videos"):
+            check_range(f"train.{key}", getattr(self, key), 1)
+        for key in ("micro_batch", "weight_decay", "warmup_steps", "grad_clip", "ema_halflife", "seed", "sample_every",
+                    "max_skipped_steps"):
+            check_range(f"train.{key}", getattr(self, key), 0)
+        check_range("train.lr", self.lr, 0, strict=True)
+        check_range("train.betas", self.betas, 0, high=1)
         if self.init_from and not Path(self.init_from).exists():
             raise ConfigError("train.init_from", f"no such file or folder: {self.init_from}")
         if self.optimizer == "lamb" and self.zero_stage > 0:
@@ -153,16 +174,11 @@ class TrainConfig:
             # taken over a whole shard (and change with the number of processes).
             raise ConfigError("train.optimizer", f"lamb needs train.zero_stage=0 (got {self.zero_stage}): its per-layer "
                                                  "trust ratio is wrong on ZeRO's flat partitions; use adamw with ZeRO")
-        if self.sample_every < 0:
-            raise ConfigError("train.sample_every", "must be >= 0")
-        if self.sample_videos < 1:
-            raise ConfigError("train.sample_videos", "must be >= 1")
-        if self.keep_checkpoints < 1:
-            raise ConfigError("train.keep_checkpoints", "must be >= 1")
         if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):
             raise ConfigError("train.checkpoint_uri", f"must be an s3:// prefix (or empty); got {self.checkpoint_uri!r}")
         if not 0 <= self.profile_steps[0] <= self.profile_steps[1]:
-            raise ConfigError("train.profile_steps", "must be [start, end) with 0 <= start <= end")
+            raise ConfigError("train.profile_steps",
+                              f"must be [start, end) with 0 <= start <= end; got {list(self.profile_steps)}")
 
 
 @dataclass
@@ -247,10 +263,20 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(item, "overrides must look like section.key=value")
         node = out
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(parents[:i + 1]), f"set to a value by one override and to keys by {item!r}")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"override {item!r} is not valid YAML: {_yaml_problem(e)}") from None
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's complaint without its excerpt of the text (``problem`` of a MarkedYAMLError)."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -262,14 +288,38 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def _read_yaml(path: Path) -> dict:
+    """The mapping in a YAML config file; a missing or unreadable file, a syntax error (with its line and column)
+    or a document that is not a mapping raises ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(str(path), "is a folder, not a config file" if path.is_dir() else "no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read the config file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"not a text file ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        if mark is None:
+            raise ConfigError(str(path), f"YAML syntax error: {_yaml_problem(e)}") from None
+        detail = f"column {mark.column + 1}"
+        if context is not None and context.line != mark.line:
+            detail += f"; {e.context} that starts on line {context.line + 1}"
+        raise ConfigError(f"{path}:{mark.line + 1}", f"YAML syntax error: {_yaml_problem(e)} ({detail})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), f"must hold a mapping of sections (model, diffusion, data, train); got a "
+                                     f"{type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults), apply overrides, validate."""
     data = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(Path(path))
     cfg = from_dict(Config, _merge(data, parse_overrides(list(overrides))))
     cfg.validate()
     return cfg

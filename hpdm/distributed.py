@@ -8,6 +8,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from hpdm.errors import RankFailed, user_errors
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -28,6 +30,56 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(local)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _raise_any(errors: list, mine: BaseException | None) -> None:
+    """Raise this rank's own exception, else (when another rank failed) one that names that rank's error."""
+    if mine is not None:
+        raise mine
+    for rank, err in enumerate(errors):
+        if err is not None:
+            user, text = err
+            raise (RankFailed if user else RuntimeError)(f"rank {rank} failed: {text}")
+
+
+def _describe(exc: BaseException | None):
+    return None if exc is None else (isinstance(exc, user_errors()), str(exc))
+
+
+def on_rank0(fn, *, first=None, share: bool = False):
+    """Run ``first`` (if given) on every rank, then ``fn`` on rank 0 alone while the others wait.
+
+    An exception on any rank is raised on every rank, so that no rank waits forever at the next collective.
+    Returns ``fn``'s result on rank 0, and on every rank with ``share``."""
+    world, rank = _world(), dist.get_rank() if dist.is_initialized() else 0
+    mine = result = None
+    if first is not None:
+        try:
+            first()
+        except Exception as exc:  # noqa: BLE001 (re-raised below, on every rank)
+            mine = exc
+        errors = [_describe(mine)]
+        if world > 1:
+            errors = [None] * world
+            dist.all_gather_object(errors, _describe(mine))
+        _raise_any(errors, mine)
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001
+            mine = exc
+    if world > 1:
+        box = [(_describe(mine), result if share else None)]
+        dist.broadcast_object_list(box, src=0)
+        error, shared = box[0]
+        _raise_any([error], mine)
+        return result if rank == 0 else shared
+    _raise_any([], mine)
+    return result
 
 
 class Preemption:

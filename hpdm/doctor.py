@@ -144,11 +144,17 @@ def check_data(cfg: Config) -> list:
     from braceexpand import braceexpand  # noqa: PLC0415
 
     from data_pipeline.storage import StorageError, is_s3, join  # noqa: PLC0415
+    from data_pipeline.stream import DataError  # noqa: PLC0415
+    from data_pipeline.synthetic import check_empty, synthetic_frames, synthetic_origin  # noqa: PLC0415
 
     spec, storage = cfg.data.shards, _storage(cfg)
     try:
         if is_s3(spec):
             _bucket_exists(storage, spec)
+        if cfg.data.synthetic and ("{" in spec or spec.endswith(".tar") or not storage.exists(join(spec, "index.json"))):
+            m = cfg.model
+            frames = synthetic_frames(cfg.data, m.resolution[0])
+            check_empty(storage, spec, synthetic_origin(cfg.data.synthetic_videos, m.resolution, m.num_classes, frames))
         if "{" in spec or spec.endswith(".tar"):
             first = next(iter(braceexpand(spec)))
             if not storage.exists(first):
@@ -170,7 +176,7 @@ def check_data(cfg: Config) -> list:
         if cfg.data.synthetic:
             return [("data", WARN, f"{spec} is empty; data.synthetic=true: rank 0 writes synthetic videos there at start")]
         return [("data", FAIL, f"{spec}: no index.json and no .tar shards; write some with `hpdm make-shards`")]
-    except StorageError as exc:
+    except (StorageError, DataError) as exc:
         return [("data", FAIL, str(exc))]
 
 

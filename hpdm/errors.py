@@ -12,3 +12,19 @@ class CheckpointError(UserError):
 
 class UsageError(UserError):
     """A bad command-line option value."""
+
+
+class DivergenceError(UserError):
+    """Training stopped because its loss became non-finite or DeepSpeed kept skipping steps."""
+
+
+class RankFailed(UserError):
+    """Raised on every other rank when one rank failed with a user error (which that rank reports)."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions printed as one line: ours and the data pipeline's (which does not import hpdm)."""
+    from data_pipeline.storage import StorageError  # noqa: PLC0415
+    from data_pipeline.stream import DataError  # noqa: PLC0415 (SourceError, for manifests, is one)
+
+    return UserError, DataError, StorageError

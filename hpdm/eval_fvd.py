@@ -15,7 +15,8 @@ import numpy as np
 import torch.distributed as dist
 
 from hpdm import fvd
-from hpdm.generate import conditions, default_device, rank_world, share, video_seed
+from hpdm.errors import UsageError
+from hpdm.generate import at_least, conditions, default_device, rank_world, share, video_seed
 from hpdm.sampling import SampleOptions, TiledSampler
 from hpdm.video_io import to_uint8
 
@@ -30,7 +31,7 @@ def generated_clips(generator: str, n: int, frames: int, seed: int, opts: Sample
 
     cfg, net = load_generator(generator, device=device)
     if cfg.model.resolution[0] < frames:
-        raise ValueError(f"{generator} makes {cfg.model.resolution[0]}-frame videos; the protocol needs {frames}")
+        raise UsageError(f"--frames: {generator} makes {cfg.model.resolution[0]}-frame videos; {frames} asked for")
     cond = conditions(cfg.model.cond, cfg.model.num_classes, n, seed)
     sampler = TiledSampler(net, cfg, opts, device=device)
 
@@ -61,12 +62,19 @@ def evaluate(i3d: str, fake: str | None = None, generator: str | None = None, re
              i3d_sha256: str = "", c3d_sha256: str = "", is_splits: int = 10) -> dict | None:
     """Returns the result dict on rank 0 (None on other ranks)."""
     if (fake is None) == (generator is None):
-        raise ValueError("give exactly one of --fake (a folder of mp4s) and --generator")
+        raise UsageError("--fake/--generator: give exactly one: --fake (a folder of mp4s) or --generator")
     if (real is None) == (real_shards is None):
-        raise ValueError("give exactly one of --real (a folder of mp4s) and --real-shards")
+        raise UsageError("--real/--real-shards: give exactly one: --real (a folder of mp4s) or --real-shards")
+    num_real = num_fake if num_real is None else num_real
+    for option, value in (("--num-fake", num_fake), ("--num-real", num_real), ("--frames", frames), ("--batch", batch)):
+        at_least(option, value)
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise UsageError(f"--size: must be HxW with positive sizes, e.g. 128x128; got {'x'.join(map(str, size))}")
+    for option, folder in (("--fake", fake), ("--real", real)):
+        if folder is not None and not Path(folder).is_dir():
+            raise UsageError(f"{option}: no such folder: {folder}")
     rank, world = rank_world()
     device = default_device()
-    num_real = num_real or num_fake
     detector = fvd.Detector(i3d, device, "i3d", layout, i3d_sha256)
     detectors = [detector] + ([fvd.Detector(c3d, device, "c3d", layout, c3d_sha256)] if c3d else [])
 
@@ -75,7 +83,7 @@ def evaluate(i3d: str, fake: str | None = None, generator: str | None = None, re
     else:
         files = sorted(Path(fake).glob("*.mp4"))
         if not files:
-            raise ValueError(f"{fake}: no mp4 files")
+            raise UsageError(f"--fake: {fake} holds no mp4 files")
         gen_size = tuple(fvd.read_clip(files[0], 1, None).shape[1:3])
         clips = fvd.mp4_clips(fake, num_fake, frames, size or gen_size, rank, world)
     size = tuple(size or gen_size)

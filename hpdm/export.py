@@ -5,16 +5,16 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from hpdm.checkpoint import RAW_FILE, Checkpointer, allow_deepspeed_globals, is_complete
+from hpdm.checkpoint import RAW_FILE, Checkpointer, is_complete, load_safetensors, no_pickle, problems, read_state
 from hpdm.config import Config, from_dict
+from hpdm.errors import CheckpointError
 from hpdm.model import HPDM
 
 RAW_PREFIX = "raw."
@@ -22,30 +22,32 @@ RAW_PREFIX = "raw."
 
 def _checkpoint_folder(path: Path) -> Path:
     if is_complete(path):
+        if wrong := problems(path):
+            raise CheckpointError("; ".join(wrong))
         return path
     latest = Checkpointer(path).latest()
     if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder (with ema.safetensors) nor a run with checkpoints")
+        raise CheckpointError(f"{path} is neither a checkpoint folder (with ema.safetensors) nor a run with checkpoints")
     return latest
 
 
 def _run_config(ckpt: Path) -> Config:
     """The config the checkpoint was trained with (saved in its state.json)."""
-    return from_dict(Config, json.loads((ckpt / "state.json").read_text())["config"])
+    return from_dict(Config, read_state(ckpt)["config"])
 
 
 def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The raw (non-EMA) weights of a checkpoint folder: ``raw.safetensors``, or, in checkpoints written before
     it existed, the module state that DeepSpeed keeps whole below ZeRO-3."""
     if (ckpt / RAW_FILE).is_file():
-        return load_file(str(ckpt / RAW_FILE))
+        return load_safetensors(ckpt / RAW_FILE)
     model_states = ckpt / "mp_rank_00_model_states.pt"
     if model_states.is_file():
-        allow_deepspeed_globals()
-        module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
+        with no_pickle():
+            module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
         if module is not None:
             return module
-    raise FileNotFoundError(f"{ckpt} holds no raw weights: it has no {RAW_FILE} (older hpdm) and its DeepSpeed model "
+    raise CheckpointError(f"{ckpt} holds no raw weights: it has no {RAW_FILE} (older hpdm) and its DeepSpeed model "
                             "state is partitioned (ZeRO-3)")
 
 
@@ -53,7 +55,7 @@ def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
     """Write the EMA weights of a checkpoint (or a run's latest) and its config to ``out`` (safetensors)."""
     ckpt = _checkpoint_folder(Path(src))
     cfg = _run_config(ckpt)
-    tensors = load_file(str(ckpt / "ema.safetensors"))
+    tensors = load_safetensors(ckpt / "ema.safetensors")
     if raw:
         tensors.update({RAW_PREFIX + k: v for k, v in _raw_weights(ckpt).items()})
     out = Path(out)
@@ -67,22 +69,26 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
     """An eval-mode model with EMA (or raw) weights, and its config."""
     path = Path(path)
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a safetensors file ({e}): give a file written by `hpdm export`, a "
+                                  "checkpoint folder or a run folder") from None
         if "config" not in meta:
-            raise ValueError(f"{path} carries no config metadata: was it written by `hpdm export`?")
+            raise CheckpointError(f"{path} carries no config metadata: was it written by `hpdm export`?")
         cfg = from_dict(Config, yaml.safe_load(meta["config"]))
         tensors = load_file(str(path))
         if raw:
             tensors = {k[len(RAW_PREFIX):]: v for k, v in tensors.items() if k.startswith(RAW_PREFIX)}
             if not tensors:
-                raise ValueError(f"{path} holds no raw weights (export with --raw)")
+                raise CheckpointError(f"{path} holds no raw weights (export with --raw)")
         else:
             tensors = {k: v for k, v in tensors.items() if not k.startswith(RAW_PREFIX)}
     else:
         ckpt = _checkpoint_folder(path)
         cfg = _run_config(ckpt)
-        tensors = _raw_weights(ckpt) if raw else load_file(str(ckpt / "ema.safetensors"))
+        tensors = _raw_weights(ckpt) if raw else load_safetensors(ckpt / "ema.safetensors")
     model = HPDM(cfg.model)
     model.load_state_dict(tensors)
     return cfg, model.to(device).eval()

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpdm.errors import UsageError
+
 FRAMES = 16
 
 
@@ -41,14 +43,17 @@ class Detector:
 
     def __init__(self, path: str | Path, device, kind: str = "i3d", layout: str = "stylegan-v", expect_sha256: str = ""):
         if layout not in ("stylegan-v", "bthwc"):
-            raise ValueError(f"detector layout must be stylegan-v or bthwc; got {layout!r}")
+            raise UsageError(f"--layout: must be stylegan-v or bthwc; got {layout!r}")
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"detector file not found: {path} (see docs/sampling.md for where to get it)")
+            raise UsageError(f"--{kind}: detector file not found: {path} (see docs/sampling.md for where to get it)")
         self.sha256 = sha256(path)
         if expect_sha256 and self.sha256 != expect_sha256.lower():
-            raise ValueError(f"{path}: SHA-256 {self.sha256} does not match the expected {expect_sha256}")
-        self.net = torch.jit.load(str(path), map_location=device).eval()
+            raise UsageError(f"--{kind}-sha256: {path} has SHA-256 {self.sha256}, not the expected {expect_sha256}")
+        try:
+            self.net = torch.jit.load(str(path), map_location=device).eval()
+        except RuntimeError as e:
+            raise UsageError(f"--{kind}: {path} is not a TorchScript model ({str(e).split('. ')[0]})") from None
         self.device, self.kind, self.layout = device, kind, layout
 
     @torch.no_grad()
@@ -111,7 +116,7 @@ def mp4_clips(folder: str | Path, n: int, frames: int, size, rank: int, world: i
     """(index, clip) of this rank's share of the first ``n`` mp4s (sorted by name) in ``folder``."""
     files = sorted(Path(folder).glob("*.mp4"))[:n]
     if len(files) < n:
-        raise ValueError(f"{folder}: {len(files)} mp4 files, {n} needed")
+        raise UsageError(f"{folder}: {len(files)} mp4 files, {n} needed")
     for i in range(rank, n, world):
         yield i, read_clip(files[i], frames, size)
 
@@ -131,7 +136,8 @@ def shard_clips(data_cfg, n: int, frames: int, size, rank: int, world: int, batc
             yield rank + got * world, clip
             got += 1
     if got < per_rank:
-        raise ValueError(f"{data_cfg.shards}: rank {rank} got {got} real clips, {per_rank} needed (fewer than {n} in all)")
+        raise UsageError(f"--num-real: {data_cfg.shards}: rank {rank} got {got} real clips, {per_rank} needed (fewer "
+                         f"than {n} in all)")
 
 
 def extract(clips: Iterator[tuple[int, np.ndarray]], detectors: list[Detector], batch: int) -> list[tuple[np.ndarray, np.ndarray]]:

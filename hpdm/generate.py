@@ -16,8 +16,15 @@ import torch
 import torch.distributed as dist
 
 from hpdm.diffusion import Condition
+from hpdm.errors import UsageError
 from hpdm.sampling import SampleOptions, TiledSampler, cost_table
 from hpdm.video_io import to_uint8, write_mp4
+
+
+def at_least(option: str, value: float, low: float = 1) -> None:
+    """A UsageError naming ``option`` unless ``value >= low``."""
+    if value < low:
+        raise UsageError(f"{option}: must be >= {low}; got {value}")
 
 
 def rank_world() -> tuple[int, int]:
@@ -51,29 +58,37 @@ def conditions(cond_kind: str, num_classes: int, n: int, seed: int, label: int |
                text_emb: str | None = None) -> Condition:
     """The condition of every video: a class (``label``, or uniform random from ``seed`` as in the FVD protocol),
     a text embedding file (safetensors with "text" [S,D] or [N,S,D] and optional boolean "mask"), or none."""
+    if label is not None and cond_kind != "class":
+        raise UsageError(f"--label: the model is conditioned on {cond_kind!r}, not on a class")
     if cond_kind == "class":
         if label is None:
             labels = torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
         elif not 0 <= label < num_classes:
-            raise ValueError(f"--label {label} is outside the model's classes 0..{num_classes - 1}")
+            raise UsageError(f"--label: {label} is outside the model's classes 0..{num_classes - 1}")
         else:
             labels = torch.full((n,), label)
         return Condition(labels=labels)
     if cond_kind == "text":
         if not text_emb:
-            raise ValueError("this model is text-conditioned: pass --text-emb FILE with precomputed T5 embeddings "
+            raise UsageError("--text-emb: the model is text-conditioned and needs a file of precomputed T5 embeddings "
                              "(hpdm bundles no text encoder)")
+        if not Path(text_emb).is_file():
+            raise UsageError(f"--text-emb: no such file: {text_emb}")
+        from safetensors import SafetensorError  # noqa: PLC0415
         from safetensors.torch import load_file  # noqa: PLC0415
 
-        t = load_file(text_emb)
+        try:
+            t = load_file(text_emb)
+        except SafetensorError as e:
+            raise UsageError(f"--text-emb: {text_emb} is not a safetensors file ({e})") from None
         if "text" not in t:
-            raise ValueError(f"{text_emb}: no tensor named 'text' ([S,D] or [N,S,D])")
+            raise UsageError(f"--text-emb: {text_emb} has no tensor named 'text' ([S,D] or [N,S,D])")
         text = t["text"].float()
         text = text[None] if text.dim() == 2 else text
         mask = t.get("mask", torch.ones(text.shape[:2], dtype=torch.bool)).bool()
         mask = mask[None] if mask.dim() == 1 else mask
         if text.shape[0] not in (1, n):
-            raise ValueError(f"{text_emb}: 'text' holds {text.shape[0]} embeddings for {n} videos (give 1 or {n})")
+            raise UsageError(f"--text-emb: {text_emb} holds {text.shape[0]} embeddings for {n} videos (give 1 or {n})")
         return Condition(text=text.expand(n, -1, -1), text_mask=mask.expand(n, -1))
     return Condition()
 
@@ -103,6 +118,10 @@ def generate(generator: str, out: str | Path, num: int = 4, label: int | None = 
     """Sample this rank's share of ``num`` videos into ``out``; returns {"files", "grid", "cost", "resolution"}."""
     from hpdm.export import load_generator  # noqa: PLC0415
 
+    at_least("-n", num)
+    at_least("--batch", batch)
+    if fps <= 0:
+        raise UsageError(f"--fps: must be > 0; got {fps}")
     rank, world = rank_world()
     device = default_device()
     cfg, net = load_generator(generator, raw=raw, device=device)

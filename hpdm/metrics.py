@@ -33,11 +33,32 @@ def memory_gib(device: torch.device) -> dict[str, float]:
     return {"mem/host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def drop_after(path: Path, step: int) -> None:
+    """Remove the lines of ``path`` (metrics.jsonl) logged after ``step`` (a resumed run logs those steps again)
+    and a line cut short by a kill."""
+    if not path.is_file():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if keep(line)]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class Metrics:
-    def __init__(self, config: dict, run_dir: Path, project: str, rank: int):
+    def __init__(self, config: dict, run_dir: Path, project: str, rank: int, resumed_at: int = 0):
         self.rank, self.run, self.file = rank, None, None
         if rank != 0:
             return
+        drop_after(run_dir / "metrics.jsonl", resumed_at)
         self.file = open(run_dir / "metrics.jsonl", "a")
         mode = os.environ.get("WANDB_MODE", "offline")
         if mode != "disabled":

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from hpdm.config import Config
 from hpdm.diffusion import EDM, Condition
+from hpdm.errors import UsageError
 from hpdm.pyramid import boxes_from_offsets, level_resolution
 
 
@@ -48,16 +49,28 @@ class SampleOptions:
     tile_batch: int = 16  # tiles per network call
     window_floor: float = 1e-3
 
-    def validate(self, levels: int) -> None:
-        if self.steps and (len(self.steps) not in (1, levels) or min(self.steps) < 1):
-            raise ValueError(f"steps: need 1 or {levels} positive values; got {list(self.steps)}")
+    def __post_init__(self) -> None:
+        """Check the values that ``hpdm sample`` and the evaluations take from their options (named in errors)."""
+        if self.steps and min(self.steps) < 1:
+            raise UsageError(f"--steps: every entry must be >= 1; got {','.join(map(str, self.steps))}")
+        if self.guidance is not None and self.guidance < 0:
+            raise UsageError(f"--guidance: must be >= 0; got {self.guidance}")
+        if self.s_churn is not None and self.s_churn < 0:
+            raise UsageError(f"--churn: must be >= 0; got {self.s_churn}")
         if self.coarse not in ("renoise", "clean"):
-            raise ValueError(f"coarse: must be renoise or clean; got {self.coarse!r}")
-        if self.level0_order not in (1, 2) or self.fine_order not in (1, 2):
-            raise ValueError("sampler order must be 1 (Euler) or 2 (Heun)")
+            raise UsageError(f"--coarse: must be renoise or clean; got {self.coarse!r}")
+        for option, order in (("--level0-order", self.level0_order), ("--fine-order", self.fine_order)):
+            if order not in (1, 2):
+                raise UsageError(f"{option}: must be 1 (Euler) or 2 (Heun); got {order}")
         if self.tile_batch < 1:
-            raise ValueError("tile_batch must be >= 1")
+            raise UsageError(f"--tile-batch: must be >= 1; got {self.tile_batch}")
         overlap_fraction(self.overlap)
+
+    def validate(self, levels: int) -> None:
+        """The checks that need the model: one value of ``steps`` or one per level."""
+        if len(self.steps) not in (0, 1, levels):
+            raise UsageError(f"--steps: give 1 value or {levels} (one per level of the model); "
+                             f"got {','.join(map(str, self.steps))}")
 
 
 def overlap_fraction(overlap: str) -> float | None:
@@ -69,9 +82,9 @@ def overlap_fraction(overlap: str) -> float | None:
     try:
         f = float(overlap)
     except ValueError:
-        raise ValueError(f"overlap: must be half, full or a fraction in [0, 1); got {overlap!r}") from None
+        f = math.nan
     if not 0 <= f < 1:
-        raise ValueError(f"overlap: must be in [0, 1); got {f}")
+        raise UsageError(f"--overlap: must be half, full or a fraction in [0, 1); got {overlap!r}")
     return f
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.synthetic import COLOURS, SHAPES, class_name, shape_mask
+from hpdm.errors import UsageError
 
 # Shape half-size r is drawn from [0.1, 0.18] x the short side (at least 3 pixels); areas run from a small triangle
 # (2 r^2) to a big square ((2 r + 1)^2). A frame's blob must lie within these bounds, widened for blur and compression.
@@ -179,13 +180,15 @@ def evaluate_generator(generator: str, num: int, opts, seed: int = 0, batch: int
     """Sample ``num`` videos from a generator (classes in turn; unconditional models judged by consistency) and
     measure every level."""
     from hpdm.export import load_generator  # noqa: PLC0415
-    from hpdm.generate import default_device  # noqa: PLC0415
+    from hpdm.generate import at_least, default_device  # noqa: PLC0415
     from hpdm.monitor import sample_levels  # noqa: PLC0415
 
+    at_least("-n", num)
+    at_least("--batch", batch)
     device = default_device()
     cfg, net = load_generator(generator, raw=raw, device=device)
     if cfg.model.cond == "text":
-        raise ValueError(f"{generator} is text-conditioned; the synthetic measure takes class-conditional or "
+        raise UsageError(f"{generator} is text-conditioned; the synthetic measure takes class-conditional or "
                          "unconditional models")
     levels, labels = sample_levels(net, cfg, num, seed, device, opts, batch, progress)
     return level_reports(levels, labels)

@@ -5,6 +5,7 @@ and checkpoints and exits cleanly on SIGTERM or SIGUSR1 (preemption).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,51 +15,38 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_pipeline import build_loader, prepare_dataset
+from data_pipeline import DataError, build_loader, prepare_dataset
 from data_pipeline.storage import Storage
-from hpdm.checkpoint import Checkpointer, is_universal
+from hpdm.checkpoint import Checkpointer, config_differences, is_universal, read_state
 from hpdm.config import Config, ConfigError, save_config
 from hpdm.diffusion import EDM, Condition
-from hpdm.distributed import Preemption, init_distributed
+from hpdm.distributed import Preemption, init_distributed, on_rank0
+from hpdm.divergence import DivergenceGuard
+from hpdm.ds_config import deepspeed_config
+from hpdm.errors import CheckpointError
 from hpdm.ema import EMA
 from hpdm.finetune import init_from_generator
 from hpdm.flops import training_flops_per_sample
 from hpdm.metrics import Metrics, memory_gib, peak_flops
 from hpdm.model import HPDM
+from hpdm.monitor import plot_progress, sample_and_measure
 from hpdm.optim import build_optimizer, lr_factor
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
-from hpdm.monitor import plot_progress, sample_and_measure
+from hpdm.run_lock import RunLock
 from hpdm.video_io import to_uint8, write_mp4
 from kernels import gather_pyramid
 
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(cfg: Config, world: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON generated from our config; ``train.deepspeed`` keys are merged over it."""
-    t = cfg.train
-    micro = t.micro_batch or t.batch_size // world
-    if micro < 1 or t.batch_size % (micro * world):
-        raise ConfigError("train.batch_size", f"{t.batch_size} is not a multiple of micro_batch ({micro}) x processes ({world})")
-    ds = {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": t.batch_size // (micro * world),
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "checkpoint": {"load_universal": load_universal},
-        "steps_per_print": 2 ** 31,
-        "wall_clock_breakdown": False,
-    }
-    ds.update(t.deepspeed)
-    return ds
-
-
 def _cond(cfg: Config, batch: dict, device) -> Condition:
     if cfg.model.cond == "class":
-        return Condition(labels=batch["label"].to(device))
+        labels, n = batch["label"], cfg.model.num_classes
+        if labels.min() < -1 or labels.max() >= n:  # -1: an unlabelled clip, trained unconditionally
+            bad = int(labels.max() if labels.max() >= n else labels.min())
+            raise DataError(f"data.shards {cfg.data.shards}: a batch has label {bad} but model.num_classes is {n} "
+                            f"(labels must be 0..{n - 1}, or -1 for none)")
+        return Condition(labels=labels.to(device))
     if cfg.model.cond == "text":
         raise ConfigError("model.cond", "training with text conditioning needs precomputed text embeddings in the "
                                         "shards, which the data pipeline does not provide yet")
@@ -137,22 +125,69 @@ def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: i
     return level_losses, {"time/data_wait_s": wait, "time/fwd_bwd_s": compute, "time/optimizer_s": opt_time}
 
 
+def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
+    """Rank 0, before any work: lock the run folder, check the checkpoint copy is writable, make sure the data is
+    there (writing the synthetic set only into an empty location)."""
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    try:
+        if cfg.train.checkpoint_uri:
+            ckpt.storage.check_writable(cfg.train.checkpoint_uri)
+        prepare_dataset(cfg.data, resolution=cfg.model.resolution, num_classes=cfg.model.num_classes)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_resume(cfg: Config, ckpt: Checkpointer, latest: Path | None) -> None:
+    """Rank 0: refuse a checkpoint made for another model or diffusion config, then move newer checkpoint
+    folders out of the way (they are kept, never overwritten)."""
+    if latest is not None:
+        differ = config_differences(read_state(latest)["config"], cfg.to_dict())
+        if differ:
+            raise CheckpointError(f"cannot resume {latest} with this config; these settings differ from the "
+                                  f"checkpoint's: {'; '.join(differ)}. Restore them, or train in another "
+                                  "train.run_dir (train.init_from starts from a generator's weights)")
+    ckpt.set_aside_newer(latest.name if latest else "")
+
+
+def _skip_counts(loader, world: int) -> dict:
+    """Samples skipped as bad, in total and per reason, summed over ranks (collective when world > 1)."""
+    stats = [loader.stats]
+    if world > 1:
+        stats = [None] * world
+        dist.all_gather_object(stats, loader.stats)
+    out = {"data/skipped": float(sum(s["skipped"] for s in stats))}
+    for s in stats:
+        for reason, n in s["reasons"].items():
+            out[f"data/skipped/{reason}"] = out.get(f"data/skipped/{reason}", 0.0) + n
+    return out
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the final progress and the last logged metrics."""
     rank, world, device = init_distributed()
     preemption = Preemption()
-    t, m = cfg.train, cfg.model
-    run_dir = Path(t.run_dir)
+    t = cfg.train
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        prepare_dataset(cfg.data, resolution=m.resolution, num_classes=m.num_classes)
-    dist.barrier()
+    deepspeed_config(cfg, world)  # its errors before any work
+    ckpt = Checkpointer(t.run_dir, t.keep_checkpoints, t.checkpoint_uri, Storage(cfg.data.endpoint_url))
+    lock = on_rank0(lambda: _prepare(cfg, ckpt))
+    try:
+        return _train(cfg, ckpt, rank, world, device, preemption)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    ckpt = Checkpointer(run_dir, t.keep_checkpoints, t.checkpoint_uri, Storage(cfg.data.endpoint_url))
+
+def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preemption: Preemption) -> dict:
+    t, m = cfg.train, cfg.model
+    run_dir = Path(t.run_dir)
     latest = ckpt.latest()
+    on_rank0(lambda: _check_resume(cfg, ckpt, latest))
     ds_config = deepspeed_config(cfg, world, load_universal=latest is not None and is_universal(latest))
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -178,10 +213,15 @@ def train(cfg: Config) -> dict:
             gen.set_state(rng)
         if rank == 0:
             log.info("resumed from %s (step %d, %d samples) in %.1f s", latest, step, samples, time.perf_counter() - t0)
+    if rank == 0:  # only now: a refused or failed resume leaves the run's recorded config as it was
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
 
-    metrics = Metrics(cfg.to_dict(), run_dir, t.wandb_project, rank)
+    metrics = Metrics(cfg.to_dict(), run_dir, t.wandb_project, rank, resumed_at=step)
     flops, peak = training_flops_per_sample(m), peak_flops(device, t.precision)
     profiler = _Profiler(t.profile_steps, run_dir / "profile", rank, device)
+    guard = DivergenceGuard(t.max_skipped_steps, device, engine.skipped_steps)
+    record = {"config": cfg.to_dict(), "deepspeed": ds_config}
     batches = iter(loader)
     bar = tqdm(total=t.steps * t.batch_size, initial=samples, unit="clip", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
@@ -195,6 +235,7 @@ def train(cfg: Config) -> dict:
                 level_losses, times = _step(engine, edm, cfg, batches, gen, micro, accum, device, sync=timed)
                 step += 1
                 samples += t.batch_size
+                guard.step(level_losses, engine.skipped_steps, step)
                 ema.update(engine.module, t.batch_size, samples)
                 bar.update(t.batch_size)
                 if timed:
@@ -207,16 +248,19 @@ def train(cfg: Config) -> dict:
                     last = {"loss": level_losses.mean().item(), **{f"loss/level{l}": v.item() for l, v in enumerate(level_losses)},
                             "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                             "samples_per_s": t.batch_size / dt, "time/step_s": dt, **times,
-                            "tflops_per_gpu": flops * t.batch_size / dt / world / 1e12, **memory_gib(device), "step": step}
+                            "tflops_per_gpu": flops * t.batch_size / dt / world / 1e12, **memory_gib(device),
+                            "train/skipped_steps": guard.skipped_total, **_skip_counts(loader, world), "step": step}
                     if peak:
                         last["mfu"] = flops * t.batch_size / dt / world / peak
                     bar.set_postfix(loss=f"{last['loss']:.4f}", clips_s=f"{last['samples_per_s']:.1f}")
                     metrics.log(last, samples)
+                    guard.check(step, last["loss"])
                 if t.sample_every and step % t.sample_every == 0 and step < t.steps:
                     _samples(ema, cfg, step, run_dir, metrics, samples, device)
                 preempted = preemption.requested(device)
                 if step % t.save_every == 0 or step == t.steps or preempted:
-                    ckpt.save(engine, ema, step, samples, loader.state_dict(), gen.get_state(), cfg.to_dict())
+                    guard.check(step)
+                    ckpt.save(engine, ema, step, samples, loader.state_dict(), gen.get_state(), record)
                 if preempted:
                     if rank == 0:
                         log.warning("preempted (signal %s): checkpoint at step %d written, exiting", preemption.signal, step)
@@ -230,4 +274,5 @@ def train(cfg: Config) -> dict:
     finally:
         metrics.close()
     dist.barrier()
-    return {"step": step, "samples": samples, "rank": rank, "preempted": preempted, **last}
+    return {**last, "step": step, "samples": samples, "rank": rank, "preempted": preempted,
+            "trained_steps": step - first_step}

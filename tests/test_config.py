@@ -1,7 +1,16 @@
+"""Run configs: YAML and overrides, errors that name the key (or file and line), ranges of every numeric field,
+the default config."""
+import dataclasses
+import subprocess
+import sys
+import typing
+
 import pytest
 
+import hpdm.cli
+from data_pipeline.config import DataConfig
 from hpdm.cli import main
-from hpdm.config import ConfigError, load_config
+from hpdm.config import ConfigError, DiffusionConfig, ModelConfig, TrainConfig, load_config
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -42,7 +51,116 @@ def test_overrides_apply_and_types_convert():
 
 def test_cli_reports_config_error(capsys):
     assert main(["info", "--config", "configs/tiny.yaml", "model.head_dim=7"]) == 2
-    assert "model.head_dim" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("hpdm info: error: model.head_dim: must divide model.latent_dim (64) and "
+                                       "model.token_dim (64); got 7\n")
+
+
+def test_file_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/none.yaml: no such config file$"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  levels: 2\n  patch: [1, 2\ntrain:\n  lr: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert err.value.key == f"{bad}:4"  # where the parser noticed; the message names where the list began
+    assert "YAML syntax error" in str(err.value) and "starts on line 3" in str(err.value)
+    bad.write_text("model:\n  levels: 2\n   x: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml:3: YAML syntax error: mapping values are not allowed here"):
+        load_config(bad)
+    bad.write_text("- model\n- train\n")
+    with pytest.raises(ConfigError, match="bad.yaml: must hold a mapping of sections .*; got a list"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.patch=[1,2"], "model.patch: override 'model.patch=[1,2' is not valid YAML: expected ',' or ']'"),
+    (["train.deepspeed={a: 1"], "train.deepspeed: override 'train.deepspeed={a: 1' is not valid YAML"),
+    (["train=3", "train.lr=1"], "train: set to a value by one override and to keys by 'train.lr=1'"),
+    (["train.lr"], "train.lr: overrides must look like section.key=value"),
+])
+def test_override_errors_name_the_override(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", overrides)
+    assert str(err.value).startswith(message)
+
+
+# Numeric fields where 0 or -1 is a legitimate value, and what it means. Every other 0 and -1 must be refused.
+VALID_ZERO_OR_MINUS_ONE = {
+    ("model.token_conv", 0): "no token convolution",
+    ("model.cond_dropout", 0): "never drop the condition (no guidance training)",
+    ("diffusion.p_mean", 0): "mean of ln(sigma): any real number",
+    ("diffusion.p_mean", -1): "mean of ln(sigma): any real number",
+    ("diffusion.guidance", 0): "the unconditional prediction alone",
+    ("diffusion.s_churn", 0): "deterministic level-0 sampler",
+    ("train.micro_batch", 0): "batch_size / processes, no accumulation",
+    ("train.betas", 0): "beta1 = 0: no momentum",
+    ("train.weight_decay", 0): "no weight decay",
+    ("train.warmup_steps", 0): "no warm-up",
+    ("train.grad_clip", 0): "no gradient clipping (DeepSpeed's 0)",
+    ("train.ema_halflife", 0): "the EMA follows the raw weights",
+    ("train.zero_stage", 0): "no ZeRO",
+    ("train.seed", 0): "a seed",
+    ("train.max_skipped_steps", 0): "stop at the first skipped optimizer step",
+    ("train.profile_steps", 0): "[0, end): profile from the first step",
+    ("train.sample_every", 0): "no samples while training",
+    ("data.num_workers", 0): "load in the training process",
+    ("data.shuffle_buffer", 0): "no shuffling",
+    ("data.fps", 0): "keep the native frame rate",
+    ("data.max_skip_fraction", 0): "no bad sample tolerated",
+    ("data.skip_check_after", 0): "apply max_skip_fraction from the first sample",
+    ("data.io_retries", 0): "no retries",
+    ("data.io_backoff", 0): "retry at once",
+}
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "data": DataConfig}
+BASE = load_config("configs/tiny.yaml")
+
+
+def _numeric_cases():
+    """(key, value, override) for 0 and -1 in every int or float field (the first entry of a tuple of them)."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            number = tp in (int, float) or typing.get_origin(tp) is tuple and typing.get_args(tp)[0] in (int, float)
+            if not number:
+                continue
+            current = getattr(getattr(BASE, section), f.name)
+            for v in (0, -1):
+                value = [v, *current[1:]] if isinstance(current, tuple) else v
+                yield f"{section}.{f.name}", v, f"{section}.{f.name}={value}"
+
+
+NUMERIC_CASES = list(_numeric_cases())
+
+
+@pytest.mark.parametrize("key,value,override", NUMERIC_CASES, ids=[c[2] for c in NUMERIC_CASES])
+def test_every_numeric_field_is_range_checked(key, value, override):
+    if (key, value) in VALID_ZERO_OR_MINUS_ONE:
+        load_config("configs/tiny.yaml", [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert err.value.key == key
+    assert str(value) in str(err.value).rpartition("got ")[2], str(err.value)  # the value is named too
+
+
+def test_the_allow_list_names_only_real_cases():
+    assert set(VALID_ZERO_OR_MINUS_ONE) <= {(k, v) for k, v, _ in NUMERIC_CASES}
+
+
+def test_default_config_is_found_from_any_folder(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "info"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "video 32x128x128" in proc.stdout  # configs/tiny.yaml's model
+    assert f"using {hpdm.cli.DEFAULT_CONFIG}" in proc.stderr
+
+
+def test_without_the_default_config_file_config_is_required(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(hpdm.cli, "DEFAULT_CONFIG", tmp_path / "configs" / "tiny.yaml")
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == (f"hpdm train: error: --config: not given, and the default {tmp_path}/configs/"
+                                       "tiny.yaml does not exist (this installation of hpdm has no configs/ folder); "
+                                       "pass --config FILE\n")
 
 
 def test_info_prints_counts_and_flops(capsys):

@@ -101,3 +101,21 @@ def test_transient_read_errors_are_retried_from_the_same_byte():
     with storage.open("s3://bucket/shard.tar", offset=10) as f:
         got = b"".join(iter(lambda: f.read(300), b""))
     assert got == data[10:] and storage._s3.failures == [910] and storage._s3.opens == 2
+
+
+def test_an_endpoint_that_never_answered_fails_at_once_a_known_one_is_retried():
+    calls = []
+
+    def refused_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "ok"
+
+    storage = Storage("http://127.0.0.1:9", retries=3, backoff=0.0)
+    with pytest.raises(StorageError, match="cannot reach the storage endpoint http://127.0.0.1:9"):
+        storage.retry(refused_once, "s3://b/k", "reading")  # a wrong endpoint: no backoff schedule
+    assert len(calls) == 1
+    calls.clear()
+    assert storage.retry(lambda: "answered", "s3://b/k", "reading") == "answered"
+    assert storage.retry(refused_once, "s3://b/k", "reading") == "ok" and len(calls) == 2  # e.g. a restart mid-run

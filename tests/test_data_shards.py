@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from data_pipeline import DataConfig, build_loader, make_shards, prepare_dataset
+from data_pipeline import DataConfig, DataError, build_loader, make_shards, prepare_dataset
 from data_pipeline import cli, shards_write
 from data_pipeline.sources import SourceError, load_sources
 from data_pipeline.synthetic import render
@@ -83,6 +83,31 @@ def test_manifests_csv_and_jsonl(tmp_path, tiny_manifest):
         load_sources(str(bad))
 
 
+@pytest.mark.parametrize("name, text, error", [
+    ("m.jsonl", '{"path": "a.mp4"}\n["b.mp4", 1]\n', r"m.jsonl:2: not a JSON object \(got list\)"),
+    ("m.jsonl", '{"path": "a.mp4"}\n\n{"path": "b.mp4",}\n', r"m.jsonl:3: not valid JSON \(Expecting property name"),
+    ("m.jsonl", '{"path": "a.mp4", "label": 1}\n{"path": "b.mp4", "label": "dog"}\n',
+     r"m.jsonl:2: label 'dog' is a class name but line 1 has 1; use class names on every line, or integers"),
+    ("m.jsonl", '{"path": "a.mp4", "label": [1]}\n', r"m.jsonl:1: label \[1\] is neither an integer nor a class name"),
+    ("m.csv", "path,label\na.mp4,cat\nb.mp4,\nc.mp4,0\nd.mp4,dog\n",
+     r"m.csv:4: label 0 is an integer but line 2 has 'cat'"),
+    ("m.csv", "path,label\na.mp4,-2\n", r"m.csv:2: label -2 is negative; use -1 or leave it empty"),
+    ("m.csv", "path,label\na.mp4,1\nb.mp4,2\n", r"m.csv:3: label 2 but .*classes.txt names only 2 classes"),
+])
+def test_manifests_are_checked_line_by_line(tmp_path, name, text, error):
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=error):
+        load_sources(str(tmp_path / name))
+
+
+def test_integer_labels_named_by_classes_txt(tmp_path):
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    (tmp_path / "m.csv").write_text("path,label\na.mp4,1\nb.mp4,\nc.mp4,-1\nd.mp4, 0\n")
+    items, classes = load_sources(str(tmp_path / "m.csv"))
+    assert classes == ["cat", "dog"] and [i.label for i in items] == [1, -1, -1, 0]
+
+
 def test_rerun_resumes_instead_of_starting_over(tiny_manifest, tmp_path, monkeypatch):
     dest = str(tmp_path / "ds")
     calls = []
@@ -90,8 +115,11 @@ def test_rerun_resumes_instead_of_starting_over(tiny_manifest, tmp_path, monkeyp
     monkeypatch.setattr(shards_write, "write_shard", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, progress=False)
     assert len(calls) == 12
-    os.remove(os.path.join(dest, "shard-000004.meta.json"))  # as if killed while writing shard 4
-    os.remove(os.path.join(dest, "index.json"))
+    sidecar = tmp_path / "ds" / "shard-000004.meta.json"  # as if killed while writing shard 4: its first sidecar,
+    side = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({k: side[k] for k in ("name", "keys", "options")} | {"state": "writing"}))
+    os.remove(os.path.join(dest, "shard-000004.tar"))  # no tar yet,
+    os.remove(os.path.join(dest, "index.json"))  # and no index
     calls.clear()
     index = make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, progress=False)
     assert calls == [4] and index["num_samples"] == 12
@@ -120,9 +148,9 @@ def test_cli_make_shards(tiny_manifest, tmp_path, capsys):
     assert cli.run(args) == 0
     assert "12 videos in" in capsys.readouterr().out
     assert json.load(open(tmp_path / "out" / "index.json"))["num_samples"] == 12
-    args = parser.parse_args([str(tmp_path / "nothing-here"), str(tmp_path / "out2")])
-    assert cli.run(args) == 2
-    assert "not a folder of videos" in capsys.readouterr().out
+    assert cli.main([str(tmp_path / "nothing-here"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hpdm make-shards: error: ") and "not a folder of videos" in err and err.count("\n") == 1
 
 
 def test_synthetic_dataset_goes_through_make_shards(tmp_path):

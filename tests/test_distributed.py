@@ -109,6 +109,10 @@ def test_world_size_change_2_to_1_to_2(tmp_path, data):
     run = tmp_path / "run"
     _run(2, run, data, "train.steps=4", "train.save_every=2", "train.zero_stage=2")
     before = load_file(str(run / "checkpoints" / "step_00000004" / "ema.safetensors"))
+    unconverted = subprocess.run(_cmd(1, run, data, "train.steps=6", "train.save_every=2", "train.zero_stage=2"),
+                                 capture_output=True, text=True, env=_env(), timeout=600)
+    assert unconverted.returncode == 2 and unconverted.stderr.strip().splitlines()[-1].endswith(
+        f"was written by 2 processes and this run has 1: run `hpdm convert-checkpoint {run}` first"), unconverted.stderr[-2000:]
     out = subprocess.run([sys.executable, "-m", "hpdm.cli", "convert-checkpoint", str(run)], capture_output=True,
                          text=True, env=_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -163,3 +167,25 @@ def test_zero3_ema_equals_single_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
         moved += int(not torch.equal(a[k], load_file(str(tmp_path / "one.safetensors.init"))[k]))
     assert moved > len(a) // 2, "the EMA barely moved: the comparison would prove nothing"
+
+
+def test_raw_weights_of_a_zero3_run_before_and_after_conversion(tmp_path, data):
+    """ZeRO-3 partitions DeepSpeed's own model state; `hpdm export --raw` still gives the whole raw weights."""
+    run = tmp_path / "run"
+    _run(2, run, data, "train.steps=2", "train.save_every=2", "train.optimizer=adamw", "train.zero_stage=3")
+    exported = {}
+    for when in ("before", "after"):
+        if when == "after":
+            assert subprocess.run([sys.executable, "-m", "hpdm.cli", "convert-checkpoint", str(run)], env=_env(),
+                                  capture_output=True, timeout=300).returncode == 0
+            assert _latest(run) == "step_00000002_universal"
+        out = tmp_path / f"{when}.safetensors"
+        proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "export", str(run), str(out), "--raw"],
+                              capture_output=True, text=True, env=_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        exported[when] = load_file(str(out))
+    raw = {k[4:]: v for k, v in exported["before"].items() if k.startswith("raw.")}
+    ema = {k: v for k, v in exported["before"].items() if not k.startswith("raw.")}
+    assert raw.keys() == ema.keys() and all(raw[k].shape == ema[k].shape and raw[k].numel() > 0 for k in raw)
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw), "the raw weights equal the EMA"
+    assert all(torch.equal(v, exported["after"][k]) for k, v in exported["before"].items())

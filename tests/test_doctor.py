@@ -58,6 +58,14 @@ def test_synthetic_data_still_to_be_written_is_a_warning(capsys, tmp_path):
     assert code == 0 and rows["data"][0] == "warn" and "rank 0 writes" in rows["data"][1]
 
 
+def test_synthetic_over_the_users_shards_fails(capsys, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "shard-000000.tar").write_bytes(b"the user's data")
+    code, rows, _ = _doctor(capsys, "data.synthetic=true", "data.flip=false", f"data.shards={tmp_path / 'mine'}",
+                            f"train.run_dir={tmp_path / 'r'}")
+    assert code == 1 and rows["data"][0] == "FAIL" and "holds 1 file" in rows["data"][1], rows["data"]
+
+
 def test_s3_bucket_checks_and_no_secret_printed(capsys, s3_server, monkeypatch, tmp_path):
     s3_server.env(monkeypatch)
     Storage().write_bytes(f"s3://{s3_server.bucket}/doctor/index.json", b'{"shards": [], "num_samples": 0}')

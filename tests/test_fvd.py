@@ -6,9 +6,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from hpdm import fvd
+from hpdm import eval_fvd, fvd
 from hpdm.cli import main
 from hpdm.config import Config
+from hpdm.errors import UsageError
 from hpdm.model import HPDM
 from hpdm.video_io import write_mp4
 from tests.helpers import tiny_model_config
@@ -106,3 +107,18 @@ def test_eval_fvd_samples_on_the_fly_and_reads_shards(tmp_path, tiny_shards):
                  "--out", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["num_fake"] == 3 and r["size"] == [64, 64] and np.isfinite(r["fvd"])
+
+
+def test_detector_errors_name_the_option(tmp_path):
+    junk = tmp_path / "c3d.pt"
+    junk.write_text("not a model")
+    with pytest.raises(UsageError, match=r"^--c3d: .*c3d.pt is not a TorchScript model \(.*not a ZIP archive\)$"):
+        fvd.Detector(junk, "cpu", "c3d")
+    with pytest.raises(UsageError, match=r"^--c3d: detector file not found: .*none.pt"):
+        fvd.Detector(tmp_path / "none.pt", "cpu", "c3d")
+    with pytest.raises(UsageError, match=r"^--c3d-sha256: .*c3d.pt has SHA-256 [0-9a-f]{64}, not the expected ABC$"):
+        fvd.Detector(junk, "cpu", "c3d", expect_sha256="ABC")
+    with pytest.raises(UsageError, match="^--real: no such folder"):
+        eval_fvd.evaluate(str(junk), fake=str(tmp_path), real=str(tmp_path / "none"))
+    with pytest.raises(UsageError, match="^--num-real: must be >= 1; got 0"):
+        eval_fvd.evaluate(str(junk), fake=str(tmp_path), real=str(tmp_path), num_real=0)

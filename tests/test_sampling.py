@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from hpdm.config import Config, load_config
 from hpdm.diffusion import Condition
-from hpdm.generate import share
+from hpdm.errors import UsageError
+from hpdm.generate import conditions, share
 from hpdm.model import HPDM
 from hpdm.pyramid import boxes_from_offsets, level_resolution, sample_offsets
 from hpdm.sampling import SampleOptions, TiledSampler, blend_window, parent_offset, tile_positions
@@ -119,8 +120,28 @@ def test_full_overlap_uses_a_one_token_stride():
     cfg = Config(model=tiny_model_config())
     sampler = TiledSampler(HPDM(cfg.model), cfg, SampleOptions(overlap="full"))
     assert len(sampler.geometry[1].offsets) == 5 * 5 * 5  # 8x32x32 canvas, 4x16x16 tiles, stride 1x4x4
-    with pytest.raises(ValueError, match="overlap"):
-        SampleOptions(overlap="1.5").validate(3)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(overlap="1.5"), "--overlap: must be half, full or a fraction in [0, 1); got '1.5'"),
+    (dict(overlap="most"), "--overlap: must be half, full or a fraction in [0, 1); got 'most'"),
+    (dict(steps=(4, 0)), "--steps: every entry must be >= 1; got 4,0"),
+    (dict(guidance=-1.0), "--guidance: must be >= 0; got -1.0"),
+    (dict(s_churn=-2.0), "--churn: must be >= 0; got -2.0"),
+    (dict(tile_batch=0), "--tile-batch: must be >= 1; got 0"),
+    (dict(fine_order=3), "--fine-order: must be 1 (Euler) or 2 (Heun); got 3"),
+])
+def test_bad_sample_options_name_the_option(options, message):
+    with pytest.raises(UsageError) as err:
+        SampleOptions(**options)
+    assert str(err.value) == message
+
+
+def test_steps_must_match_the_levels():
+    SampleOptions(steps=(8,)).validate(3)
+    SampleOptions(steps=(8, 4, 2)).validate(3)
+    with pytest.raises(UsageError, match=r"--steps: give 1 value or 3 \(one per level of the model\); got 8,4"):
+        SampleOptions(steps=(8, 4)).validate(3)
 
 
 def test_hpdm_sample_writes_full_resolution_videos(tmp_path):
@@ -139,3 +160,16 @@ def test_hpdm_sample_writes_full_resolution_videos(tmp_path):
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cost = yaml.safe_load((out / "cost.json").read_text())["levels"]
     assert [r["tile_evals_per_video"] for r in cost] == [3, 27, 343]
+
+
+def test_condition_errors_name_the_option(tmp_path):
+    assert conditions("class", 5, 3, seed=0, label=4).labels.tolist() == [4, 4, 4]
+    with pytest.raises(UsageError, match=r"^--label: 5 is outside the model's classes 0..4$"):
+        conditions("class", 5, 3, seed=0, label=5)
+    with pytest.raises(UsageError, match="^--label: the model is conditioned on 'none', not on a class$"):
+        conditions("none", 5, 3, seed=0, label=1)
+    with pytest.raises(UsageError, match="^--text-emb: no such file: .*none.safetensors$"):
+        conditions("text", 5, 3, seed=0, text_emb=str(tmp_path / "none.safetensors"))
+    save_file({"emb": torch.zeros(2, 4)}, str(tmp_path / "t.safetensors"))
+    with pytest.raises(UsageError, match="^--text-emb: .*t.safetensors has no tensor named 'text'"):
+        conditions("text", 5, 3, seed=0, text_emb=str(tmp_path / "t.safetensors"))

@@ -9,6 +9,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+FAULTS = os.path.join(os.path.dirname(__file__), "faults")
 OVERRIDES = ["train.steps=6", "train.save_every=3", "train.log_every=1", "train.batch_size=4", "train.warmup_steps=2",
              "data.synthetic_videos=12", "data.shuffle_buffer=8", "diffusion.steps=2"]
 
@@ -58,18 +59,16 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     run, data = tmp_path / "run", tmp_path / "data"
     _train(run, data, "train.sample_at_end=false")
     ckpts = run / "checkpoints"
-    # make rank 0's write of the step-9 EMA file fail after DeepSpeed has written its shards: a crash mid-save
-    (ckpts / "step_00000009" / "ema.safetensors").mkdir(parents=True)
+    # rank 0's write of the step-9 EMA file fails after DeepSpeed has written its shards: a crash mid-save
     cmd_overrides = ("train.steps=9", "train.sample_at_end=false")
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": FAULTS, "HPDM_FAULT_SAVE": "step_00000009/ema.safetensors"}
     proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml",
                            f"train.run_dir={run}", f"data.shards={data}", *OVERRIDES, *cmd_overrides],
                           capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode != 0 and "Is a directory" in proc.stderr
+    assert proc.returncode != 0 and "No space left on device (injected)" in proc.stderr
     assert (ckpts / "latest").read_text() == "step_00000006"
     assert any((ckpts / "step_00000009").glob("*optim_states.pt")) and not (ckpts / "step_00000009" / "state.json").exists()
 
-    (ckpts / "step_00000009" / "ema.safetensors").rmdir()
     out = _train(run, data, *cmd_overrides)
     assert "(step 6, 24 samples)" in out
     assert (ckpts / "latest").read_text() == "step_00000009"
@@ -107,13 +106,14 @@ def test_checkpoint_mirrored_to_s3_and_resumed_from_it(tmp_path, s3_server, monk
     s3_server.env(monkeypatch)
     run, data = tmp_path / "run", tmp_path / "data"
     uri = f"s3://{s3_server.bucket}/checkpoints/{tmp_path.name}"
-    _train(run, data, f"train.checkpoint_uri={uri}", "train.sample_at_end=false")
+    _train(run, data, f"train.checkpoint_uri={uri}", "train.sample_at_end=false", "train.keep_checkpoints=1")
     from data_pipeline.storage import Storage
 
     storage = Storage()
     assert storage.read_bytes(f"{uri}/latest") == b"step_00000006"
     names = {u.rsplit("/", 1)[1] for u in storage.list(f"{uri}/step_00000006")}
     assert {"state.json", "ema.safetensors", "rank_00000.safetensors", "mp_rank_00_model_states.pt"} <= names
+    assert [u.rsplit("/", 1)[1] for u in storage.list(uri)] == ["latest", "step_00000006"]  # step 3 pruned there too
 
     import shutil
 
@@ -121,3 +121,22 @@ def test_checkpoint_mirrored_to_s3_and_resumed_from_it(tmp_path, s3_server, monk
     out = _train(run, data, f"train.checkpoint_uri={uri}", "train.steps=7", "train.sample_at_end=false")
     assert "(step 6, 24 samples)" in out
     assert storage.read_bytes(f"{uri}/latest") == b"step_00000007"
+
+
+def test_failed_upload_leaves_a_complete_local_checkpoint(tmp_path, s3_server, monkeypatch):
+    s3_server.env(monkeypatch)
+    run, data = tmp_path / "run", tmp_path / "data"
+    uri = f"s3://{s3_server.bucket}/checkpoints/{tmp_path.name}"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": FAULTS, "HPDM_FAULT_UPLOAD": "step_00000006/ema.safetensors"}
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml", f"train.run_dir={run}",
+                           f"data.shards={data}", *OVERRIDES, f"train.checkpoint_uri={uri}", "train.sample_at_end=false"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("hpdm train: error: checkpoint ") and "is complete locally" in last, last
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+    from data_pipeline.storage import Storage
+
+    assert Storage().read_bytes(f"{uri}/latest") == b"step_00000003"
+    out = _train(run, data, f"train.checkpoint_uri={uri}", "train.steps=7", "train.sample_at_end=false")
+    assert "(step 6, 24 samples)" in out
+    assert Storage().read_bytes(f"{uri}/latest") == b"step_00000007"

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from hpdm.config import load_config
 from hpdm.diffusion import EDM, Condition
 from hpdm.distributed import init_distributed
+from hpdm.ds_config import deepspeed_config
 from hpdm.ema import EMA
 from hpdm.model import HPDM
 from hpdm.optim import build_optimizer
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
-from hpdm.trainer import deepspeed_config
 
 out = sys.argv[-1]
 rank, world, device = init_distributed()

@@ -1,0 +1,155 @@
+"""Checkpoints under faults and mistakes: a missing or broken ``latest``, truncated files, planted pickles, an
+incompatible config, two trainers in one run folder, a run that diverges (issue 14)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpdm.checkpoint import Checkpointer, config_differences
+from hpdm.errors import CheckpointError
+
+pytestmark = pytest.mark.slow
+BASE = ["--config", "configs/tiny.yaml", "train.save_every=3", "train.log_every=1", "train.batch_size=4",
+        "train.warmup_steps=2", "data.synthetic_videos=12", "data.shuffle_buffer=8", "diffusion.steps=2",
+        "train.sample_at_end=false", "train.optimizer=adamw", "train.zero_stage=1"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hpdm(*args, check=True):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _train(run, data, *extra, check=True):
+    return _hpdm("train", *BASE, f"train.run_dir={run}", f"data.shards={data}", *extra, check=check)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A run with complete checkpoints at steps 3 and 6 (ZeRO-1, AdamW) and its data; copied by each test."""
+    root = tmp_path_factory.mktemp("ckpt")
+    _train(root / "run", root / "data", "train.steps=6")
+    return root
+
+
+@pytest.fixture
+def run(template, tmp_path):
+    shutil.copytree(template / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _folder(run, step):
+    return run / "checkpoints" / f"step_{step:08d}"
+
+
+def test_missing_latest_resumes_from_newest_intact(run, caplog):
+    (run / "checkpoints" / "latest").unlink()
+    assert Checkpointer(run).latest() == _folder(run, 6)
+    assert "latest is missing; resuming from step_00000006" in caplog.text
+
+
+@pytest.mark.parametrize("broken", ["ema.safetensors", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "state.json"])
+def test_broken_newest_falls_back_and_names_the_file(run, caplog, broken):
+    f = _folder(run, 6) / broken
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated, as by a full disk
+    assert Checkpointer(run).latest() == _folder(run, 3)
+    assert f"latest names step_00000006: {f}" in caplog.text and "resuming from step_00000003" in caplog.text
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(run):
+    for step in (3, 6):
+        (_folder(run, step) / "ema.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as e:
+        Checkpointer(run).latest()
+    assert str(_folder(run, 3) / "ema.safetensors") in str(e.value) and str(_folder(run, 6) / "ema.safetensors") in str(e.value)
+
+
+def test_config_differences_name_the_keys():
+    saved = {"model": {"latent_dim": 256, "patch": [4, 8, 8], "kernels": "auto"}, "diffusion": {"p_mean": -1.2, "steps": 128}}
+    now = {"model": {"latent_dim": 128, "patch": (4, 8, 8), "kernels": "reference"}, "diffusion": {"p_mean": -1.2, "steps": 32}}
+    assert config_differences(saved, now) == ["model.latent_dim: 256 -> 128"]  # sampling-only keys may change
+
+
+def test_resume_after_lost_latest_and_truncated_newest(run, template):
+    """The newest checkpoint is broken and latest is gone: the run resumes from step 3, keeps the broken step 6
+    aside (byte for byte), and metrics.jsonl holds each step once."""
+    (run / "checkpoints" / "latest").unlink()
+    ema = _folder(run, 6) / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:1000])
+    broken = {p.relative_to(_folder(run, 6)): p.read_bytes() for p in _folder(run, 6).rglob("*") if p.is_file()}
+    out = _train(run, template / "data", "train.steps=7").stderr
+    assert "resumed from" in out and "(step 3, 12 samples)" in out
+    assert "ema.safetensors has 1000 bytes" in out, out[-3000:]
+    aside = run / "checkpoints" / "set-aside" / "step_00000006"
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == broken
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000007"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8)), steps
+
+
+def test_incompatible_resume_is_refused_before_anything_is_written(run, template):
+    config = (run / "config.yaml").read_bytes()
+    proc = _train(run, template / "data", "train.steps=9", "model.latent_dim=128", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "model.latent_dim: 64 -> 128" in proc.stderr and "Traceback" not in proc.stderr
+    assert (run / "config.yaml").read_bytes() == config
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+
+
+def test_no_pickle_runs_code_on_any_path(template, tmp_path):
+    """Payloads in every torch file kind of an ordinary and a universal checkpoint: resume, convert and the raw
+    weights refuse each, naming the file, and no payload runs; intact checkpoints still load."""
+    shutil.copytree(template / "run", tmp_path / "run")
+    _hpdm("convert-checkpoint", str(tmp_path / "run"))
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "planted_pickles.py"), str(tmp_path / "run"),
+                           "step_00000006"], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 13, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for r in rows:
+        assert not r["ran"], r
+        if "intact" in r["case"]:
+            assert r["error"] is None, r
+        else:
+            name = r["case"].split()[-1]
+            assert r["error"].startswith("CheckpointError") and f"{name}: refused" in r["error"], r
+
+
+def test_second_trainer_is_refused_and_a_killed_ones_lock_is_not_stale(run, template):
+    """The template's train.lock is left from a finished run; a running trainer holds it; once killed with
+    SIGKILL, the next run starts."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    first = subprocess.Popen([sys.executable, "-m", "hpdm.cli", "train", *BASE, f"train.run_dir={run}",
+                              f"data.shards={template / 'data'}", "train.steps=500", "train.save_every=1000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while f"pid {first.pid} " not in (run / "train.lock").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = _train(run, template / "data", "train.steps=7", check=False)
+        assert second.returncode == 2 and f"is in use by another `hpdm train` (pid {first.pid} on" in second.stderr, second.stderr[-2000:]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert "(step 6, 24 samples)" in _train(run, template / "data", "train.steps=7").stderr
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, template):
+    run = tmp_path / "run"
+    proc = _train(run, template / "data", "train.steps=8", "train.save_every=1", "train.lr=1e30", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("hpdm train: error: training diverged by step 2: the loss is not finite; the last finite "
+                           "loss was") and "at step 1" in line and "train.lr" in line, line
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000001"
+    assert not (run / "checkpoints" / "step_00000002").exists()

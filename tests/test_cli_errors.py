@@ -1,0 +1,100 @@
+"""Every user mistake ends in one line, `hpdm <command>: error: <what and where>`, and exit status 2; a traceback
+only for bugs or with --debug (issue 14, items 8 and 9). Runs the real command, as a user would."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hpdm.cli
+from hpdm.config import Config
+from hpdm.model import HPDM
+from tests.helpers import tiny_model_config
+from tests.test_sampling import export_model
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """A tiny exported generator (5 classes, 3 levels; random weights), a config with a YAML syntax error on line 3,
+    a file that is neither safetensors nor TorchScript, and a folder without videos."""
+    tmp = tmp_path_factory.mktemp("cli_errors")
+    cfg = Config(model=tiny_model_config())
+    torch.manual_seed(0)
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("model:\n  levels: 2\n   patch: [4, 16, 16]\n")
+    junk = tmp / "junk.pt"
+    junk.write_text("not a model\n")
+    (tmp / "empty").mkdir()
+    return {"gen": export_model(HPDM(cfg.model), cfg, tmp / "gen.safetensors"), "tmp": str(tmp),
+            "bad_yaml": str(bad_yaml), "junk": str(junk), "empty": str(tmp / "empty")}
+
+
+def hpdm_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpdm.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled", **(env or {})})
+
+
+SAMPLE = ("sample", "{gen}", "--out", "{tmp}/out")
+FVD = ("eval-fvd", "--i3d", "{junk}", "--real", "{empty}")
+CASES = {  # name: (arguments, what the error line must say after `hpdm <command>: error: `)
+    "missing config": (("train", "--config", "{tmp}/none.yaml"), "{tmp}/none.yaml: no such config file"),
+    "yaml syntax": (("train", "--config", "{bad_yaml}"), "{bad_yaml}:3: YAML syntax error: mapping values are not "
+                                                           "allowed here (column 9)"),
+    "save_every 0": (("train", "train.save_every=0"), "train.save_every: must be >= 1; got 0"),
+    "bad override": (("train", "model.patch=[1,2"), "model.patch: override 'model.patch=[1,2' is not valid YAML"),
+    "sigma_data 0": (("info", "diffusion.sigma_data=0"), "diffusion.sigma_data: must be > 0; got 0.0"),
+    "patchify 0": (("info", "model.patchify=[0,4,4]"), "model.patchify: every entry must be >= 1; got [0, 4, 4]"),
+    "no generator": (("sample", "{tmp}/nothing", "--out", "{tmp}/out"),
+                     "{tmp}/nothing is neither a checkpoint folder (with ema.safetensors) nor a run with checkpoints"),
+    "not safetensors": (("sample", "{junk}", "--out", "{tmp}/out"), "{junk} is not a safetensors file"),
+    "-n -3": ((*SAMPLE, "-n", "-3"), "-n: must be >= 1; got -3"),
+    "--steps 0": ((*SAMPLE, "--steps", "0"), "--steps: every entry must be >= 1; got 0"),
+    "--steps a,b": ((*SAMPLE, "--steps", "a,b"), "--steps: must be whole numbers separated by commas"),
+    "--steps per level": ((*SAMPLE, "--steps", "4,2"), "--steps: give 1 value or 3 (one per level of the model)"),
+    "--label 99": ((*SAMPLE, "--label", "99"), "--label: 99 is outside the model's classes 0..4"),
+    "--overlap 2": ((*SAMPLE, "--overlap", "2"), "--overlap: must be half, full or a fraction in [0, 1); got '2'"),
+    "--batch 0": ((*SAMPLE, "--batch", "0"), "--batch: must be >= 1; got 0"),
+    "--tile-batch 0": ((*SAMPLE, "--tile-batch", "0"), "--tile-batch: must be >= 1; got 0"),
+    "--guidance -1": ((*SAMPLE, "--guidance", "-1"), "--guidance: must be >= 0; got -1.0"),
+    "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt: hpdm bundles no text encoder"),
+    "eval-synthetic -n 0": (("eval-synthetic", "{gen}", "-n", "0"), "-n: must be >= 1; got 0"),
+    "export missing": (("export", "{tmp}/nothing", "{tmp}/g.safetensors"), "{tmp}/nothing is neither a checkpoint"),
+    "--i3d missing": (("eval-fvd", "--i3d", "{tmp}/i3d.pt", "--fake", "{empty}", "--real", "{empty}"),
+                      "--i3d: detector file not found: {tmp}/i3d.pt"),
+    "--i3d-sha256": ((*FVD, "--fake", "{empty}", "--i3d-sha256", "00ff"), "--i3d-sha256: {junk} has SHA-256 "),
+    "no --fake": (FVD, "--fake/--generator: give exactly one"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_user_mistake_is_one_line_and_exit_2(paths, name):
+    args, says = CASES[name]
+    proc = hpdm_cli(*(a.format(**paths) for a in args))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr
+    assert last.startswith(f"hpdm {args[0]}: error: {says.format(**paths)}"), last
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(where):
+    args = ["--debug", "info", "model.blocks=0"] if where == "before" else ["info", "--debug", "model.blocks=0"]
+    proc = hpdm_cli(*args)
+    assert proc.returncode == 2
+    assert "Traceback (most recent call last)" in proc.stderr and "hpdm.config.ConfigError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "hpdm info: error: model.blocks: must be >= 1; got 0"
+
+
+def test_only_rank_0_prints_but_every_rank_exits_2():
+    proc = hpdm_cli("info", "model.blocks=0", env={"RANK": "1"})
+    assert proc.returncode == 2 and "error" not in proc.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def bug(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(hpdm.cli, "cmd_info", bug)
+    with pytest.raises(ZeroDivisionError):
+        hpdm.cli.main(["info"])

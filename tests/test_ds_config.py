@@ -1,0 +1,32 @@
+"""The DeepSpeed config: generated from ours; ``train.deepspeed`` may add keys but not set ours twice."""
+import pytest
+
+from hpdm.config import ConfigError, load_config
+from hpdm.ds_config import deepspeed_config
+
+
+def test_generated_from_our_fields_with_nested_pass_through():
+    cfg = load_config("configs/tiny.yaml", ["train.batch_size=8", "train.micro_batch=2", "train.optimizer=adamw",
+                                            "train.zero_stage=2", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])
+    ds = deepspeed_config(cfg, world=2)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+
+
+@pytest.mark.parametrize("override,field", [
+    ("{zero_optimization: {stage: 3}}", "train.zero_stage"),  # would bypass the LAMB check and be recorded as 0
+    ("{train_batch_size: 64}", "train.batch_size"),
+    ("{bf16: {enabled: true}}", "train.precision"),
+    ("{optimizer: {type: Adam}}", "train.optimizer"),
+])
+def test_keys_that_hpdm_sets_are_refused_with_the_field_to_use(override, field):
+    cfg = load_config("configs/tiny.yaml", [f"train.deepspeed={override}"])
+    with pytest.raises(ConfigError, match=f"set by hpdm from {field}") as e:
+        deepspeed_config(cfg, world=1)
+    assert e.value.key.startswith("train.deepspeed.")
+
+
+def test_batch_not_divisible_names_the_key():
+    cfg = load_config("configs/tiny.yaml", ["train.batch_size=6", "train.micro_batch=4"])
+    with pytest.raises(ConfigError, match="train.batch_size: 6 is not a multiple"):
+        deepspeed_config(cfg, world=1)
