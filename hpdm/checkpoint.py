@@ -390,21 +390,3 @@ def convert_to_universal(src: str | Path) -> Path:
     Checkpointer(ckpt.parent.parent).set_latest(out.name)
     return out
 
-
-SAMPLING_ONLY = {"diffusion.steps", "diffusion.guidance", "diffusion.s_churn", "model.kernels"}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def config_differences(saved: dict, now: dict, sections=("model", "diffusion")) -> list[str]:
-    """``key: saved -> now`` for every setting of ``sections`` that a resume may not change (sampling-only
-    settings may)."""
-    old = _flat({s: saved.get(s, {}) for s in sections})
-    new = _flat(json.loads(json.dumps({s: now[s] for s in sections})))  # tuples as lists, like the saved JSON
-    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(old.keys() | new.keys())
-            if k not in SAMPLING_ONLY and old.get(k) != new.get(k)]

@@ -6,6 +6,7 @@ line) or the override it comes from, e.g. ``configs/x.yaml:3: YAML syntax error:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -327,3 +328,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+SAMPLING_ONLY = {"diffusion.steps", "diffusion.guidance", "diffusion.s_churn", "model.kernels"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def config_differences(saved: dict, now: dict, sections=("model", "diffusion")) -> list[str]:
+    """``key: saved -> now`` for every setting of ``sections`` that a resume may not change (sampling-only
+    settings may)."""
+    old = _flat({s: saved.get(s, {}) for s in sections})
+    new = _flat(json.loads(json.dumps({s: now[s] for s in sections})))  # tuples as lists, like the saved JSON
+    return [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in sorted(old.keys() | new.keys())
+            if k not in SAMPLING_ONLY and old.get(k) != new.get(k)]

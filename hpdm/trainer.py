@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from data_pipeline import DataError, build_loader, prepare_dataset
 from data_pipeline.storage import Storage
-from hpdm.checkpoint import Checkpointer, config_differences, is_universal, read_state
-from hpdm.config import Config, ConfigError, save_config
+from hpdm.checkpoint import Checkpointer, is_universal, read_state
+from hpdm.config import Config, ConfigError, config_differences, save_config
 from hpdm.diffusion import EDM, Condition
 from hpdm.distributed import Preemption, init_distributed, on_rank0
 from hpdm.divergence import DivergenceGuard

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hpdm.checkpoint import Checkpointer, config_differences
+from hpdm.checkpoint import Checkpointer
+from hpdm.config import config_differences
 from hpdm.errors import CheckpointError
 
 pytestmark = pytest.mark.slow
