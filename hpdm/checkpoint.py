@@ -169,18 +169,20 @@ class Checkpointer:
         Raises CheckpointError when checkpoints exist but none is intact: starting afresh would overwrite them."""
         f = self.root / "latest"
         named = f.read_text().strip() if f.is_file() else ""
-        if named and not problems(self.root / named):
+        named_wrong = problems(self.root / named) if named else []
+        if named and not named_wrong:
             return named
-        why = f"{f} names {named}: {'; '.join(problems(self.root / named))}" if named else f"{f} is missing"
-        broken = []
-        for p in reversed(self.folders()):
-            wrong = problems(p)
+        why = f"{f} names {named}: {'; '.join(named_wrong)}" if named else f"{f} is missing"
+        folders, broken = self.folders(), []
+        for p in reversed(folders):
+            wrong = named_wrong if p.name == named else problems(p)
             if not wrong:
                 log.warning("%s; resuming from %s, the newest intact checkpoint", "; ".join([why, *broken]), p.name)
                 return p.name
-            broken.append("; ".join(wrong))
-        if any(is_complete(p) for p in self.folders()):
-            raise CheckpointError(f"no intact checkpoint in {self.root}: " + " | ".join(broken)
+            if p.name != named:  # already said in ``why``
+                broken.append("; ".join(wrong))
+        if any(is_complete(p) for p in folders):
+            raise CheckpointError(f"no intact checkpoint in {self.root}: " + " | ".join([*named_wrong, *broken])
                                   + ". Repair or move these folders away to start the run afresh")
         if named or broken:
             log.warning("%s and no checkpoint is complete (%d unfinished saves); starting at step 0", why, len(broken))

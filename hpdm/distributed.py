@@ -78,7 +78,8 @@ def on_rank0(fn, *, first=None, share: bool = False):
         error, shared = box[0]
         _raise_any([error], mine)
         return result if rank == 0 else shared
-    _raise_any([], mine)
+    if mine is not None:
+        raise mine
     return result
 
 
