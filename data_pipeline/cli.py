@@ -25,14 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Write the shards; user errors (DataError, StorageError) propagate to the caller, which prints them."""
+def run(args: argparse.Namespace, embed: dict | None = None) -> int:
+    """Write the shards (and with ``embed``, the captions' embeddings: see :func:`make_shards`); user errors
+    (DataError, StorageError) propagate to the caller, which prints them."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     index = make_shards(args.src, args.dest, shard_size_mb=args.shard_size_mb, workers=args.workers,
                         reencode=args.reencode, max_side=args.max_side, storage=Storage(args.endpoint_url),
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, embed=embed)
+    text = f", their captions' embeddings in {args.dest.rstrip('/')}/text" if embed else ""
     print(f"make-shards: {index['num_samples']} videos in {len(index['shards'])} shards at {args.dest}"
-          f" ({len(index['class_names'])} classes, {len(index['skipped'])} unreadable videos left out)")
+          f" ({len(index['class_names'])} classes, {len(index['skipped'])} unreadable videos left out{text})")
     return 0
 
 

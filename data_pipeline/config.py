@@ -21,6 +21,14 @@ class DataConfig:
     decode_threads: int = 1  # FFmpeg threads per decoder (1: the DataLoader workers are the parallelism)
     io_retries: int = 4  # retries of a transient storage error, with exponential backoff
     io_backoff: float = 0.5  # seconds before the first retry; doubles each time
+    # model.cond: text reads captions' embeddings from shards written by `hpdm embed-text` (default: SHARDS/text),
+    # or, when text_encoder is set, encodes captions on the fly with that frozen Hugging Face encoder.
+    text_embeddings: str = ""
+    text_encoder: str = ""
+    # Joint image-video training (HPDM's T2V batch: 4096 videos + 4096 images): shards of still images (folder,
+    # s3:// prefix or brace pattern; empty: videos only), each image repeated along time into a still clip.
+    image_shards: str = ""
+    image_batch_fraction: float = 0.5  # share of every micro-batch that is still images (see loader.split_batch)
 
     def validate(self) -> None:
         # the data package does not depend on hpdm at import
@@ -30,6 +38,10 @@ class DataConfig:
             check_range(f"data.{key}", getattr(self, key), 1)
         for key in ("num_workers", "shuffle_buffer", "skip_check_after", "io_retries", "fps", "io_backoff"):
             check_range(f"data.{key}", getattr(self, key), 0)
+        check_range("data.image_batch_fraction", self.image_batch_fraction, 0, high=1)
+        if self.image_shards and not self.image_batch_fraction:
+            raise ConfigError("data.image_batch_fraction", "must be > 0 when data.image_shards is set "
+                                                           f"({self.image_shards}), or its images are never read; got 0")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ConfigError("data.max_skip_fraction", f"must be in [0, 1]; got {self.max_skip_fraction}")
         if self.synthetic and self.flip:

@@ -4,6 +4,9 @@ as the last, resize the short side and crop to the target size, optionally flip.
 Frame indices are chosen in the source's frame grid: with native rate r, target rate f (0: r) and stride s,
 clip frame i is source frame ``round(start + i * s * r / f)``. Training draws ``start`` uniformly, evaluation
 takes the first frames.
+
+An image becomes a still clip (as in Snap Video and HPDM's joint image-video training): resized and cropped
+exactly like a video frame, then repeated along time.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from .video import VideoError
+from .video import VideoError, read_image
 
 
 class ShortVideo(VideoError):
@@ -46,6 +49,29 @@ def clip_indices(n_frames: int, native_fps: float, spec: ClipSpec, rng: np.rando
 def _resized_shape(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
     scale = max(size[0] / h, size[1] / w)
     return max(size[0], round(h * scale)), max(size[1], round(w * scale))
+
+
+def _crop_box(h: int, w: int, spec: ClipSpec, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
+    """(resized height, resized width, top, left): the short side to the target, a random crop in training, else
+    the centre one."""
+    rh, rw = _resized_shape(h, w, spec.size)
+    y, x = (rh - spec.size[0]) // 2, (rw - spec.size[1]) // 2
+    if spec.train and rng is not None:
+        y, x = int(rng.integers(0, rh - spec.size[0] + 1)), int(rng.integers(0, rw - spec.size[1] + 1))
+    return rh, rw, y, x
+
+
+def _resize_crop(frame: av.VideoFrame, crop: tuple[int, int, int, int], spec: ClipSpec) -> np.ndarray:
+    """uint8 [H,W,3] of ``frame`` scaled (area filter when shrinking) and cropped by ``crop`` (see _crop_box)."""
+    rh, rw, y, x = crop
+    img = frame.to_ndarray(width=rw, height=rh, format="rgb24", interpolation="AREA" if rh <= frame.height else "BILINEAR")
+    return img[y:y + spec.size[0], x:x + spec.size[1]]
+
+
+def _maybe_flip(clip: np.ndarray, spec: ClipSpec, rng: np.random.Generator | None) -> np.ndarray:
+    if spec.flip and spec.train and rng is not None and rng.random() < 0.5:
+        return np.ascontiguousarray(clip[:, :, ::-1])
+    return clip
 
 
 def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generator | None, timing: dict | None = None):
@@ -85,17 +111,11 @@ def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generato
                         continue
                     r0 = time.perf_counter()
                     if out is None:
-                        rh, rw = _resized_shape(frame.height, frame.width, spec.size)
-                        y = (rh - spec.size[0]) // 2
-                        x = (rw - spec.size[1]) // 2
-                        if spec.train and rng is not None:
-                            y, x = int(rng.integers(0, rh - spec.size[0] + 1)), int(rng.integers(0, rw - spec.size[1] + 1))
-                        crop = (rh, rw, y, x)
+                        crop = _crop_box(frame.height, frame.width, spec, rng)
                         out = np.empty((spec.frames, *spec.size, 3), np.uint8)
-                    rh, rw, y, x = crop
-                    img = frame.to_ndarray(width=rw, height=rh, format="rgb24", interpolation="AREA" if rh <= frame.height else "BILINEAR")
+                    img = _resize_crop(frame, crop, spec)
                     for pos in wanted[n]:
-                        out[pos] = img[y:y + spec.size[0], x:x + spec.size[1]]
+                        out[pos] = img
                     got += len(wanted[n])
                     resize_s += time.perf_counter() - r0
                     if n >= idx[-1]:
@@ -107,9 +127,22 @@ def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generato
         raise VideoError(f"corrupt video: {exc}") from exc
     if out is None or got < spec.frames:
         raise ShortVideo(f"decoded {got} of the clip's {spec.frames} frames (frames {idx[0]}..{idx[-1]} of {meta['frames']})")
-    if spec.flip and spec.train and rng is not None and rng.random() < 0.5:
-        out = np.ascontiguousarray(out[:, :, ::-1])
+    out = _maybe_flip(out, spec, rng)
     if timing is not None:
         timing["decode"] = timing.get("decode", 0.0) + time.perf_counter() - t0 - resize_s
         timing["resize"] = timing.get("resize", 0.0) + resize_s
+    return out
+
+
+def decode_still(data: bytes, spec: ClipSpec, rng: np.random.Generator | None, timing: dict | None = None):
+    """uint8 [T,H,W,3]: the image ``data`` resized, cropped and flipped as decode_clip does a video frame, repeated
+    ``spec.frames`` times; ImageError when it cannot be decoded."""
+    t0 = time.perf_counter()
+    frame = av.VideoFrame.from_ndarray(read_image(data), format="rgb24")
+    r0 = time.perf_counter()
+    img = _resize_crop(frame, _crop_box(frame.height, frame.width, spec, rng), spec)
+    out = _maybe_flip(np.repeat(img[None], spec.frames, axis=0), spec, rng)
+    if timing is not None:
+        timing["decode"] = timing.get("decode", 0.0) + r0 - t0
+        timing["resize"] = timing.get("resize", 0.0) + time.perf_counter() - r0
     return out

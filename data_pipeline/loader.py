@@ -7,9 +7,11 @@ consumed here, which worker is next). On resume the workers are rotated so the n
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import json
 import logging
+import math
 import multiprocessing
 import signal
 
@@ -18,9 +20,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .decode import ClipSpec
-from .shardlist import resolve_shards
-from .storage import Storage
-from .stream import ShardStream, add_stats, check_skips, fresh_cursor, new_stats
+from .shardlist import is_pattern, resolve_shards
+from .shards_write import TEXT_DIR
+from .storage import Storage, join
+from .stream import DataError, ShardStream, add_stats, check_skips, fresh_cursor, new_stats
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -152,15 +155,112 @@ class VideoLoader:
         self._states = [{"cursor": fresh_cursor(epoch), "stats": new_stats()} for _ in range(self.workers)]
 
 
+def text_location(cfg: DataConfig) -> str:
+    """Where the caption embeddings of ``cfg.shards`` are: ``data.text_embeddings``, else SHARDS/text."""
+    if cfg.text_embeddings:
+        return cfg.text_embeddings
+    if is_pattern(cfg.shards):
+        raise DataError(f"data.text_embeddings: must be set when data.shards is a pattern of shards ({cfg.shards})")
+    return join(cfg.shards, TEXT_DIR)
+
+
+def _text_urls(cfg: DataConfig, storage: Storage, urls: list[str], tokens: int, dim: int) -> list[str]:
+    """The embedding shard of each video shard, after checking the embeddings fit the model."""
+    from .text_shards import read_text_index, text_shard_urls  # noqa: PLC0415
+
+    where = text_location(cfg)
+    index = read_text_index(storage, where)
+    if index["width"] != dim:
+        raise DataError(f"{where}: the embeddings are {index['width']} wide ({index['encoder']}) but model.text_dim "
+                        f"is {dim}")
+    if index["max_tokens"] > tokens:
+        raise DataError(f"{where}: the embeddings have up to {index['max_tokens']} tokens but model.text_tokens is "
+                        f"{tokens}: embed again with --max-tokens {tokens} or raise model.text_tokens")
+    return text_shard_urls(urls, where)
+
+
 def build_loader(cfg: DataConfig, *, frames: int, size: tuple[int, int], batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, train: bool = True) -> VideoLoader:
-    """A loader of ``frames`` x ``size`` clips from ``cfg.shards`` for this rank (see VideoLoader)."""
+                 world_size: int = 1, seed: int = 0, train: bool = True,
+                 text: tuple[int, int] | None = None) -> VideoLoader:
+    """A loader of ``frames`` x ``size`` clips from ``cfg.shards`` for this rank (see VideoLoader); with
+    ``text`` = (model.text_tokens, model.text_dim) its batches also carry the captions' precomputed embeddings,
+    "text" [B,tokens,dim] and "text_mask" [B,tokens]."""
     storage = Storage(cfg.endpoint_url, retries=cfg.io_retries, backoff=cfg.io_backoff)
     urls, counts = resolve_shards(storage, cfg.shards)
+    text_urls = _text_urls(cfg, storage, urls, *text) if text else None
     spec = ClipSpec(frames=frames, size=tuple(size), stride=cfg.frame_stride, fps=cfg.fps, train=train,
                     flip=cfg.flip and train, threads=cfg.decode_threads)
     stream = ShardStream(urls=urls, counts=counts, storage=storage, spec=spec, batch_size=batch_size, seed=seed,
                          rank=rank, world_size=world_size, workers=max(1, cfg.num_workers),
                          shuffle_buffer=cfg.shuffle_buffer if train else 0, max_skip_fraction=cfg.max_skip_fraction,
-                         skip_check_after=cfg.skip_check_after)
+                         skip_check_after=cfg.skip_check_after, text_urls=text_urls,
+                         text_dim=text[1] if text else 0, text_tokens=text[0] if text else 0)
     return VideoLoader(cfg, stream)
+
+
+def split_batch(micro: int, fraction: float) -> tuple[int, int]:
+    """(videos, still images) in a micro-batch of ``micro`` samples of which ``fraction`` are images (rounded half
+    up), both at least 1 when 0 < fraction < 1: the video loader reads ``data.shards``, the image loader
+    ``data.image_shards``."""
+    from hpdm.config import ConfigError, check_range  # noqa: PLC0415 (the data package does not import hpdm)
+
+    if micro < 1:
+        raise ValueError(f"split_batch: micro must be >= 1; got {micro}")
+    check_range("data.image_batch_fraction", fraction, 0, high=1)
+    if fraction == 0:
+        return micro, 0
+    if micro < 2:
+        raise ConfigError("data.image_batch_fraction", f"{fraction} puts videos and images in every micro-batch, "
+                          "which then needs 2 samples or more (train.micro_batch, or train.batch_size / processes), or set 0 for "
+                          "videos only; got a micro-batch of 1")
+    images = min(micro - 1, max(1, math.floor(micro * fraction + 0.5)))
+    return micro - images, images
+
+
+class JointLoader:
+    """Joint image-video training (``data.image_shards``): each video batch with a batch of still images (images
+    repeated along time, as HPDM trains text-to-video) appended; position and counters are the two loaders'."""
+
+    def __init__(self, videos: VideoLoader, images: VideoLoader):
+        self.videos, self.images = videos, images
+
+    def __iter__(self):
+        vids, imgs = iter(self.videos), iter(self.images)
+        try:
+            for v in vids:
+                i = next(imgs)
+                yield {k: v[k] + i[k] if isinstance(v[k], list) else torch.cat([v[k], i[k]]) for k in v}
+        finally:
+            vids.close()
+            imgs.close()
+
+    @property
+    def stats(self) -> dict:
+        return add_stats(self.videos.stats, self.images.stats)
+
+    @property
+    def epoch(self) -> int:
+        return self.videos.epoch
+
+    def state_dict(self) -> dict:
+        return {"videos": self.videos.state_dict(), "images": self.images.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if set(sd) != {"videos", "images"}:
+            raise ValueError("data loader state: saved without data.image_shards, which is set now")
+        self.videos.load_state_dict(sd["videos"])
+        self.images.load_state_dict(sd["images"])
+
+
+def build_train_loader(cfg: DataConfig, *, frames: int, size: tuple[int, int], micro: int, rank: int = 0,
+                       world_size: int = 1, seed: int = 0, text: tuple[int, int] | None = None):
+    """The training loader of ``micro``-sample batches: videos alone, or with ``data.image_shards`` a
+    JointLoader whose batches end with ``data.image_batch_fraction`` of still images (their caption embeddings
+    in IMAGE_SHARDS/text)."""
+    n_videos, n_images = split_batch(micro, cfg.image_batch_fraction if cfg.image_shards else 0.0)
+    common = dict(frames=frames, size=size, rank=rank, world_size=world_size, seed=seed, train=True, text=text)
+    videos = build_loader(cfg, batch_size=n_videos, **common)
+    if not n_images:
+        return videos
+    image_cfg = dataclasses.replace(cfg, shards=cfg.image_shards, text_embeddings="", synthetic=False)
+    return JointLoader(videos, build_loader(image_cfg, batch_size=n_images, **common))

@@ -4,10 +4,12 @@ The plan (which video goes to which shard) is fixed up front from the sorted sou
 sizes, so shards can be written in parallel and a rerun knows what is done: each shard has a
 ``shard-NNNNNN.meta.json`` beside it, written before the tar (marked "writing") and again after it, and a rerun
 skips every finished shard whose sidecar lists the same videos with the same options. ``index.json`` is
-written last.
+written last. Sidecars list each video's caption (null for a video left out), so ``embed-text`` never reads
+video bytes for them; ``embed`` writes the captions' embeddings to ``DEST/text`` after all shards are written.
 
-make-shards writes only where it finds nothing or its own work (these names, a sidecar for every tar): any
-other file at the destination stops it before it writes anything, so it never overwrites data it did not make.
+make-shards writes only where it finds nothing or its own work (these names, a sidecar for every tar, and the
+``text/`` folder of embeddings): any other file at the destination stops it before it writes anything, so it never
+overwrites data it did not make.
 
 Videos are stored as their original bytes under their real extension (``.mp4``, ``.avi``, ...), since PyAV
 decodes them all; ``reencode`` ("non-mp4" or "all") or ``max_side`` turns them into H.264 ``.mp4``.
@@ -28,7 +30,7 @@ from .sources import Item, load_sources
 from .storage import Storage, join
 from .stream import DataError
 from .tario import TarWriter
-from .video import VideoError, probe, reencode
+from .video import IMAGE_EXTS, VideoError, probe, probe_image, reencode
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
@@ -36,7 +38,8 @@ FORMAT = "hpdm-shards/1"
 # What make-shards leaves at a destination: shards, sidecars, the index, and leftovers of interrupted writes
 # (Storage.write_bytes's temporary files, local scratch folders, the S3 write probe).
 OWN = re.compile(r"shard-\d{6}\.tar|shard-\d{6}\.meta\.json|index\.json|(shard-\d{6}\.meta|index)\.json\.tmp\d+"
-                 r"|\.hpdm-tmp-.+|\.hpdm-write-check")
+                 r"|\.hpdm-tmp-.+|\.hpdm-write-check|text")  # text: the folder of caption embeddings
+TEXT_DIR = "text"  # where make-shards --encoder and embed-text put the captions' embeddings by default
 ONLY_OWN = "write to an empty folder or prefix (make-shards only resumes its own shards there)"
 
 
@@ -63,9 +66,12 @@ def _sample(it: Item, options: dict, classes: list[str]) -> dict[str, bytes]:
     with open(it.path, "rb") as f:
         data = f.read()
     ext = it.path.rsplit(".", 1)[-1].lower()
-    meta = probe(data)
+    image = ext in IMAGE_EXTS  # an image keeps its bytes (as .jpg, .png, .webp): reencode and max_side are for videos
+    meta = probe_image(data) if image else probe(data)
+    ext = "jpg" if ext == "jpeg" else ext
     mode, max_side = options["reencode"], options["max_side"]
-    if mode == "all" or (mode == "non-mp4" and ext != "mp4") or (max_side and max(meta["width"], meta["height"]) > max_side):
+    if not image and (mode == "all" or (mode == "non-mp4" and ext != "mp4")
+                      or (max_side and max(meta["width"], meta["height"]) > max_side)):
         data, ext = reencode(data, max_side), "mp4"
         meta = probe(data)
     meta.update(key=it.key, label=it.label, caption=it.caption, source=os.path.basename(it.path))
@@ -82,21 +88,23 @@ def write_shard(storage: Storage, dest: str, i: int, items: list[Item], options:
     storage.write_bytes(side_url, json.dumps(side).encode())  # so a tar at dest always has a sidecar
     local = os.path.join(tmpdir, name)
     writer = TarWriter(local)
-    skipped, labels = [], [-1]
+    skipped, labels, captions = [], [-1], []
     for it in items:
         try:
             writer.write(it.key, _sample(it, options, classes))
             labels.append(it.label)
+            captions.append(it.caption)
         except (OSError, VideoError) as exc:
             log.warning("make-shards: skipping %s: %s", it.path, exc)
             skipped.append({"path": it.path, "reason": str(exc)})
+            captions.append(None)
     size = writer.close()
     if writer.samples:
         storage.put_file(local, join(dest, name))
     else:
         os.remove(local)
     side.update(state="done", samples=writer.samples, bytes=size if writer.samples else 0, skipped=skipped,
-                max_label=max(labels))
+                max_label=max(labels), captions=captions)
     storage.write_bytes(side_url, json.dumps(side).encode())
     return side
 
@@ -119,7 +127,7 @@ def existing_work(storage: Storage, dest: str) -> dict[str, dict]:
     found = storage.contents(dest)
     names = {u.rstrip("/").rsplit("/", 1)[-1]: u for u in found}
     for name, url in names.items():
-        if not OWN.fullmatch(name):
+        if not OWN.fullmatch(name) or (name == TEXT_DIR and storage.contents(url) == [url]):  # text/ is a folder
             raise DataError(f"{url}: make-shards did not write this, and will not write beside it; {ONLY_OWN}")
         if name.endswith(".tar") and name.replace(".tar", ".meta.json") not in names:
             raise DataError(f"{url}: a shard without its sidecar {name.replace('.tar', '.meta.json')}, so not "
@@ -142,10 +150,13 @@ def _done(sides: dict[str, dict], i: int, items: list[Item], options: dict) -> d
 
 def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: int = 1, reencode: str = "none",
                 max_side: int = 0, storage: Storage | None = None, progress: bool = True,
-                class_names: list[str] | None = None, origin: str = "") -> dict:
+                class_names: list[str] | None = None, origin: str = "", embed: dict | None = None) -> dict:
     """Write SRC's videos to shards under DEST and return the index (also written as DEST/index.json).
 
     ``origin`` (e.g. the synthetic set's parameters) is recorded with the options in every sidecar and the index.
+    ``embed``: keyword arguments of :func:`~data_pipeline.text_shards.embed_shards` (``encode``, ``encoder_meta``,
+    optionally ``dtype``, ``batch``) to also write the captions' embeddings to DEST/text once all shards are
+    written (resumable like the shards; its options are checked against earlier embeddings before any shard).
     """
     if reencode not in ("none", "non-mp4", "all"):
         raise ValueError(f"reencode: must be none, non-mp4 or all; got {reencode!r}")
@@ -153,6 +164,10 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
     items, classes = load_sources(src)
     classes = list(class_names) if class_names else classes
     existing = existing_work(storage, dest)
+    if embed:
+        from .text_shards import embed_shards, text_options, existing_work as text_work  # noqa: PLC0415 (imports us)
+
+        text_work(storage, join(dest, TEXT_DIR), text_options(embed["encoder_meta"], embed.get("dtype", "bfloat16")))
     storage.check_writable(dest)
     options = {"reencode": reencode, "max_side": int(max_side)} | ({"origin": origin} if origin else {})
     groups = plan_shards(items, int(shard_size_mb * (1 << 20)))
@@ -195,4 +210,6 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
     storage.write_bytes(join(dest, INDEX), json.dumps(index, indent=1).encode())
     if index["skipped"]:
         log.warning("make-shards: %d videos could not be read and were left out (listed in index.json)", len(index["skipped"]))
+    if embed:
+        embed_shards(dest, out=join(dest, TEXT_DIR), storage=storage, progress=progress, **embed)
     return index

@@ -1,10 +1,10 @@
 """What ``make-shards`` reads: a folder of videos or a JSONL/CSV manifest, as a sorted list of items.
 
-Folder: every video file below SRC. When all of them sit exactly one folder deep (UCF-101's
-``Class/clip.avi``), the folder names are the classes (sorted) and give the labels; otherwise the videos
-are unlabelled.
+Folder: every video and image file below SRC (VIDEO_EXTS, IMAGE_EXTS). When all of them sit exactly one folder
+deep (UCF-101's ``Class/clip.avi``), the folder names are the classes (sorted) and give the labels; otherwise
+they are unlabelled.
 
-Manifest (``.jsonl`` or ``.csv``): one video per row with ``path`` (relative to the manifest's folder or
+Manifest (``.jsonl`` or ``.csv``): one video or image per row with ``path`` (relative to the manifest's folder or
 absolute) and optionally ``caption`` and ``label``. Labels are integers (-1 or empty: none), or class names that
 are sorted and numbered, never both in one manifest; integer labels take their names from ``classes.txt`` beside
 the manifest if there is one (and must be below its number of lines). Every line is checked; an error names the
@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from .stream import DataError
-from .video import VIDEO_EXTS
+from .video import IMAGE_EXTS, VIDEO_EXTS
 
 
 @dataclass
@@ -43,17 +43,17 @@ def from_folder(src: str) -> tuple[list[Item], list[str]]:
     paths = []
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths += [os.path.join(root, f) for f in files if f.rsplit(".", 1)[-1].lower() in VIDEO_EXTS]
+        paths += [os.path.join(root, f) for f in files if f.rsplit(".", 1)[-1].lower() in VIDEO_EXTS + IMAGE_EXTS]
     rels = sorted(os.path.relpath(p, src) for p in paths)
     if not rels:
-        raise SourceError(f"{src}: no video files ({', '.join(VIDEO_EXTS)}) found")
+        raise SourceError(f"{src}: no video or image files ({', '.join(VIDEO_EXTS + IMAGE_EXTS)}) found")
     labelled = all(r.count(os.sep) == 1 for r in rels)
     classes = sorted({r.split(os.sep)[0] for r in rels}) if labelled else []
     lookup = {c: i for i, c in enumerate(classes)}
     items = [Item(sample_key(r), os.path.join(src, r), lookup[r.split(os.sep)[0]] if labelled else -1) for r in rels]
     keys: dict[str, str] = {}
     for item, rel in zip(items, rels):
-        if item.key in keys:  # e.g. a.avi and a.mp4: one tar record would silently mix them
+        if item.key in keys:  # e.g. a.avi and a.mp4 (or a.jpg): one tar record would silently mix them
             raise SourceError(f"{src}: {keys[item.key]!r} and {rel!r} map to the same sample key {item.key!r}; rename one")
         keys[item.key] = rel
     return items, classes

@@ -9,9 +9,13 @@ shards ``order[g::total]``; with fewer, every worker reads all shards and keeps 
 All randomness is a pure function of (seed, epoch, worker, counter) or (seed, epoch, shard, byte offset), so
 the cursor (epoch, shard position, byte offset, buffer contents as references, number of shuffle draws,
 counters) is all it takes to continue exactly where a run stopped.
+
+Text-conditioned runs read, beside each video shard, its embedding shard (``hpdm embed-text``): the same keys
+in the same order, so both are read in lockstep and the cursor holds a byte offset in each.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,10 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .decode import ClipSpec, ShortVideo, decode_clip
+from .decode import ClipSpec, ShortVideo, decode_clip, decode_still
 from .storage import Storage, StorageError
 from .tario import Record, iter_records
-from .video import VIDEO_EXTS, VideoError
+from .video import IMAGE_EXTS, VIDEO_EXTS, ImageError, VideoError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ def check_skips(stats: dict, max_fraction: float, min_samples: int, where: str =
 
 
 def fresh_cursor(epoch: int) -> dict:
-    return {"epoch": epoch, "pos": 0, "offset": 0, "index": 0, "buffer": [], "draws": 0, "good": 0}
+    return {"epoch": epoch, "pos": 0, "offset": 0, "toffset": 0, "index": 0, "buffer": [], "draws": 0, "good": 0}
 
 
 @dataclass
@@ -78,6 +82,9 @@ class ShardStream:
     shuffle_buffer: int = 0
     max_skip_fraction: float = 1.0
     skip_check_after: int = 50
+    text_urls: list[str] | None = None  # embedding shard of each video shard (model.cond: text), else None
+    text_dim: int = 0
+    text_tokens: int = 0
     states: list = field(default_factory=list)  # per logical worker: {"cursor", "stats"} or None
 
     # -- the split ------------------------------------------------------------------------------------------
@@ -96,8 +103,30 @@ class ShardStream:
         stats["reasons"][reason] = stats["reasons"].get(reason, 0) + 1
         log.warning("skipped sample %r in %s: %s (%s)", key, url, reason, detail)
 
+    def _text_reader(self, s: int, offset: int):
+        """The embedding shard of video shard ``s`` opened at ``offset`` (a null context without text)."""
+        if self.text_urls is None:
+            return contextlib.nullcontext()
+        try:
+            return self.storage.open(self.text_urls[s], offset)
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+            raise DataError(f"{self.urls[s]} has no text embeddings ({self.text_urls[s]} is missing): run "
+                            "`hpdm embed-text SHARDS --encoder PATH` for these shards") from None
+
+    def _join(self, rec: Record, trec: Record | None, s: int) -> Record:
+        """Add the fields of ``rec``'s embedding record ``trec`` to ``rec``; the two shards must match key for key."""
+        if trec is None or trec.error or trec.key != rec.key:
+            found = "the shard's end" if trec is None else (trec.error or f"key {trec.key!r}")
+            raise DataError(f"{self.text_urls[s]}: expected the embedding of sample {rec.key!r} of {self.urls[s]} but "
+                            f"found {found}: the embeddings were made for other shards; rerun `hpdm embed-text`")
+        rec.fields.update(trec.fields)
+        return trec
+
     def _records(self, cur: dict, g: int, stats: dict):
-        """(shard id, record) for this worker's samples of the cursor's epoch, advancing the cursor."""
+        """(shard id, record, byte offset of its embedding record or None) for this worker's samples of the
+        cursor's epoch, advancing the cursor."""
         mine, by_sample = self.shards_for(cur["epoch"], g)
         total = self.world_size * self.workers
         while cur["pos"] < len(mine):
@@ -113,10 +142,16 @@ class ShardStream:
                 reader = None
             n = idx0
             if reader is not None:
-                with reader:
+                toffset = cur.get("toffset", 0)
+                with reader, self._text_reader(s, toffset) as treader:
+                    texts = iter_records(treader, toffset, keep) if treader is not None else None
                     fetched = 0.0
                     for rec in iter_records(reader, cur["offset"], keep):
                         i, n = n, n + 1
+                        tstart = None
+                        if texts is not None and not rec.error:
+                            trec = self._join(rec, next(texts, None), s)
+                            tstart, cur["toffset"] = trec.start, trec.end
                         cur["offset"], cur["index"] = rec.end, n
                         stats["fetch_s"] += reader.fetch_seconds - fetched
                         fetched = reader.fetch_seconds
@@ -125,36 +160,55 @@ class ShardStream:
                         if rec.error:
                             self._skip(stats, "truncated_tar", url, rec.key, rec.error)
                             continue
-                        yield s, rec
+                        yield s, rec, tstart
                     expected = self.counts[s] if self.counts else None
                     for i in range(n, expected or 0):  # the tar ended early at a member boundary
                         if not by_sample or (s + i) % total == g:
                             self._skip(stats, "truncated_tar", url, f"#{i}", f"shard ended after {n} of {expected} samples")
-            cur["pos"], cur["offset"], cur["index"] = cur["pos"] + 1, 0, 0
+            cur["pos"], cur["offset"], cur["toffset"], cur["index"] = cur["pos"] + 1, 0, 0, 0
 
-    def _fetch_one(self, s: int, offset: int) -> Record:
+    def _fetch_one(self, s: int, offset: int, toffset: int | None = None) -> Record:
         with self.storage.open(self.urls[s], offset, block_size=1 << 20) as reader:  # one sample, not a shard's worth
-            return next(iter_records(reader, offset))
+            rec = next(iter_records(reader, offset))
+        if toffset is not None:
+            with self.storage.open(self.text_urls[s], toffset, block_size=1 << 20) as treader:
+                self._join(rec, next(iter_records(treader, toffset), None), s)
+        return rec
+
+    def _text(self, rec: Record, url: str) -> torch.Tensor:
+        """The [n_tokens, text_dim] caption embedding joined to ``rec``; a DataError names a bad one."""
+        from safetensors import SafetensorError  # noqa: PLC0415
+        from safetensors.torch import load  # noqa: PLC0415
+
+        try:
+            t = load(rec.fields["safetensors"])["text"]
+        except (KeyError, SafetensorError) as exc:
+            raise DataError(f"sample {rec.key!r} of {url}: no readable text embedding ({exc}); rerun `hpdm embed-text`") from None
+        if t.dim() != 2 or t.shape[1] != self.text_dim or not 1 <= t.shape[0] <= self.text_tokens:
+            raise DataError(f"sample {rec.key!r} of {url}: text embedding of shape {list(t.shape)}, but the model takes "
+                            f"up to model.text_tokens={self.text_tokens} tokens of model.text_dim={self.text_dim}")
+        return t
 
     def _valid(self, rec: Record, url: str, stats: dict):
-        """(video bytes, metadata) or None after counting a sample that lacks a field."""
-        video = next((rec.fields[e] for e in VIDEO_EXTS if e in rec.fields), None)
+        """(video or image bytes, metadata, whether an image) or None after counting a sample that lacks a field."""
+        ext = next((e for e in VIDEO_EXTS + IMAGE_EXTS if e in rec.fields), None)
+        video, image = rec.fields.get(ext), ext in IMAGE_EXTS
         try:
             meta = json.loads(rec.fields["json"]) if "json" in rec.fields else None
         except ValueError:
             meta = None
         missing = [n for n, ok in (("video", video is not None), ("json", meta is not None)) if not ok]
-        if not missing and not all(k in meta for k in ("fps", "frames")):
+        if not missing and not image and not all(k in meta for k in ("fps", "frames")):
             missing = ["json fps/frames"]
         if missing:
             self._skip(stats, "missing_field", url, rec.key, f"no {' and '.join(missing)}")
             return None
-        return video, meta
+        return video, meta, image
 
     def _samples(self, cur: dict, g: int, stats: dict):
         """Records in shuffled order for the cursor's epoch (the buffer is refilled from references on resume)."""
-        refs = cur["buffer"]  # [shard, byte offset] of each buffered record, kept in step with buf
-        buf = [(s, self._fetch_one(s, off)) for s, off in refs]
+        refs = cur["buffer"]  # [shard, byte offset(, embedding offset)] of each buffered record, in step with buf
+        buf = [(s, self._fetch_one(s, *offsets)) for s, *offsets in refs]
         size = self.shuffle_buffer if self.spec.train else 0
 
         def emit():
@@ -165,12 +219,12 @@ class ShardStream:
             refs.pop()
             return buf.pop()
 
-        for s, rec in self._records(cur, g, stats):
+        for s, rec, tstart in self._records(cur, g, stats):
             if size <= 1:
                 yield s, rec
                 continue
             buf.append((s, rec))
-            refs.append([s, rec.start])
+            refs.append([s, rec.start] + ([] if tstart is None else [tstart]))
             if len(buf) > size:
                 yield emit()
         while buf:
@@ -183,7 +237,7 @@ class ShardStream:
         st = self.states[w] if w < len(self.states) and self.states[w] else None
         cur = json.loads(json.dumps(st["cursor"])) if st else fresh_cursor(0)
         stats = add_stats(new_stats(), st["stats"]) if st else new_stats()
-        videos, labels, captions, keys = [], [], [], []
+        videos, labels, captions, keys, texts = [], [], [], [], []
         while True:
             for s, rec in self._samples(cur, g, stats):
                 url = self.urls[s]
@@ -191,14 +245,20 @@ class ShardStream:
                 if parsed is None:
                     check_skips(stats, self.max_skip_fraction, self.skip_check_after, f"loader worker {g}: ")
                     continue
-                video, meta = parsed
+                video, meta, image = parsed
+                text = self._text(rec, url) if self.text_urls is not None else None
                 rng = np.random.default_rng(mix("aug", self.seed, cur["epoch"], s, rec.start))
                 timing: dict = {}
                 reason = ""
                 try:
-                    clip = decode_clip(video, meta, self.spec, rng, timing)
+                    if image:
+                        clip = decode_still(video, self.spec, rng, timing)
+                    else:
+                        clip = decode_clip(video, meta, self.spec, rng, timing)
                 except ShortVideo as exc:
                     reason, detail = "short_video", str(exc)
+                except ImageError as exc:
+                    reason, detail = "corrupt_image", str(exc)
                 except (VideoError, ValueError, KeyError, TypeError) as exc:
                     reason, detail = "corrupt_video", str(exc)
                 stats["decode_s"] += timing.get("decode", 0.0)
@@ -215,11 +275,12 @@ class ShardStream:
                 labels.append(int(meta.get("label", -1)))
                 captions.append(str(meta.get("caption", "")))
                 keys.append(rec.key)
+                texts.append(text)
                 if len(videos) == self.batch_size:
-                    yield self._collate(w, videos, labels, captions, keys, cur, stats)
-                    videos, labels, captions, keys = [], [], [], []
+                    yield self._collate(w, videos, labels, captions, keys, texts, cur, stats)
+                    videos, labels, captions, keys, texts = [], [], [], [], []
             if not self.spec.train:
-                batch = self._collate(w, videos, labels, captions, keys, cur, stats)
+                batch = self._collate(w, videos, labels, captions, keys, texts, cur, stats)
                 yield batch if videos else {"_state": batch["_state"]}  # a state-only item carries the final counts
                 return
             if cur["good"] == 0:
@@ -229,11 +290,17 @@ class ShardStream:
                 raise DataError(f"loader worker {g}: epoch {cur['epoch']} produced no usable sample; {why}")
             cur.update(fresh_cursor(cur["epoch"] + 1))
 
-    def _collate(self, w, videos, labels, captions, keys, cur, stats) -> dict:
-        return {
+    def _collate(self, w, videos, labels, captions, keys, texts, cur, stats) -> dict:
+        batch = {
             "video": torch.from_numpy(np.stack(videos)) if videos else None,
             "label": torch.tensor(labels, dtype=torch.int64),
             "caption": list(captions),
             "key": list(keys),
             "_state": {"worker": w, "cursor": json.loads(json.dumps(cur)), "stats": json.loads(json.dumps(stats))},
         }
+        if self.text_urls is not None and videos:  # padded to model.text_tokens, so every batch has one shape
+            batch["text"] = torch.zeros(len(texts), self.text_tokens, self.text_dim, dtype=texts[0].dtype)
+            batch["text_mask"] = torch.zeros(len(texts), self.text_tokens, dtype=torch.bool)
+            for i, t in enumerate(texts):
+                batch["text"][i, :len(t)], batch["text_mask"][i, :len(t)] = t, True
+        return batch

@@ -16,7 +16,7 @@ import multiprocessing as mp
 import numpy as np
 
 from .config import DataConfig
-from .shards_write import existing_work, make_shards
+from .shards_write import TEXT_DIR, existing_work, make_shards
 from .shardlist import is_pattern, load_index, resolve_shards
 from .storage import Storage, StorageError, is_s3, summary
 from .stream import DataError
@@ -143,8 +143,9 @@ def check_empty(storage: Storage, spec: str, origin: str) -> None:
     found = storage.contents(spec)
     if not found:
         return
-    try:  # only leftovers of an interrupted write of this very set may be there
+    try:  # only leftovers of an interrupted write of this very set may be there (never embeddings: text/)
         ours = all(s.get("options", {}).get("origin") == origin for s in existing_work(storage, spec).values())
+        ours = ours and not any(u.rstrip("/").rsplit("/", 1)[-1] == TEXT_DIR for u in found)
     except DataError:
         ours = False
     if not ours:

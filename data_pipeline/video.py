@@ -1,4 +1,5 @@
-"""Whole-video operations with PyAV: probing metadata, encoding frames to mp4, re-encoding with a size cap."""
+"""Whole-video operations with PyAV: probing metadata, encoding frames to mp4, re-encoding with a size cap; and
+reading still images with Pillow (samples that the loader turns into still clips)."""
 from __future__ import annotations
 
 import io
@@ -6,12 +7,36 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from PIL import Image, ImageOps
 
 VIDEO_EXTS = ("mp4", "avi", "mkv", "webm", "mov", "m4v", "mpg", "mpeg", "ogv")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # shards store jpeg as jpg
 
 
 class VideoError(ValueError):
     """A video that cannot be opened or decoded."""
+
+
+class ImageError(VideoError):
+    """An image that cannot be opened or decoded (a VideoError, so whatever skips bad videos skips it too)."""
+
+
+def read_image(data: bytes) -> np.ndarray:
+    """uint8 [H,W,3] RGB of an encoded image, turned upright by its EXIF orientation, fully decoded (so a
+    truncated file fails here, not later)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot decode image: {exc}") from exc
+
+
+def probe_image(data: bytes) -> dict:
+    """An image's metadata in the shape of :func:`probe`'s (one frame, fps 0), with "image": true."""
+    h, w = read_image(data).shape[:2]
+    with Image.open(io.BytesIO(data)) as im:
+        codec = (im.format or "").lower()
+    return {"image": True, "fps": 0, "frames": 1, "width": w, "height": h, "duration": 0.0, "codec": codec}
 
 
 def _rate(stream) -> float:

@@ -147,8 +147,12 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = No
     return _choice[key]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention, no mask: q [B,Nq,H,d], k and v [B,Nk,H,d] -> [B,Nq,H,d]."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention: q [B,Nq,H,d], k and v [B,Nk,H,d] -> [B,Nq,H,d]. ``mask`` [B,Nk] (True: attend; every
+    row needs one) leaves out padded keys, e.g. of captions, through PyTorch's SDPA."""
+    if mask is not None:
+        qkv = (a.transpose(1, 2) for a in (q, k, v))
+        return F.scaled_dot_product_attention(*qkv, attn_mask=mask[:, None, None]).transpose(1, 2)
     fn = backend_fn(select_backend(q, k, v))
     if fn is None:
         raise RuntimeError(f"attention backend {select_backend(q, k, v)!r} is not installed")

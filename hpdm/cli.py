@@ -1,5 +1,5 @@
-"""The ``hpdm`` command: train, info, export, convert-checkpoint, sample, eval-fvd, eval-synthetic, make-shards, doctor,
-bench-kernels."""
+"""The ``hpdm`` command: train, info, export, convert-checkpoint, sample, eval-fvd, eval-synthetic, make-shards,
+embed-text, doctor, bench-kernels."""
 from __future__ import annotations
 
 import argparse
@@ -120,11 +120,12 @@ def _sample_options(args):
 
 def cmd_sample(args) -> int:
     from hpdm.generate import generate  # noqa: PLC0415
+    from hpdm.prompts import read_prompts  # noqa: PLC0415
 
-    if args.prompt and not args.text_emb:
-        raise UsageError("--prompt: hpdm bundles no text encoder: encode the prompt with T5 and pass --text-emb FILE")
-    result = generate(args.generator, args.out, num=args.num, label=args.label, text_emb=args.text_emb, seed=args.seed,
-                      opts=_sample_options(args), batch=args.batch, fps=args.fps, raw=args.raw)
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    result = generate(args.generator, args.out, num=args.num, label=args.label, text_emb=args.text_emb,
+                      prompts=prompts or None, encoder=args.encoder, seed=args.seed, opts=_sample_options(args),
+                      batch=args.batch, fps=args.fps, raw=args.raw)
     print(f"wrote {len(result['files'])} videos of {'x'.join(map(str, result['resolution']))} to {args.out}"
           + (f" (rank {result['rank']} of {result['world']})" if result["world"] > 1 else ""))
     return 0
@@ -169,6 +170,54 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _text_encoder(source: str, max_tokens: int, text_dim: int | None = None):
+    """The frozen encoder (on CUDA in bf16 when there is a GPU, else CPU fp32) and what identifies its embeddings:
+    a local folder by its absolute path, so `./t5` and `/data/t5` are one encoder."""
+    import torch  # noqa: PLC0415
+
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens: must be >= 1; got {max_tokens}")
+    from hpdm.text_encoder import TextEncoder  # noqa: PLC0415
+
+    enc = TextEncoder(source, max_tokens, "cuda" if torch.cuda.is_available() else "cpu", text_dim=text_dim)
+    path = os.path.expanduser(source)
+    name = os.path.abspath(path) if os.path.exists(path) else enc.name
+    return enc, {"encoder": name, "width": enc.width, "max_tokens": max_tokens}
+
+
+def cmd_make_shards(args) -> int:
+    from data_pipeline import cli as data_cli  # noqa: PLC0415
+
+    embed = None
+    if args.encoder:  # loaded first: a bad --encoder stops before any shard is written
+        enc, meta = _text_encoder(args.encoder, args.max_tokens)
+        embed = {"encode": enc.encode, "encoder_meta": meta}
+    return data_cli.run(args, embed)
+
+
+def cmd_embed_text(args) -> int:
+    from data_pipeline.shardlist import resolve_shards  # noqa: PLC0415
+    from data_pipeline.storage import Storage  # noqa: PLC0415
+    from data_pipeline.text_shards import default_location, embed_shards  # noqa: PLC0415
+
+    if args.batch < 1:
+        raise UsageError(f"--batch: must be >= 1; got {args.batch}")
+    cfg = load_config(args.config) if args.config else None
+    max_tokens = args.max_tokens if args.max_tokens is not None else cfg.model.text_tokens if cfg else 128
+    if cfg and max_tokens != cfg.model.text_tokens:
+        raise UsageError(f"--max-tokens: {max_tokens}, but model.text_tokens is {cfg.model.text_tokens} in "
+                         f"{args.config}; leave --max-tokens out to take the config's")
+    out = args.out or default_location(args.shards)
+    storage = Storage(args.endpoint_url)
+    resolve_shards(storage, args.shards)  # a wrong SHARDS stops before a large encoder loads
+    enc, meta = _text_encoder(args.encoder, max_tokens, cfg.model.text_dim if cfg else None)
+    index = embed_shards(args.shards, enc.encode, meta, out=out, batch=args.batch, dtype=args.dtype, storage=storage,
+                         progress=not args.no_progress)
+    print(f"embed-text: {index['num_samples']} captions of {len(index['shards'])} shards at {out} ({meta['encoder']}, "
+          f"{meta['width']} wide, up to {max_tokens} tokens, {args.dtype})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="hpdm", description=__doc__)
@@ -191,10 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("sample", help="generate full-resolution videos patch by patch (mp4s, a PNG grid, the cost)")
     p.add_argument("generator", help="exported .safetensors, checkpoint folder or run folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("-n", "--num", type=int, default=4, help="number of videos (shared among processes)")
+    p.add_argument("-n", "--num", type=int, default=None, help="number of videos, shared among processes (default: one "
+                   "per prompt, else 4); with P prompts video i gets prompt i %% P")
     p.add_argument("--label", type=int, default=None, help="class of every video (default: random classes)")
-    p.add_argument("--prompt", default=None, help="text prompt (needs --text-emb: no text encoder is bundled)")
-    p.add_argument("--text-emb", default=None, help="safetensors with 'text' [S,D] or [N,S,D] and optional 'mask'")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt (repeatable); videos "
+                   "are named after their prompts and the grid is captioned with them")
+    p.add_argument("--prompt-file", default=None, metavar="FILE", help="prompts, one per line (blank lines and lines "
+                   "starting with # are skipped), after any --prompt")
+    p.add_argument("--encoder", default=None, metavar="MODEL", help="the model's text encoder for the prompts: a "
+                   "Hugging Face folder or cached name, e.g. google/t5-v1_1-xxl (bf16 on CUDA, else fp32 on the CPU)")
+    p.add_argument("--text-emb", default=None, metavar="FILE", help="or precomputed embeddings: safetensors with "
+                   "'text' [S,D] or [N,S,D] and optional 'mask' (with --prompt: one per prompt, or 1)")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--raw", action="store_true", help="use the raw instead of the EMA weights")
     _add_sampler_args(p)
@@ -231,7 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline import cli as data_cli  # noqa: PLC0415
 
     data_cli.add_arguments(p)
-    p.set_defaults(func=data_cli.run)
+    p.add_argument("--encoder", default="", help="also write the captions' embeddings to DEST/text with this Hugging "
+                                                  "Face text encoder (a folder or a cached model name)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per caption with --encoder (default 128)")
+    p.set_defaults(func=cmd_make_shards)
+    p = sub.add_parser("embed-text", help="precompute the captions' text embeddings as shards beside the video shards")
+    p.add_argument("shards", help="video shards: folder or s3:// prefix with index.json, or a brace pattern")
+    p.add_argument("--encoder", required=True, help="Hugging Face text encoder: a folder or a model name already in "
+                                                    "the Hugging Face cache (hpdm never downloads one)")
+    p.add_argument("--out", default="", help="where the embedding shards go (default: SHARDS/text)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per caption (default: model.text_tokens of "
+                                                                "--config, else 128)")
+    p.add_argument("--config", default="", help="run config: takes model.text_tokens and checks the encoder's width "
+                                                "against model.text_dim")
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="stored dtype (default: bf16)")
+    p.add_argument("--batch", type=int, default=64, help="captions per encoder call (default 64)")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed_text)
     p = sub.add_parser("doctor", help="check this node (packages, GPUs, data, checkpoint storage) for a config")
     from hpdm import doctor  # noqa: PLC0415
 

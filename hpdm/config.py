@@ -59,7 +59,8 @@ class ModelConfig:
     data_mlp_ratio: float = 8.0  # data-token MLP of the write layer (4 latent layers and 8 put S/M/L within 7 % of the paper)
     cond: str = "class"  # class | text | none
     num_classes: int = 101
-    text_dim: int = 4096  # width of the supplied text embeddings (T5-11B: 4096)
+    text_dim: int = 4096  # width of the text embeddings (T5-11B: 4096); must match the encoder's
+    text_tokens: int = 128  # tokens per caption: longer ones are cut, shorter ones padded (and masked)
     cond_dropout: float = 0.1  # drop the class/text condition for classifier-free guidance
     coords: bool = True  # condition every patch on its box in normalised video coordinates
     context_fusion: str = "deep"  # deep (before every block) | shallow (before a level's first block) | none
@@ -78,7 +79,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         for key in ("patch", "levels", "patchify", "token_dim", "latent_dim", "num_latents", "blocks", "latent_layers",
-                    "head_dim", "num_classes", "text_dim"):
+                    "head_dim", "num_classes", "text_dim", "text_tokens"):
             check_range(f"model.{key}", getattr(self, key), 1)
         for key in ("mlp_ratio", "data_mlp_ratio"):
             check_range(f"model.{key}", getattr(self, key), 0, strict=True)

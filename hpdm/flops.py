@@ -23,7 +23,8 @@ def _layer(n_q: int, n_kv: int, dim: int, ctx_dim: int, inner: int, mlp_hidden: 
 def block_flops(cfg: ModelConfig) -> int:
     """One RIN block for one sample of one level."""
     N, M, D, Z = math.prod(cfg.token_grid), cfg.num_latents, cfg.token_dim, cfg.latent_dim
-    read = _layer(M, N, Z, D, Z, int(Z * cfg.mlp_ratio))
+    S = cfg.text_tokens if cfg.cond == "text" else 0  # caption tokens, read beside the data tokens (padding too)
+    read = _layer(M, N + S, Z, D, Z, int(Z * cfg.mlp_ratio))
     latent = _layer(M, M, Z, Z, Z, int(Z * cfg.mlp_ratio))
     write = _layer(N, M, D, Z, D, int(D * cfg.data_mlp_ratio))
     conv = 2 * N * D * (cfg.token_conv ** 3 + D) if cfg.token_conv else 0  # depthwise taps + projection
@@ -39,6 +40,8 @@ def forward_flops_per_level(cfg: ModelConfig) -> list[int]:
     for level in range(cfg.levels):
         blocks = [b for b, n in enumerate(cfg.levels_per_block) if n > level]
         fl = 2 * 2 * N * pixels * D + len(blocks) * block_flops(cfg)
+        if cfg.cond == "text":  # the caption tokens' projection to the data-token width
+            fl += 2 * cfg.text_tokens * cfg.text_dim * D
         if level > 0 and cfg.context_fusion != "none":
             fused = blocks if cfg.context_fusion == "deep" else blocks[:1]
             # projection of the next-coarser level (each coarse level is projected once per block) + trilinear taps
@@ -81,7 +84,7 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype = to
         model = HPDM(cfg).to(dtype)
         x = torch.empty(micro_batch, cfg.levels, 3, *cfg.patch, dtype=dtype)
         labels = torch.zeros(micro_batch, dtype=torch.long)
-        text = torch.zeros(micro_batch, 1, cfg.text_dim, dtype=dtype)
+        text = torch.zeros(micro_batch, cfg.text_tokens, cfg.text_dim, dtype=dtype)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x, torch.zeros(micro_batch, cfg.levels, dtype=dtype), boxes.to("meta", dtype), labels, text)
     return sum(saved.values())

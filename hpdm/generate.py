@@ -2,13 +2,12 @@
 
 Video ``i`` is drawn from seed ``seed * 1000003 + i`` and its own condition, so it is the same whatever the
 batch size or the number of processes; with several processes, rank r takes the videos i with i % world == r.
+With prompts, video ``i`` gets prompt ``i % len(prompts)`` and is named after it (hpdm/prompts.py).
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.distributed as dist
 
 from hpdm.diffusion import Condition
 from hpdm.errors import UsageError
+from hpdm.prompts import CAPTION_HEIGHT, caption_strip, encode_prompts, video_name
 from hpdm.sampling import SampleOptions, TiledSampler, cost_table
 from hpdm.video_io import to_uint8, write_mp4
 
@@ -55,11 +55,17 @@ def video_seed(seed: int, i: int) -> int:
 
 
 def conditions(cond_kind: str, num_classes: int, n: int, seed: int, label: int | None = None,
-               text_emb: str | None = None) -> Condition:
+               text_emb: str | None = None, prompts: list[str] | None = None, encoder: str | None = None,
+               text_dim: int | None = None, text_tokens: int = 128, device: torch.device | None = None) -> Condition:
     """The condition of every video: a class (``label``, or uniform random from ``seed`` as in the FVD protocol),
-    a text embedding file (safetensors with "text" [S,D] or [N,S,D] and optional boolean "mask"), or none."""
+    text (``prompts`` encoded by ``encoder``, or ``text_emb``: safetensors with "text" [S,D] or [N,S,D] and
+    optional boolean "mask"; with prompts it holds theirs), or none. Text holds one row per prompt (or 1, or ``n``):
+    video i takes row i % rows (``video_rows``), so thousands of videos of a few prompts share their embeddings."""
     if label is not None and cond_kind != "class":
         raise UsageError(f"--label: the model is conditioned on {cond_kind!r}, not on a class")
+    if cond_kind != "text" and (prompts or encoder):
+        raise UsageError(f"{'--prompt/--prompt-file' if prompts else '--encoder'}: the model is conditioned on "
+                         f"{cond_kind!r}, not on text")
     if cond_kind == "class":
         if label is None:
             labels = torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
@@ -69,55 +75,89 @@ def conditions(cond_kind: str, num_classes: int, n: int, seed: int, label: int |
             labels = torch.full((n,), label)
         return Condition(labels=labels)
     if cond_kind == "text":
-        if not text_emb:
-            raise UsageError("--text-emb: the model is text-conditioned and needs a file of precomputed T5 embeddings "
-                             "(hpdm bundles no text encoder)")
-        if not Path(text_emb).is_file():
-            raise UsageError(f"--text-emb: no such file: {text_emb}")
-        from safetensors import SafetensorError  # noqa: PLC0415
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        try:
-            t = load_file(text_emb)
-        except SafetensorError as e:
-            raise UsageError(f"--text-emb: {text_emb} is not a safetensors file ({e})") from None
-        if "text" not in t:
-            raise UsageError(f"--text-emb: {text_emb} has no tensor named 'text' ([S,D] or [N,S,D])")
-        text = t["text"].float()
-        text = text[None] if text.dim() == 2 else text
-        mask = t.get("mask", torch.ones(text.shape[:2], dtype=torch.bool)).bool()
-        mask = mask[None] if mask.dim() == 1 else mask
-        if text.shape[0] not in (1, n):
-            raise UsageError(f"--text-emb: {text_emb} holds {text.shape[0]} embeddings for {n} videos (give 1 or {n})")
-        return Condition(text=text.expand(n, -1, -1), text_mask=mask.expand(n, -1))
+        if encoder and text_emb:
+            raise UsageError("--encoder: give --encoder (to encode the prompts) or --text-emb (precomputed), not both")
+        if encoder and not prompts:
+            raise UsageError("--encoder: give the prompts to encode with --prompt TEXT or --prompt-file FILE")
+        if prompts and not text_emb and not encoder:
+            raise UsageError("--encoder: --prompt needs the text encoder the model was trained with (a Hugging Face "
+                             "folder or cached model name, e.g. google/t5-v1_1-xxl), or precomputed --text-emb FILE")
+        if not prompts and not text_emb:
+            raise UsageError("--prompt: the model is text-conditioned: give --prompt TEXT (or --prompt-file FILE) with "
+                             "--encoder MODEL, or precomputed embeddings with --text-emb FILE")
+        if encoder:
+            text, mask = encode_prompts(prompts, encoder, text_tokens, text_dim or 0, device or torch.device("cpu"))
+        else:
+            text, mask = load_text_emb(text_emb, text_dim)
+        count = len(prompts) if prompts else n
+        if text.shape[0] not in (1, count):
+            raise UsageError(f"--text-emb: {text_emb} holds {text.shape[0]} embeddings for {count} "
+                             f"{'prompts' if prompts else 'videos'} (give 1 or {count})")
+        return Condition(text=text, text_mask=mask)
     return Condition()
 
 
+def video_rows(cond: Condition, ids: list[int]) -> list[int]:
+    """The rows of ``cond`` that videos ``ids`` take: text has one row per prompt (i % rows), classes one per video."""
+    return [i % len(cond.text) for i in ids] if cond.text is not None else ids
+
+
+def load_text_emb(text_emb: str, text_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precomputed embeddings (``--text-emb``): fp32 [N,S,D] and bool mask [N,S]."""
+    if not Path(text_emb).is_file():
+        raise UsageError(f"--text-emb: no such file: {text_emb}")
+    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    try:
+        t = load_file(text_emb)
+    except SafetensorError as e:
+        raise UsageError(f"--text-emb: {text_emb} is not a safetensors file ({e})") from None
+    if "text" not in t:
+        raise UsageError(f"--text-emb: {text_emb} has no tensor named 'text' ([S,D] or [N,S,D])")
+    text = t["text"].float()
+    text = text[None] if text.dim() == 2 else text
+    mask = t.get("mask", torch.ones(text.shape[:2], dtype=torch.bool)).bool()
+    mask = mask[None] if mask.dim() == 1 else mask
+    if mask.shape[1:] != text.shape[1:2] or mask.shape[0] not in (1, text.shape[0]):
+        raise UsageError(f"--text-emb: {text_emb}: 'mask' {list(mask.shape)} does not fit 'text' {list(text.shape)}")
+    if text_dim is not None and text.shape[-1] != text_dim:
+        raise UsageError(f"--text-emb: {text_emb} holds {text.shape[-1]}-wide embeddings but the generator's "
+                         f"model.text_dim is {text_dim}")
+    return text, mask.expand(text.shape[0], -1)
+
+
 def write_png(path: str | Path, img: np.ndarray) -> None:
-    """Minimal RGB PNG writer (no imaging library needed): uint8 [H,W,3]."""
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
-    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))  # noqa: E731
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    """uint8 [H,W,3] as a PNG (Pillow comes with matplotlib)."""
+    from PIL import Image  # noqa: PLC0415
+
+    Image.fromarray(img).save(path, format="PNG")
 
 
-def frame_grid(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:
-    """One row per video, ``columns`` evenly spaced frames per row; uint8 [rows*H, columns*W, 3]."""
+def frame_grid(videos: list[np.ndarray], columns: int = 8, captions: list[str] | None = None) -> np.ndarray:
+    """One row per video, ``columns`` evenly spaced frames per row; uint8 [rows*H, columns*W, 3]. With
+    ``captions``, each row has its caption in a strip of CAPTION_HEIGHT pixels above it."""
     rows = []
     for v in videos:
         idx = np.linspace(0, len(v) - 1, min(columns, len(v))).round().astype(int)
         rows.append(np.concatenate(list(v[idx]), axis=1))
     width = max(r.shape[1] for r in rows)
-    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    if captions is not None:
+        rows = [np.concatenate([caption_strip(c, width, CAPTION_HEIGHT), r])
+                for c, r in zip(captions, rows, strict=True)]
+    return np.concatenate(rows, axis=0)
 
 
-def generate(generator: str, out: str | Path, num: int = 4, label: int | None = None, text_emb: str | None = None,
-             seed: int = 0, opts: SampleOptions = SampleOptions(), batch: int = 1, fps: float = 8.0, raw: bool = False,
+def generate(generator: str, out: str | Path, num: int | None = None, label: int | None = None,
+             text_emb: str | None = None, prompts: list[str] | None = None, encoder: str | None = None, seed: int = 0,
+             opts: SampleOptions = SampleOptions(), batch: int = 1, fps: float = 8.0, raw: bool = False,
              progress: bool = True, hook=None) -> dict:
-    """Sample this rank's share of ``num`` videos into ``out``; returns {"files", "grid", "cost", "resolution"}."""
+    """Sample this rank's share of ``num`` videos (default: one per prompt, else 4) into ``out``; returns
+    {"files", "grid", "cost", "resolution", "prompts" (file name -> prompt), "rank", "world"}."""
     from hpdm.export import load_generator  # noqa: PLC0415
 
+    num = (len(prompts) if prompts else 4) if num is None else num
     at_least("-n", num)
     at_least("--batch", batch)
     if fps <= 0:
@@ -125,30 +165,37 @@ def generate(generator: str, out: str | Path, num: int = 4, label: int | None = 
     rank, world = rank_world()
     device = default_device()
     cfg, net = load_generator(generator, raw=raw, device=device)
-    cond = conditions(cfg.model.cond, cfg.model.num_classes, num, seed, label, text_emb)
-    sampler = TiledSampler(net, cfg, opts, device=device, hook=hook)
+    m = cfg.model
+    sampler = TiledSampler(net, cfg, opts, device=device, hook=hook)  # checks the options before the encoder loads
+    cond = conditions(m.cond, m.num_classes, num, seed, label, text_emb, prompts, encoder, m.text_dim, m.text_tokens,
+                      device)
+    prompt_of = [prompts[i % len(prompts)] if prompts else None for i in range(num)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mine = share(num, rank, world)
+    if prompts and rank == 0:
+        (out / "prompts.json").write_text(json.dumps({video_name(i, p): p for i, p in enumerate(prompt_of)}, indent=1,
+                                                     ensure_ascii=False))
     files, frames, stats = [], [], None
     for start in range(0, len(mine), batch):
         ids = mine[start:start + batch]
-        c = cond.rows(ids, device)
+        c = cond.rows(video_rows(cond, ids), device)
         levels, st = sampler.sample(c, [video_seed(seed, i) for i in ids], progress=progress and rank == 0)
         stats = st if stats is None else [a.add(b) for a, b in zip(stats, st)]
         for i, x in zip(ids, levels[-1]):
             video = to_uint8(x)
-            path = out / f"video_{i:05d}.mp4"
+            path = out / video_name(i, prompt_of[i])
             write_mp4(path, video, fps=fps)
             files.append(str(path))
             frames.append(video)
     grid = out / ("grid.png" if world == 1 else f"grid_rank{rank}.png")
     if frames:
-        write_png(grid, frame_grid(frames))
+        write_png(grid, frame_grid(frames, captions=[prompt_of[i] for i in mine] if prompts else None))
     cost = [s.row() for s in stats] if stats else []
     (out / ("cost.json" if world == 1 else f"cost_rank{rank}.json")).write_text(json.dumps(
         {"device": str(device), "overlap": opts.overlap, "levels": cost}, indent=1))
     if stats and rank == 0:
         print(cost_table(stats))
     return {"files": files, "grid": str(grid) if frames else None, "cost": cost, "resolution": cfg.model.resolution,
+            "prompts": {Path(f).name: prompt_of[i] for i, f in zip(mine, files)} if prompts else {},
             "rank": rank, "world": world}

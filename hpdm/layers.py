@@ -25,11 +25,12 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim)
         self.out = nn.Linear(inner, dim_q)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` [B, ctx tokens] (True: attend) leaves out padding, e.g. of captions; every row needs a True."""
         B, N, _ = x.shape
         q = self.q_norm(self.q(x).view(B, N, self.heads, self.head_dim))
         k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, self.head_dim).unbind(2)
-        o = attention(q, self.k_norm(k), v.contiguous())
+        o = attention(q, self.k_norm(k), v.contiguous(), mask)
         return self.out(o.reshape(B, N, -1))
 
 
@@ -75,10 +76,11 @@ class ResidualLayer(nn.Module):
         self.mlp = Mlp(dim, mlp_ratio)
         self.mod = Modulation(cond_dim, dim, branches=2)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         (s1, g1, a1), (s2, g2, a2) = self.mod(c)
         h = _modulate(self.norm1, x, s1, g1)
-        x = x + a1 * self.attn(h, self.ctx_norm(ctx) if self.cross else h)
+        x = x + a1 * self.attn(h, self.ctx_norm(ctx) if self.cross else h, mask)
         return x + a2 * self.mlp(_modulate(self.norm2, x, s2, g2))
 
 

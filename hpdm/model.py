@@ -87,10 +87,16 @@ class Block(nn.Module):
             nn.init.zeros_(self.fuse.weight)
             nn.init.zeros_(self.fuse.bias)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, z: torch.Tensor, c: torch.Tensor,
+                text: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text``: caption tokens [B,S,D] and their mask, which the latents read together with the data tokens."""
         if self.conv is not None:
             x = self.conv(x, c)
-        z = self.read(z, c, x)
+        if text is None:
+            z = self.read(z, c, x)
+        else:
+            seen = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            z = self.read(z, c, torch.cat([x, text[0]], 1), torch.cat([seen, text[1]], 1))
         for layer in self.latent:
             z = layer(z, c)
         return self.write(x, c, z), z
@@ -110,6 +116,9 @@ class HPDM(nn.Module):
         self.pos = nn.Parameter(torch.randn(math.prod(self.grid), D) * 0.02)
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, cfg.latent_dim) * 0.02)
         self.cond = Conditioning(cfg)
+        # Caption tokens, which every block's latents read beside the data tokens (Snap Video's FIT, which HPDM
+        # builds on, gives its latents the text by an extra read); the pooled caption also modulates (Conditioning).
+        self.text_tokens = nn.Linear(cfg.text_dim, D) if cfg.cond == "text" else None
         fusing = cfg.context_fusion != "none"
         self.blocks = nn.ModuleList(Block(cfg, fuses=fusing and n > 1) for n in cfg.levels_per_block)
         # Output layer modulated by the conditioning (DiT's final adaLN): the noise level sets the output's scale,
@@ -153,11 +162,21 @@ class HPDM(nn.Module):
         (t, hh, w), (pt, ph, pw) = self.grid, self.cfg.patchify
         return rearrange(out, "b l (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
 
-    def _run_block(self, b: int, h: list, z: list, cond: torch.Tensor, boxes: torch.Tensor, active: int) -> tuple[list, list]:
+    def _text(self, text: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Caption embeddings [B,S,text_dim] -> (tokens [B,S,D], mask [B,S]) for the blocks' reads; None without."""
+        if self.text_tokens is None:
+            return None
+        if mask is None:
+            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        return self.text_tokens(text.to(self.text_tokens.weight.dtype)), mask.bool()
+
+    def _run_block(self, b: int, h: list, z: list, cond: torch.Tensor, boxes: torch.Tensor, active: int,
+                   text: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[list, list]:
         """Context fusion, then block ``b`` on the ``active`` coarsest levels batched together; the rest pass through."""
         block = self.blocks[b]
         h = self._fuse(b, block, h, active, boxes)
-        xs, zs = block(torch.cat(h[:active]), torch.cat(z[:active]), cond[:, :active].transpose(0, 1).flatten(0, 1))
+        text = None if text is None else (text[0].repeat(active, 1, 1), text[1].repeat(active, 1))
+        xs, zs = block(torch.cat(h[:active]), torch.cat(z[:active]), cond[:, :active].transpose(0, 1).flatten(0, 1), text)
         h, z = list(h), list(z)
         h[:active], z[:active] = xs.chunk(active), zs.chunk(active)
         return h, z
@@ -168,9 +187,10 @@ class HPDM(nn.Module):
         B, L = x.shape[:2]
         h = self._tokenize(x)
         cond = self.cond(c_noise, boxes, labels, text, text_mask)  # [B,L,Z]
+        txt = self._text(text, text_mask)
         z = [self.latents.expand(B, -1, -1)] * L
         for b in range(len(self.blocks)):
-            h, z = self._run_block(b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], L))
+            h, z = self._run_block(b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], L), txt)
         return self._detokenize(torch.stack(h, dim=1), cond)
 
     # ---- tiled sampling: coarse activations computed once per parent region and reused by every tile inside it ----
@@ -189,6 +209,7 @@ class HPDM(nn.Module):
         t, hh, w = self.grid
         h = self._tokenize(x)
         cond = self.cond(c_noise, boxes, labels, text, text_mask)
+        txt = self._text(text, text_mask)
         z = [self.latents.expand(B, -1, -1)] * K
         ctx: list[torch.Tensor | None] = []
         for b, block in enumerate(self.blocks):
@@ -196,7 +217,7 @@ class HPDM(nn.Module):
                        if self.fuses_into(b, K) else None)
             if not any(self.fuses_into(c, K) for c in range(b + 1, len(self.blocks))):
                 return ctx + [None] * (len(self.blocks) - b - 1)
-            h, z = self._run_block(b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], K))
+            h, z = self._run_block(b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], K), txt)
         return ctx
 
     def forward_level(self, x: torch.Tensor, c_noise: torch.Tensor, boxes: torch.Tensor, context: list[torch.Tensor | None],
@@ -208,6 +229,7 @@ class HPDM(nn.Module):
         t, hh, w = self.grid
         h = self._tokenize(x)[0]
         cond = self.cond(c_noise, boxes[:, K:], labels, text, text_mask)[:, 0]
+        txt = self._text(text, text_mask)
         z = self.latents.expand(B, -1, -1)
         for b, block in enumerate(self.blocks):
             if self.cfg.levels_per_block[b] <= K:
@@ -215,5 +237,5 @@ class HPDM(nn.Module):
             if context[b] is not None:
                 h = context_fusion(h.view(B, t, hh, w, -1), context[b], boxes[:, K], boxes[:, :K],
                                    impl=self.cfg.kernels).view(B, t * hh * w, -1)
-            h, z = block(h, z, cond)
+            h, z = block(h, z, cond, txt)
         return self._detokenize(h[:, None], cond[:, None])

@@ -18,17 +18,24 @@ from hpdm.video_io import to_uint8
 
 
 def sample_levels(net, cfg: Config, videos: int, seed: int, device, opts: SampleOptions | None = None,
-                  batch: int = 0, progress: bool = False) -> tuple[list[torch.Tensor], list[int | None]]:
-    """``videos`` samples (classes in turn where class-conditioned), ``batch`` at a time (0: all at once): every
-    level's canvas [V,3,T,H,W] on the CPU, and the labels. Video i depends only on ``seed``, i and its label."""
+                  batch: int = 0, progress: bool = False,
+                  cond: tuple[Condition, list[int]] | None = None) -> tuple[list[torch.Tensor], list[int | None]]:
+    """``videos`` samples (classes in turn where class-conditioned; text models take ``cond``: a condition
+    row and the label of the clip it came from per video), ``batch`` at a time (0: all at once): every level's
+    canvas [V,3,T,H,W] on the CPU, and the labels. Video i depends only on ``seed``, i and its condition."""
     m = cfg.model
-    labels = [i % m.num_classes if m.cond == "class" else None for i in range(videos)]
+    if m.cond == "text":
+        if cond is None:
+            raise ValueError("a text-conditioned model samples given text embeddings (cond)")
+        given, labels = cond
+    else:
+        labels = [i % m.num_classes if m.cond == "class" else None for i in range(videos)]
+        given = Condition(labels=torch.tensor(labels)) if m.cond == "class" else Condition()
     sampler = TiledSampler(net, cfg, opts or SampleOptions(), device=device)
     chunks = []
     for start in range(0, videos, batch or videos):
         ids = range(start, min(videos, start + (batch or videos)))
-        cond = Condition(labels=torch.tensor([labels[i] for i in ids], device=device)) if m.cond == "class" else Condition()
-        levels, _ = sampler.sample(cond, [video_seed(seed, i) for i in ids], progress=progress)
+        levels, _ = sampler.sample(given.rows(list(ids), device), [video_seed(seed, i) for i in ids], progress=progress)
         chunks.append([x.cpu() for x in levels])
     return [torch.cat(parts) for parts in zip(*chunks)], labels
 
@@ -59,11 +66,13 @@ def synthetic_metrics(levels: list[torch.Tensor], labels: list[int | None]) -> d
     return out
 
 
-def sample_and_measure(net, cfg: Config, step: int, run_dir: Path, device) -> tuple[dict[str, float], Path, list[torch.Tensor]]:
-    """Sample ``train.sample_videos`` videos, write ``samples/step_N.png``; returns the synthetic metrics (empty
-    unless the data is synthetic), the grid's path and the sampled levels."""
+def sample_and_measure(net, cfg: Config, step: int, run_dir: Path, device,
+                       cond: tuple[Condition, list[int]] | None = None) -> tuple[dict[str, float], Path, list[torch.Tensor]]:
+    """Sample ``train.sample_videos`` videos (text models: ``cond``, see sample_levels), write
+    ``samples/step_N.png``; returns the synthetic metrics (empty unless the data is synthetic), the grid's path
+    and the sampled levels."""
     t = cfg.train
-    levels, labels = sample_levels(net, cfg, t.sample_videos, t.seed, device)
+    levels, labels = sample_levels(net, cfg, t.sample_videos, t.seed, device, cond=cond)
     path = Path(run_dir) / "samples" / f"step_{step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_png(path, level_grid(levels))

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_pipeline import DataError, build_loader, prepare_dataset
+from data_pipeline import DataError, build_train_loader, prepare_dataset
 from data_pipeline.storage import Storage
 from hpdm.checkpoint import Checkpointer, is_universal, read_state
-from hpdm.config import Config, ConfigError, config_differences, save_config
+from hpdm.config import Config, config_differences, save_config
 from hpdm.diffusion import EDM, Condition
 from hpdm.distributed import Preemption, init_distributed, on_rank0
 from hpdm.divergence import DivergenceGuard
@@ -39,7 +39,8 @@ from kernels import gather_pyramid
 log = logging.getLogger(__name__)
 
 
-def _cond(cfg: Config, batch: dict, device) -> Condition:
+def _cond(cfg: Config, batch: dict, device, encoder=None) -> Condition:
+    """The batch's condition: labels, or caption embeddings (precomputed in the batch, or from ``encoder``)."""
     if cfg.model.cond == "class":
         labels, n = batch["label"], cfg.model.num_classes
         if labels.min() < -1 or labels.max() >= n:  # -1: an unlabelled clip, trained unconditionally
@@ -48,20 +49,45 @@ def _cond(cfg: Config, batch: dict, device) -> Condition:
                             f"(labels must be 0..{n - 1}, or -1 for none)")
         return Condition(labels=labels.to(device))
     if cfg.model.cond == "text":
-        raise ConfigError("model.cond", "training with text conditioning needs precomputed text embeddings in the "
-                                        "shards, which the data pipeline does not provide yet")
+        if encoder is None:
+            return Condition(text=batch["text"].to(device, torch.float32), text_mask=batch["text_mask"].to(device))
+        empty = [k for k, c in zip(batch["key"], batch["caption"]) if not c.strip()]
+        if empty:
+            raise DataError(f"data.shards {cfg.data.shards}: sample {empty[0]!r} has no caption, which "
+                            "data.text_encoder needs (give every video a caption in the make-shards manifest)")
+        text, mask = encoder.encode(batch["caption"])
+        return Condition(text=text.float(), text_mask=mask)
     return Condition()
 
 
+def _text_encoder(cfg: Config, device):
+    """The frozen encoder of ``data.text_encoder`` (captions encoded on the fly), or None (precomputed)."""
+    if cfg.model.cond != "text" or not cfg.data.text_encoder:
+        return None
+    from hpdm.text_encoder import TextEncoder  # noqa: PLC0415
+
+    return TextEncoder(cfg.data.text_encoder, cfg.model.text_tokens, device, option="data.text_encoder",
+                       text_dim=cfg.model.text_dim)
+
+
+def _monitor_cond(cfg: Config, batch: dict, device, encoder) -> tuple[Condition, list[int]] | None:
+    """What text models sample every ``train.sample_every`` steps: the first batch's captions (and labels, for
+    the synthetic measure), cycled to ``train.sample_videos``; None for class and unconditional models."""
+    if cfg.model.cond != "text":
+        return None
+    rows = [i % len(batch["key"]) for i in range(cfg.train.sample_videos)]
+    return _cond(cfg, batch, device, encoder).rows(rows, "cpu"), [int(batch["label"][i]) for i in rows]
+
+
 def _samples(ema: EMA, cfg: Config, step: int, run_dir: Path, metrics: Metrics, samples: int,
-             device, video: bool = False) -> None:
+             device, video: bool = False, cond: tuple[Condition, list[int]] | None = None) -> None:
     """Rank 0: sample the EMA weights (grid PNG, synthetic measure, progress plot; the first video as mp4 when
     ``video``); the other ranks wait at a barrier."""
     if dist.get_rank() == 0:
         t0 = time.perf_counter()
         net = HPDM(cfg.model).to(device).eval()
         ema.copy_to(net)
-        values, grid, levels = sample_and_measure(net, cfg, step, run_dir, device)
+        values, grid, levels = sample_and_measure(net, cfg, step, run_dir, device, cond)
         metrics.log({**values, "step": step, "time/sampling_s": time.perf_counter() - t0}, samples)
         metrics.image("samples", grid, samples)
         plot_progress(run_dir)
@@ -94,9 +120,9 @@ class _Profiler:
 
 
 def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: int, accum: int, device,
-          sync: bool) -> tuple[torch.Tensor, dict]:
-    """One optimizer step over ``accum`` micro-batches; returns the per-level losses and the time split
-    (accurate on GPU only when ``sync``, which waits for the device at each boundary)."""
+          sync: bool, encoder=None) -> tuple[torch.Tensor, dict, dict]:
+    """One optimizer step over ``accum`` micro-batches; returns the per-level losses, the time split
+    (accurate on GPU only when ``sync``, which waits for the device at each boundary) and the last batch."""
     m = cfg.model
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     wait = compute = opt_time = 0.0
@@ -109,7 +135,7 @@ def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: i
         offsets = sample_offsets(micro, m.levels, m.patch, gen)
         x0 = gather_pyramid(video, offsets.to(device), m.patch, dtype, impl=m.kernels)
         boxes = boxes_from_offsets(offsets, m.patch).to(device)
-        cond = _cond(cfg, batch, device).dropped(m.cond_dropout, gen)
+        cond = _cond(cfg, batch, device, encoder).dropped(m.cond_dropout, gen)
         sigma = edm.sample_sigma(micro, m.levels, device, gen)
         noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
         loss, per_level = edm.loss(engine, x0, boxes, cond, sigma, noise)
@@ -122,7 +148,7 @@ def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: i
             torch.cuda.synchronize()
         wait, compute, opt_time = wait + t1 - t0, compute + t2 - t1, opt_time + time.perf_counter() - t2
         level_losses += per_level / accum
-    return level_losses, {"time/data_wait_s": wait, "time/fwd_bwd_s": compute, "time/optimizer_s": opt_time}
+    return level_losses, {"time/data_wait_s": wait, "time/fwd_bwd_s": compute, "time/optimizer_s": opt_time}, batch
 
 
 def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
@@ -200,8 +226,10 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     edm = EDM(cfg.diffusion)
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # pyramid boxes, sigma, noise, condition dropout
-    loader = build_loader(cfg.data, frames=m.resolution[0], size=m.resolution[1:], batch_size=micro,
-                          rank=rank, world_size=world, seed=t.seed, train=True)
+    encoder = _text_encoder(cfg, device)
+    text = (m.text_tokens, m.text_dim) if m.cond == "text" and encoder is None else None
+    loader = build_train_loader(cfg.data, frames=m.resolution[0], size=m.resolution[1:], micro=micro, rank=rank,
+                                world_size=world, seed=t.seed, text=text)
 
     step = samples = 0
     if latest is not None:
@@ -225,14 +253,16 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     batches = iter(loader)
     bar = tqdm(total=t.steps * t.batch_size, initial=samples, unit="clip", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
-    preempted, first_step = False, step
+    preempted, first_step, monitor = False, step, None
     try:
         try:
             while step < t.steps:
                 profiler.at(step)
                 timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
                 t0 = time.perf_counter()
-                level_losses, times = _step(engine, edm, cfg, batches, gen, micro, accum, device, sync=timed)
+                level_losses, times, batch = _step(engine, edm, cfg, batches, gen, micro, accum, device, timed, encoder)
+                if monitor is None:
+                    monitor = _monitor_cond(cfg, batch, device, encoder)
                 step += 1
                 samples += t.batch_size
                 guard.step(level_losses, engine.skipped_steps, step)
@@ -256,7 +286,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                     metrics.log(last, samples)
                     guard.check(step, last["loss"])
                 if t.sample_every and step % t.sample_every == 0 and step < t.steps:
-                    _samples(ema, cfg, step, run_dir, metrics, samples, device)
+                    _samples(ema, cfg, step, run_dir, metrics, samples, device, cond=monitor)
                 preempted = preemption.requested(device)
                 if step % t.save_every == 0 or step == t.steps or preempted:
                     guard.check(step)
@@ -270,7 +300,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
             batches.close()  # shut the data-loader workers down, also when the step raised
             bar.close()
         if t.sample_at_end and not preempted and step > first_step:  # a finished run that is rerun samples nothing
-            _samples(ema, cfg, step, run_dir, metrics, samples, device, video=True)
+            _samples(ema, cfg, step, run_dir, metrics, samples, device, video=True, cond=monitor)
     finally:
         metrics.close()
     dist.barrier()

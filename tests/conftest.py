@@ -112,3 +112,11 @@ def tiny_shards(tiny_manifest, tmp_path_factory):
     make_shards(str(tiny_manifest), str(root / "many"), shard_size_mb=1e-6, progress=False)
     make_shards(str(tiny_manifest), str(root / "one"), shard_size_mb=1024, progress=False)
     return {"many": str(root / "many"), "one": str(root / "one")}
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    """Folder of a random 32-wide T5 encoder with its tokenizer (nothing downloaded)."""
+    from tests.tiny_t5 import save_tiny_t5  # noqa: PLC0415
+
+    return save_tiny_t5(tmp_path_factory.mktemp("tiny_t5"), d_model=32)

@@ -57,7 +57,8 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "--batch 0": ((*SAMPLE, "--batch", "0"), "--batch: must be >= 1; got 0"),
     "--tile-batch 0": ((*SAMPLE, "--tile-batch", "0"), "--tile-batch: must be >= 1; got 0"),
     "--guidance -1": ((*SAMPLE, "--guidance", "-1"), "--guidance: must be >= 0; got -1.0"),
-    "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt: hpdm bundles no text encoder"),
+    "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt/--prompt-file: the model is conditioned on 'class', "
+                                                        "not on text"),
     "eval-synthetic -n 0": (("eval-synthetic", "{gen}", "-n", "0"), "-n: must be >= 1; got 0"),
     "export missing": (("export", "{tmp}/nothing", "{tmp}/g.safetensors"), "{tmp}/nothing is neither a checkpoint"),
     "--i3d missing": (("eval-fvd", "--i3d", "{tmp}/i3d.pt", "--fake", "{empty}", "--real", "{empty}"),

@@ -110,6 +110,7 @@ VALID_ZERO_OR_MINUS_ONE = {
     ("data.skip_check_after", 0): "apply max_skip_fraction from the first sample",
     ("data.io_retries", 0): "no retries",
     ("data.io_backoff", 0): "retry at once",
+    ("data.image_batch_fraction", 0): "no still images in a batch (without data.image_shards)",
 }
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "data": DataConfig}
 BASE = load_config("configs/tiny.yaml")

@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -74,7 +73,7 @@ def test_sampler_recovers_single_point_dataset(order, churn):
     assert calls[0] >= 80.0 and min(calls) >= 0.002
 
 
-def test_tiny_model_overfits_one_clip_within_a_minute():
+def test_tiny_model_overfits_one_clip():
     torch.manual_seed(0)
     cfg = tiny_model_config(num_latents=16, token_dim=64, latent_dim=64, head_dim=32)
     model, edm = HPDM(cfg), EDM(DiffusionConfig())
@@ -93,16 +92,16 @@ def test_tiny_model_overfits_one_clip_within_a_minute():
 
     before = eval_loss()
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    start, steps, after = time.monotonic(), 0, before
-    while time.monotonic() - start < 55 and after >= before / 5:
+    after = before
+    for steps in range(1, 301):  # counted in steps, not seconds: a loaded machine must not fail it
         sigma = edm.sample_sigma(8, cfg.levels, "cpu", g)
         loss, _ = edm.loss(model, many(clip)[:8], many(boxes)[:8], Condition(labels=cond.labels.expand(8)), sigma,
                            torch.randn((8, *clip.shape[1:]), generator=g))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        steps += 1
         if steps % 20 == 0:
             after = eval_loss()
-    after = eval_loss()
+            if after < before / 5:
+                break
     assert after < before / 5, f"loss {before:.4f} -> {after:.4f} in {steps} steps"

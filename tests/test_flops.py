@@ -8,9 +8,11 @@ from hpdm.pyramid import boxes_from_offsets, sample_offsets
 from tests.helpers import tiny_model_config
 
 
-def _math_attention(q, k, v):
+def _math_attention(q, k, v, mask=None):
     """Attention as explicit matmuls, so that FlopCounterMode sees its FLOPs on CPU."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
 
@@ -26,3 +28,16 @@ def test_analytic_flops_match_counted(monkeypatch):
         counted, analytic = fc.get_total_flops(), sum(per_level[:L])
         # the analytic model leaves out the per-sample conditioning MLPs and modulations (a few % at this tiny size)
         assert 0.9 < analytic / counted <= 1.0, (L, analytic, counted)
+
+
+def test_analytic_flops_match_counted_for_a_text_model(monkeypatch):
+    """Caption tokens are read beside the data tokens (padding included, masked)."""
+    monkeypatch.setattr(hpdm.layers, "attention", _math_attention)
+    cfg = tiny_model_config(context_fusion="none", cond="text", text_dim=48, text_tokens=24)
+    boxes = boxes_from_offsets(sample_offsets(1, cfg.levels, cfg.patch), cfg.patch)
+    text, mask = torch.randn(1, 24, 48), torch.arange(24)[None] < 10
+    with FlopCounterMode(display=False) as fc:
+        HPDM(cfg)(torch.randn(1, cfg.levels, 3, *cfg.patch), torch.randn(1, cfg.levels), boxes, None, text, mask)
+    analytic = sum(forward_flops_per_level(cfg))
+    assert 0.9 < analytic / fc.get_total_flops() <= 1.0, (analytic, fc.get_total_flops())
+    assert analytic > sum(forward_flops_per_level(tiny_model_config(context_fusion="none")))

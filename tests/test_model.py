@@ -42,6 +42,29 @@ def test_text_conditioning_shapes():
         model(x, c, boxes)
 
 
+def test_text_tokens_are_read_and_padding_is_not():
+    """Caption tokens matter beyond their mean (the latents read them); padded ones do not, and the tiled
+    sampler's cached coarse context gives the joint forward's finest level. In float64, so that any difference
+    above rounding is the model's."""
+    cfg = tiny_model_config(cond="text", text_dim=12)
+    model = randomize(HPDM(cfg)).double()
+    x, c, boxes = (t.double() for t in _inputs(cfg)[:3])
+    text = torch.randn(B, 6, 12, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6], dtype=torch.bool)
+    out = model(x, c, boxes, text=text, text_mask=mask)
+    padded = text.clone()
+    padded[0, 3:] = 100.0
+    torch.testing.assert_close(model(x, c, boxes, text=padded, text_mask=mask), out, rtol=0, atol=1e-12)
+    same_mean = text.clone()
+    same_mean[0, 0] += 1.0
+    same_mean[0, 1] -= 1.0  # only reading the tokens can tell these two captions apart
+    assert (model(x, c, boxes, text=same_mean, text_mask=mask)[0] - out[0]).abs().max() > 1e-8
+    K = cfg.levels - 1
+    ctx = model.coarse_context(x[:, :K], c[:, :K], boxes[:, :K], None, text, mask)
+    fine = model.forward_level(x[:, K:], c[:, K:], boxes, ctx, None, text, mask)
+    torch.testing.assert_close(fine[:, 0], out[:, K], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("fusion", ["deep", "shallow"])
 def test_information_flows_only_coarse_to_fine(fusion):
     cfg = tiny_model_config(context_fusion=fusion)
