@@ -164,7 +164,7 @@ def text_location(cfg: DataConfig) -> str:
     return join(cfg.shards, TEXT_DIR)
 
 
-def _text_urls(cfg: DataConfig, storage: Storage, urls: list[str], tokens: int, dim: int) -> list[str]:
+def matching_text_urls(cfg: DataConfig, storage: Storage, urls: list[str], tokens: int, dim: int) -> list[str]:
     """The embedding shard of each video shard, after checking the embeddings fit the model."""
     from .text_shards import read_text_index, text_shard_urls  # noqa: PLC0415
 
@@ -187,7 +187,7 @@ def build_loader(cfg: DataConfig, *, frames: int, size: tuple[int, int], batch_s
     "text" [B,tokens,dim] and "text_mask" [B,tokens]."""
     storage = Storage(cfg.endpoint_url, retries=cfg.io_retries, backoff=cfg.io_backoff)
     urls, counts = resolve_shards(storage, cfg.shards)
-    text_urls = _text_urls(cfg, storage, urls, *text) if text else None
+    text_urls = matching_text_urls(cfg, storage, urls, *text) if text else None
     spec = ClipSpec(frames=frames, size=tuple(size), stride=cfg.frame_stride, fps=cfg.fps, train=train,
                     flip=cfg.flip and train, threads=cfg.decode_threads)
     stream = ShardStream(urls=urls, counts=counts, storage=storage, spec=spec, batch_size=batch_size, seed=seed,

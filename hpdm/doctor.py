@@ -315,12 +315,47 @@ def check_nccl_env() -> list:
     return [("nccl-env", OK, ", ".join(f"{k}={os.environ[k]}" for k in names) if names else "no NCCL_* variables set")]
 
 
+def check_text(cfg: Config) -> list:
+    """A text model's captions: the encoder of data.text_encoder (its width), or the precomputed embeddings'
+    index (width and token count against the model)."""
+    m, d = cfg.model, cfg.data
+    if m.cond != "text":
+        return [("text", OK, "not a text-conditioned model")]
+    if d.text_encoder:
+        try:
+            import transformers  # noqa: PLC0415
+
+            path = os.path.expanduser(d.text_encoder)
+            width = transformers.AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
+            width = width.get("d_model") or width.get("hidden_size")
+        except (ImportError, OSError, ValueError) as exc:
+            return [("text", FAIL, f"data.text_encoder {d.text_encoder}: {str(exc).splitlines()[0]}")]
+        ok = width == m.text_dim
+        return [("text", OK if ok else FAIL, f"data.text_encoder {d.text_encoder}: {width} wide, model.text_dim "
+                                             f"{m.text_dim}; captions encoded on the fly")]
+    from data_pipeline.loader import matching_text_urls, text_location  # noqa: PLC0415
+    from data_pipeline.shardlist import resolve_shards  # noqa: PLC0415
+    from data_pipeline.storage import StorageError  # noqa: PLC0415
+    from data_pipeline.stream import DataError  # noqa: PLC0415
+
+    storage = _storage(cfg)
+    try:
+        urls, _ = resolve_shards(storage, d.shards)
+        matching_text_urls(d, storage, urls, m.text_tokens, m.text_dim)
+    except (StorageError, DataError) as exc:
+        status = WARN if d.synthetic and not storage.exists(d.shards.rstrip("/") + "/index.json") else FAIL
+        return [("text", status, str(exc))]
+    return [("text", OK, f"{text_location(d)}: embeddings of {len(urls)} shards fit model.text_dim {m.text_dim} "
+                         f"and model.text_tokens {m.text_tokens}")]
+
+
 def run_checks(cfg: Config, timeout: float) -> list[tuple[str, str, str]]:
     """All checks, in table order, as (check, status, detail)."""
     gpu = _limited(lambda: [(None, OK, _cuda())], LOCAL_TIMEOUT)[0][2] is True  # False also when CUDA hangs
     plan = [(lambda: check_software(gpu), LOCAL_TIMEOUT, "software"), (check_gpus, LOCAL_TIMEOUT, "gpus"),
             (lambda: check_attention(gpu), LOCAL_TIMEOUT, "attention"), (check_nccl_env, 5, "nccl-env"),
-            (lambda: check_data(cfg), timeout, "data"), (lambda: check_run_dir(cfg), timeout, "run_dir"),
+            (lambda: check_data(cfg), timeout, "data"), (lambda: check_text(cfg), timeout, "text"),
+            (lambda: check_run_dir(cfg), timeout, "run_dir"),
             (lambda: check_checkpoint_uri(cfg), timeout, "checkpoint_uri"), (lambda: check_disk(cfg), timeout, "disk"),
             (lambda: check_credentials(cfg), 5, "aws-credentials"), (lambda: check_launcher(min(timeout, 5)), timeout, "launcher")]
     rows = []

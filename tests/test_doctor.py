@@ -123,3 +123,26 @@ def test_missing_package_status(required, expected):
     status, detail = doctor._package("hpdm_no_such_module", "hpdm-no-such-dist", required, gpu=False)[0][1:]
     assert status == expected and "not installed" in detail
     assert doctor._package("hpdm_no_such_module", "hpdm-no-such-dist", False, gpu=True)[0][1] == "warn"
+
+
+def test_text_models_need_fitting_embeddings_or_an_encoder(capsys, tiny_shards, tiny_t5, tmp_path):
+    """model.cond: text: the embeddings' index (width, tokens) or data.text_encoder is checked before a run."""
+    from data_pipeline.text_shards import embed_shards  # noqa: PLC0415
+    from hpdm.text_encoder import TextEncoder  # noqa: PLC0415
+
+    enc = TextEncoder(str(tiny_t5), 16)
+    embed_shards(tiny_shards["one"], enc.encode, {"encoder": str(tiny_t5), "width": 32, "max_tokens": 16},
+                 out=str(tmp_path / "emb"), progress=False)
+    text = ["model.cond=text", "model.text_tokens=16", f"data.shards={tiny_shards['one']}", f"train.run_dir={tmp_path / 'r'}"]
+    rows = {}
+    for name, extra in {"fits": ["model.text_dim=32", f"data.text_embeddings={tmp_path / 'emb'}"],
+                        "none": ["model.text_dim=32", f"data.text_embeddings={tmp_path / 'nothing'}"],
+                        "wide": ["model.text_dim=64", f"data.text_embeddings={tmp_path / 'emb'}"],
+                        "encoder": ["model.text_dim=32", f"data.text_encoder={tiny_t5}"],
+                        "bad encoder": ["model.text_dim=32", f"data.text_encoder={tmp_path / 'no-t5'}"]}.items():
+        rows[name] = _doctor(capsys, *text, *extra)[1]["text"]
+    assert rows["fits"][0] == "ok" and "embeddings of 1 shards fit model.text_dim 32" in rows["fits"][1]
+    assert rows["none"][0] == "FAIL" and "hpdm embed-text" in rows["none"][1]
+    assert rows["wide"][0] == "FAIL" and "32 wide" in rows["wide"][1] and "model.text_dim is 64" in rows["wide"][1]
+    assert rows["encoder"] == ("ok", f"data.text_encoder {tiny_t5}: 32 wide, model.text_dim 32; captions encoded on the fly")
+    assert rows["bad encoder"][0] == "FAIL" and "no-t5" in rows["bad encoder"][1]
