@@ -171,11 +171,6 @@ class TrainConfig:
         check_range("train.betas", self.betas, 0, high=1)
         if self.init_from and not Path(self.init_from).exists():
             raise ConfigError("train.init_from", f"no such file or folder: {self.init_from}")
-        if self.optimizer == "lamb" and self.zero_stage > 0:
-            # ZeRO hands the optimizer flat partitions of many tensors, so LAMB's per-tensor trust ratio would be
-            # taken over a whole shard (and change with the number of processes).
-            raise ConfigError("train.optimizer", f"lamb needs train.zero_stage=0 (got {self.zero_stage}): its per-layer "
-                                                 "trust ratio is wrong on ZeRO's flat partitions; use adamw with ZeRO")
         if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):
             raise ConfigError("train.checkpoint_uri", f"must be an s3:// prefix (or empty); got {self.checkpoint_uri!r}")
         if not 0 <= self.profile_steps[0] <= self.profile_steps[1]:

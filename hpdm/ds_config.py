@@ -1,8 +1,7 @@
 """The DeepSpeed config of a run: generated from ours, with ``train.deepspeed`` merged over it.
 
 Keys that hpdm derives from its own fields may not be set through ``train.deepspeed``: two sources for one
-setting would let the run do one thing and record another (a ZeRO-3 run saved as ``zero_stage: 0``, LAMB on
-ZeRO's flat partitions). Everything else passes through, nested keys merged.
+setting would let the run do one thing and record another (a ZeRO-3 run saved as ``zero_stage: 0``). Everything else passes through, nested keys merged.
 """
 from __future__ import annotations
 

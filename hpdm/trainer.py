@@ -30,7 +30,7 @@ from hpdm.flops import training_flops_per_sample
 from hpdm.metrics import Metrics, memory_gib, peak_flops
 from hpdm.model import HPDM
 from hpdm.monitor import plot_progress, sample_and_measure
-from hpdm.optim import build_optimizer, lr_factor
+from hpdm.optim import attach_partitions, build_optimizer, lr_factor
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
 from hpdm.run_lock import RunLock
 from hpdm.video_io import to_uint8, write_mp4
@@ -224,6 +224,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.betas, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.decay))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    attach_partitions(engine)  # LAMB's per-parameter trust ratio over ZeRO's flat partitions
     edm = EDM(cfg.diffusion)
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # pyramid boxes, sigma, noise, condition dropout
     encoder = _text_encoder(cfg, device)

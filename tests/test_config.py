@@ -25,7 +25,6 @@ from hpdm.config import ConfigError, DiffusionConfig, ModelConfig, TrainConfig, 
     (["train.optimizer=sgd"], "train.optimizer"),
     (["data.num_workers=-1"], "data.num_workers"),
     (["model.blocks=5"], "model.levels_per_block"),
-    (["train.optimizer=lamb", "train.zero_stage=1"], "train.optimizer"),
 ])
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -14,7 +14,7 @@ def test_generated_from_our_fields_with_nested_pass_through():
 
 
 @pytest.mark.parametrize("override,field", [
-    ("{zero_optimization: {stage: 3}}", "train.zero_stage"),  # would bypass the LAMB check and be recorded as 0
+    ("{zero_optimization: {stage: 3}}", "train.zero_stage"),  # would run ZeRO-3 and be recorded as 0
     ("{train_batch_size: 64}", "train.batch_size"),
     ("{bf16: {enabled: true}}", "train.precision"),
     ("{optimizer: {type: Adam}}", "train.optimizer"),
