@@ -9,6 +9,7 @@ mean nothing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -129,6 +130,8 @@ def _measure(kernel: str, case: dict, setup, args, copy_gbs: float) -> dict:
     row = dict(kernel=kernel, case=case["name"], dtype=str(dtype), bytes=nbytes)
     row["fused_ms"] = _median_ms(call("fused"), **timing)
     row["eager_ms"] = _median_ms(call("reference"), **timing)
+    print(f"  fused {row['fused_ms']:.3f} ms, eager {row['eager_ms']:.3f} ms"
+          + ("" if args.no_compile else "; compiling the reference (can take a minute)"), flush=True)
     row["compile_ms"] = None
     if not args.no_compile:
         try:
@@ -149,10 +152,11 @@ class _compiled_reference:
     """Swap the dispatcher's reference for ``torch.compile`` of it for the duration of a ``with``."""
 
     def __init__(self, kernel: str):
-        import kernels.context_fusion as cf
-        import kernels.patch_gather as pg
-        self.module, self.name = (pg, "gather_pyramid_reference") if kernel == "gather" else \
-            (cf, "context_fusion_reference")
+        # The modules themselves: `import kernels.context_fusion` would give the function that kernels/__init__.py
+        # exports under the same name.
+        module, self.name = ("kernels.patch_gather", "gather_pyramid_reference") if kernel == "gather" else \
+            ("kernels.context_fusion", "context_fusion_reference")
+        self.module = importlib.import_module(module)
 
     def __enter__(self):
         self.orig = getattr(self.module, self.name)
@@ -201,11 +205,13 @@ def run(args: argparse.Namespace) -> int:
     copy_gbs = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.warmup, args.reps)
     rows = []
     wanted = args.kernels.split(",")
-    for kernel, cases, setup in (("gather", gather_cases, _gather_setup), ("fusion", fusion_cases, _fusion_setup)):
-        if kernel in wanted:
-            for case in cases(args.device):
-                rows.append(_measure(kernel, case, setup, args, copy_gbs))
-                torch.cuda.empty_cache() if args.device == "cuda" else None
+    plan = [(kernel, case, setup) for kernel, cases, setup in (("gather", gather_cases, _gather_setup),
+                                                               ("fusion", fusion_cases, _fusion_setup))
+            if kernel in wanted for case in cases(args.device)]
+    for i, (kernel, case, setup) in enumerate(plan):
+        print(f"[{i + 1}/{len(plan)}] {kernel} {case['name']}", flush=True)
+        rows.append(_measure(kernel, case, setup, args, copy_gbs))
+        torch.cuda.empty_cache() if args.device == "cuda" else None
     print(_table(rows, copy_gbs))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

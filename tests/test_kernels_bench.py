@@ -27,3 +27,26 @@ def test_cpu_smoke_writes_json(tmp_path, monkeypatch):
                            "--out", str(out))) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["kernel"] for r in rows] == ["gather"] and rows[0]["fused_ms"] > 0 and rows[0]["bytes"] > 0
+
+
+@pytest.mark.parametrize("kernel,name", [("gather", "gather_pyramid_reference"), ("fusion", "context_fusion_reference")])
+def test_compile_baseline_swaps_the_reference_in_its_own_module(kernel, name):
+    """The torch.compile baseline replaces the reference that the dispatcher calls, and puts it back (the fusion
+    one once failed: `import kernels.context_fusion` gives the function of that name, not the module)."""
+    import importlib  # noqa: PLC0415
+
+    module = importlib.import_module("kernels.patch_gather" if kernel == "gather" else "kernels.context_fusion")
+    orig = getattr(module, name)
+    with bench._compiled_reference(kernel):
+        assert getattr(module, name) is not orig
+    assert getattr(module, name) is orig
+
+
+def test_progress_is_printed_per_case(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert bench.run(_args("--device", "cpu", "--kernels", "gather", "--reps", "1", "--warmup", "0",
+                           "--out", str(tmp_path / "b.json"))) == 0
+    out = capsys.readouterr().out
+    n = len(json.loads((tmp_path / "b.json").read_text())["rows"])
+    assert [line.split("]")[0] for line in out.splitlines() if line.startswith("[")] == [f"[{i}/{n}" for i in range(1, n + 1)]
+    assert sum(line.startswith("  fused ") for line in out.splitlines()) == n
