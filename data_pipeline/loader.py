@@ -98,8 +98,8 @@ class VideoLoader:
             check_skips(self.stats, self.cfg.max_skip_fraction, self.cfg.skip_check_after, f"rank {self.stream.rank}: ")
             if not batch:
                 continue
-            if self.pin and self.cfg.num_workers == 0:
-                batch["video"] = batch["video"].pin_memory()
+            if self.pin and self.cfg.num_workers == 0:  # as DataLoader(pin_memory=True) does: every tensor
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield batch
 
     def __len__(self):

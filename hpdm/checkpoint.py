@@ -230,7 +230,8 @@ class Checkpointer:
 
     # -- saving ----------------------------------------------------------------------------------------
     def save(self, engine, ema, step: int, samples: int, loader_state: dict, rng: torch.Tensor, state: dict) -> Path:
-        """Collective: every rank calls it. ``state`` (config, ...) goes into state.json. Returns the folder."""
+        """Collective: every rank calls it. ``state`` (config, ...) goes into state.json; ``rng`` is the training
+        generator's ``get_state()``, a CPU ByteTensor also for a CUDA generator. Returns the folder."""
         t0 = time.perf_counter()
         rank, tag = _rank(), f"step_{step:08d}"
         path = self.root / tag

@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
 def cmd_info(args) -> int:
     import torch  # noqa: PLC0415
 
-    from hpdm.flops import activation_bytes, forward_flops_per_level, parameter_counts  # noqa: PLC0415
+    from hpdm.flops import activation_bytes, forward_flops_per_level, parameter_counts, state_bytes  # noqa: PLC0415
     from hpdm.model import HPDM  # noqa: PLC0415
 
     if args.micro_batch < 0:
@@ -78,8 +78,19 @@ def cmd_info(args) -> int:
     print(f"{'all':<8}{'':>16}{'':>8}{total / 1e9:>20.2f}   (training: {3 * total / 1e9:.2f} GFLOP/sample)")
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     micro = args.micro_batch or cfg.train.micro_batch or 1
-    act = activation_bytes(m, micro, dtype)
-    print(f"\nactivation memory, micro-batch {micro} ({cfg.train.precision}): {act / 2**30:.2f} GiB")
+    act, ckpt = activation_bytes(m, micro, dtype), activation_bytes(m, micro, dtype, checkpointed=True)
+    state = state_bytes(counts["total"], cfg.train.precision)
+    gib = lambda n: f"{n / 2**30:>9.2f} GiB"  # noqa: E731
+    print(f"\nmemory estimate per process, micro-batch {micro}, {cfg.train.precision} (upper bounds; no ZeRO "
+          "partitioning, no allocator overhead or workspace):")
+    print(f"  {'activation memory, micro-batch ' + str(micro):<52}{gib(act)}   (tensors saved for backward)")
+    print(f"  {'  with train.activation_checkpointing':<52}{gib(ckpt)}   (block inputs + one block recomputed)")
+    print(f"  {'weights':<52}{gib(state['weights'])}")
+    print(f"  {'gradients':<52}{gib(state['gradients'])}")
+    master = " + fp32 master weights" if cfg.train.precision == "bf16" else ""
+    print(f"  {'optimizer state':<52}{gib(state['optimizer'])}   (two fp32 moments{master})")
+    fixed = sum(state.values())
+    print(f"  {'total':<52}{gib(fixed + act)}   ({(fixed + ckpt) / 2**30:.2f} GiB with activation checkpointing)")
     return 0
 
 

@@ -141,6 +141,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_halflife: float = 500_000.0  # in samples (clips)
     precision: str = "fp32"  # fp32 (the paper's) | bf16
+    # Recompute each RIN block in the backward pass, keeping only block inputs: less activation memory for about
+    # one more forward of compute. A memory setting, free to change between resumes (not in config_differences).
+    activation_checkpointing: bool = False
     zero_stage: int = 0
     seed: int = 0
     log_every: int = 10
@@ -160,6 +163,9 @@ class TrainConfig:
         _choice("train.optimizer", self.optimizer, ("lamb", "adamw"))
         _choice("train.decay", self.decay, ("none", "cosine"))
         _choice("train.precision", self.precision, ("fp32", "bf16"))
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError("train.activation_checkpointing",
+                              f"must be true or false; got {self.activation_checkpointing!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("train.zero_stage", f"must be 0, 1, 2 or 3; got {self.zero_stage}")
         for key in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints", "sample_videos"):

@@ -26,11 +26,16 @@ class Condition:
         ref = self.labels if self.labels is not None else self.text
         if ref is None or p <= 0:
             return self
-        drop = torch.rand(ref.shape[0], generator=generator, device="cpu").to(ref.device) < p
+        device = generator.device if generator is not None else torch.device("cpu")  # drawn where the generator is
+        return self.masked(torch.rand(ref.shape[0], generator=generator, device=device).to(ref.device) < p)
+
+    def masked(self, drop: torch.Tensor) -> "Condition":
+        """A copy with the condition of the samples where ``drop`` (bool [B], on the condition's device) is set
+        removed: label -1, or an all-false text mask."""
         labels = None if self.labels is None else torch.where(drop, -1, self.labels)
         mask = None
         if self.text is not None:
-            mask = self.text_mask if self.text_mask is not None else torch.ones(self.text.shape[:2], dtype=torch.bool, device=ref.device)
+            mask = self.text_mask if self.text_mask is not None else torch.ones(self.text.shape[:2], dtype=torch.bool, device=self.text.device)
             mask = mask & ~drop[:, None]
         return Condition(labels, self.text, mask)
 
@@ -68,8 +73,10 @@ class EDM:
         return c_skip * x + c_out * f.to(torch.float32)
 
     def sample_sigma(self, batch: int, levels: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Log-normal training noise levels [B, L]."""
-        n = torch.randn(batch, levels if self.cfg.independent_levels else 1, generator=generator)
+        """Log-normal training noise levels [B, L] on ``device``, drawn on the generator's device (the CPU
+        without one)."""
+        on = generator.device if generator is not None else torch.device("cpu")
+        n = torch.randn(batch, levels if self.cfg.independent_levels else 1, generator=generator, device=on)
         sigma = (n * self.cfg.p_std + self.cfg.p_mean).exp().expand(batch, levels)
         return sigma.to(device)
 

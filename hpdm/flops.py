@@ -1,4 +1,5 @@
-"""Analytic cost model of HPDM: matmul FLOPs per sample and level, and activation memory of a micro-batch.
+"""Analytic cost model of HPDM: matmul FLOPs per sample and level; activation memory of a micro-batch (with and
+without activation checkpointing) and the memory of weights, gradients and optimizer state.
 
 FLOPs count 2 per multiply-add of every matrix product (linear layers and attention); element-wise work and
 the per-sample conditioning MLPs are left out (well under 1 % at the paper's sizes). Training costs three
@@ -65,26 +66,65 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def activation_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes that autograd saves for backward in one training forward of a micro-batch (run on meta tensors).
-
-    An upper bound: two views of one tensor count twice."""
+def _saved_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype) -> tuple[int, list[int], int]:
+    """One training forward of a micro-batch on meta tensors: bytes autograd saves outside the blocks, bytes it
+    saves inside each block (``HPDM._run_block``, context fusion included), and the blocks' distinct inputs."""
     from hpdm.model import HPDM  # noqa: PLC0415
     from hpdm.pyramid import boxes_from_offsets, sample_offsets  # noqa: PLC0415
 
-    saved: dict[int, int] = {}
+    outside: dict[int, torch.Tensor] = {}
+    per_block: list[dict[int, torch.Tensor]] = [{} for _ in cfg.levels_per_block]
+    inputs: dict[int, torch.Tensor] = {}
+    current: list[int | None] = [None]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.nn.Parameter):  # weights are not activations
-            saved[id(t)] = t.numel() * t.element_size()
+            (outside if current[0] is None else per_block[current[0]])[id(t)] = t  # kept: ids stay unique
         return t
 
     boxes = boxes_from_offsets(sample_offsets(micro_batch, cfg.levels, cfg.patch), cfg.patch)
     with torch.device("meta"):
         model = HPDM(cfg).to(dtype)
+        run = model._run_block
+
+        def run_block(b, h, z, cond, boxes, active, text):  # noqa: ANN001, ANN202
+            for t in [*h, *z, cond, boxes, *(text or ())]:
+                if t._base is None or not isinstance(t._base, torch.nn.Parameter):  # not the shared latents
+                    inputs[id(t)] = t
+            current[0] = b
+            try:
+                return run(b, h, z, cond, boxes, active, text)
+            finally:
+                current[0] = None
+
+        model._run_block = run_block
         x = torch.empty(micro_batch, cfg.levels, 3, *cfg.patch, dtype=dtype)
         labels = torch.zeros(micro_batch, dtype=torch.long)
         text = torch.zeros(micro_batch, cfg.text_tokens, cfg.text_dim, dtype=dtype)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x, torch.zeros(micro_batch, cfg.levels, dtype=dtype), boxes.to("meta", dtype), labels, text)
-    return sum(saved.values())
+
+    def size(ts: dict[int, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in ts.values())
+    return size(outside), [size(d) for d in per_block], size(inputs)
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype = torch.float32,
+                     checkpointed: bool = False) -> int:
+    """Bytes of activations that one training forward of a micro-batch keeps for backward (activations only).
+
+    Without checkpointing: every tensor autograd saves. With ``train.activation_checkpointing``: what is saved
+    outside the blocks, every block's inputs, and the largest block's saved tensors (alive while that block is
+    recomputed in backward). An upper bound: two views of one tensor count twice."""
+    outside, per_block, inputs = _saved_bytes(cfg, micro_batch, dtype)
+    return outside + (inputs + max(per_block) if checkpointed else sum(per_block))
+
+
+def state_bytes(parameters: int, precision: str) -> dict[str, int]:
+    """Weights, gradients and optimizer state of one process without ZeRO partitioning: weights and gradients in
+    the training dtype; AdamW and LAMB keep two fp32 moments (8 bytes/parameter), and bf16 adds fp32 master
+    weights (4 bytes/parameter). ZeRO-1 divides the optimizer state by the number of processes, ZeRO-2 also the
+    gradients, ZeRO-3 also the weights."""
+    width = 2 if precision == "bf16" else 4
+    return {"weights": width * parameters, "gradients": width * parameters,
+            "optimizer": (8 + (4 if precision == "bf16" else 0)) * parameters}

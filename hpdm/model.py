@@ -5,7 +5,9 @@ tokens, thinks by self-attention, and the data tokens read back (one RIN block).
 and are batched together inside a block; they interact only through *context fusion*: before a block, each
 finer level's tokens receive the coarser levels' tokens (projected), resampled at their own positions and
 averaged. *Adaptive computation*: block ``b`` processes only levels ``< levels_per_block[b]``, so fine levels
-run only the last blocks. Information flows strictly coarse to fine.
+run only the last blocks. Information flows strictly coarse to fine. *Activation checkpointing*
+(``checkpoint_blocks``, set by the trainer from ``train.activation_checkpointing``): the training forward keeps
+only each block's inputs and recomputes the block (its context fusion included) in the backward pass.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import math
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hpdm.config import ModelConfig
 from hpdm.layers import Modulation, ResidualLayer, TokenConv
@@ -128,6 +131,9 @@ class HPDM(nn.Module):
         self.detokenize = nn.Linear(D, pixels)
         nn.init.zeros_(self.detokenize.weight)
         nn.init.zeros_(self.detokenize.bias)
+        # Recompute each block in the backward pass instead of keeping its activations (a memory setting, not part
+        # of the architecture: it is no ModelConfig field, so it may change between resumes). Sampling never uses it.
+        self.checkpoint_blocks = False
 
     def first_block(self, level: int) -> int:
         """Index of the first block that processes ``level``."""
@@ -190,7 +196,11 @@ class HPDM(nn.Module):
         txt = self._text(text, text_mask)
         z = [self.latents.expand(B, -1, -1)] * L
         for b in range(len(self.blocks)):
-            h, z = self._run_block(b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], L), txt)
+            args = (b, h, z, cond, boxes, min(self.cfg.levels_per_block[b], L), txt)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                h, z = checkpoint(self._run_block, *args, use_reentrant=False)
+            else:
+                h, z = self._run_block(*args)
         return self._detokenize(torch.stack(h, dim=1), cond)
 
     # ---- tiled sampling: coarse activations computed once per parent region and reused by every tile inside it ----

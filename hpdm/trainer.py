@@ -31,8 +31,9 @@ from hpdm.metrics import Metrics, memory_gib, peak_flops
 from hpdm.model import HPDM
 from hpdm.monitor import plot_progress, sample_and_measure
 from hpdm.optim import attach_partitions, build_optimizer, lr_factor
-from hpdm.pyramid import boxes_from_offsets, sample_offsets
+from hpdm.pyramid import boxes_from_offsets
 from hpdm.run_lock import RunLock
+from hpdm.step_rng import draw_step_randomness, restore_generator, step_generator
 from hpdm.video_io import to_uint8, write_mp4
 from kernels import gather_pyramid
 
@@ -40,17 +41,19 @@ log = logging.getLogger(__name__)
 
 
 def _cond(cfg: Config, batch: dict, device, encoder=None) -> Condition:
-    """The batch's condition: labels, or caption embeddings (precomputed in the batch, or from ``encoder``)."""
+    """The batch's condition: labels, or caption embeddings (precomputed in the batch, or from ``encoder``).
+    Host tensors (pinned on CUDA by the loader) are copied without blocking."""
     if cfg.model.cond == "class":
         labels, n = batch["label"], cfg.model.num_classes
-        if labels.min() < -1 or labels.max() >= n:  # -1: an unlabelled clip, trained unconditionally
+        if labels.min() < -1 or labels.max() >= n:  # checked on the host tensor: no device sync
             bad = int(labels.max() if labels.max() >= n else labels.min())
             raise DataError(f"data.shards {cfg.data.shards}: a batch has label {bad} but model.num_classes is {n} "
                             f"(labels must be 0..{n - 1}, or -1 for none)")
-        return Condition(labels=labels.to(device))
+        return Condition(labels=labels.to(device, non_blocking=True))  # -1: an unlabelled clip, trained unconditionally
     if cfg.model.cond == "text":
-        if encoder is None:
-            return Condition(text=batch["text"].to(device, torch.float32), text_mask=batch["text_mask"].to(device))
+        if encoder is None:  # copied in the stored dtype, converted on the device
+            return Condition(text=batch["text"].to(device, non_blocking=True).float(),
+                             text_mask=batch["text_mask"].to(device, non_blocking=True))
         empty = [k for k, c in zip(batch["key"], batch["caption"]) if not c.strip()]
         if empty:
             raise DataError(f"data.shards {cfg.data.shards}: sample {empty[0]!r} has no caption, which "
@@ -122,33 +125,48 @@ class _Profiler:
 def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: int, accum: int, device,
           sync: bool, encoder=None) -> tuple[torch.Tensor, dict, dict]:
     """One optimizer step over ``accum`` micro-batches; returns the per-level losses, the time split
-    (accurate on GPU only when ``sync``, which waits for the device at each boundary) and the last batch."""
+    (accurate on GPU only when ``sync``, which waits for the device at each boundary), the last batch and, when
+    ``sync`` and DeepSpeed keeps none (``_plain_optimizer``), the gradient norm.
+
+    ``gen`` lives on ``device``: every random number is drawn there, and nothing here reads a device value
+    back (no .item(), .cpu(), .tolist()), so on a GPU the step queues work without waiting for it."""
     m = cfg.model
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     wait = compute = opt_time = 0.0
-    level_losses = torch.zeros(m.levels, device=device)
+    level_losses, grad_norm = torch.zeros(m.levels, device=device), None
     for _ in range(accum):
         t0 = time.perf_counter()
         batch = next(batches)
         t1 = time.perf_counter()
-        video = batch["video"].to(device, non_blocking=True)
-        offsets = sample_offsets(micro, m.levels, m.patch, gen)
-        x0 = gather_pyramid(video, offsets.to(device), m.patch, dtype, impl=m.kernels)
-        boxes = boxes_from_offsets(offsets, m.patch).to(device)
-        cond = _cond(cfg, batch, device, encoder).dropped(m.cond_dropout, gen)
-        sigma = edm.sample_sigma(micro, m.levels, device, gen)
-        noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
-        loss, per_level = edm.loss(engine, x0, boxes, cond, sigma, noise)
+        video = batch["video"].to(device, non_blocking=True)  # pinned by the loader on CUDA: an async copy
+        cond = _cond(cfg, batch, device, encoder)
+        # on the device: a CPU generator here would mean host draws and a host-to-device copy of the noise
+        draws = draw_step_randomness(gen, micro, cfg, cond.labels is not None or cond.text is not None)
+        # device offsets: the fused gather skips its host-side box check, which would sync (the reference
+        # gather, kernels=reference, reads the offsets back and so syncs on GPU)
+        x0 = gather_pyramid(video, draws.offsets, m.patch, dtype, impl=m.kernels)
+        boxes = boxes_from_offsets(draws.offsets, m.patch)  # on the device, constants cached there
+        cond = cond if draws.drop is None else cond.masked(draws.drop)
+        loss, per_level = edm.loss(engine, x0, boxes, cond, draws.sigma, draws.noise)
         engine.backward(loss)
         if sync and device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
+        if sync and engine.is_gradient_accumulation_boundary() and _plain_optimizer(engine):
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
         engine.step()  # DeepSpeed steps the optimizer at the end of the accumulation
         if sync and device.type == "cuda":
             torch.cuda.synchronize()
         wait, compute, opt_time = wait + t1 - t0, compute + t2 - t1, opt_time + time.perf_counter() - t2
         level_losses += per_level / accum
-    return level_losses, {"time/data_wait_s": wait, "time/fwd_bwd_s": compute, "time/optimizer_s": opt_time}, batch
+    times = {"time/data_wait_s": wait, "time/fwd_bwd_s": compute, "time/optimizer_s": opt_time}
+    return level_losses, times, batch, grad_norm
+
+
+def _plain_optimizer(engine) -> bool:
+    """Whether DeepSpeed steps our optimizer directly (ZeRO-0 in fp32): it then keeps no gradient norm of its own,
+    so the trainer takes it from the (all-reduced, unclipped) gradients on logging steps."""
+    return engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and not engine.fp16_enabled()
 
 
 def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
@@ -218,6 +236,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = HPDM(m).to(device)
+    model.checkpoint_blocks = t.activation_checkpointing  # recompute blocks in backward (hpdm/model.py)
     if t.init_from and latest is None:  # fine-tuning from a lower-resolution generator (not when resuming)
         init_from_generator(model, t.init_from)
     ema = EMA(model, t.ema_halflife)  # before ZeRO-3 partitions the parameters
@@ -226,7 +245,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     attach_partitions(engine)  # LAMB's per-parameter trust ratio over ZeRO's flat partitions
     edm = EDM(cfg.diffusion)
-    gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # pyramid boxes, sigma, noise, condition dropout
+    gen = step_generator(t.seed * 1000 + rank, device)  # pyramid boxes, sigma, noise, condition dropout
     encoder = _text_encoder(cfg, device)
     text = (m.text_tokens, m.text_dim) if m.cond == "text" and encoder is None else None
     loader = build_train_loader(cfg.data, frames=m.resolution[0], size=m.resolution[1:], micro=micro, rank=rank,
@@ -238,8 +257,10 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
         state, loader_state, rng = ckpt.load(engine, ema, latest)
         step, samples = state["step"], state["samples"]
         loader.load_state_dict(loader_state)
-        if rng is not None:
-            gen.set_state(rng)
+        if rng is not None and not restore_generator(gen, rng) and rank == 0:
+            log.warning("the checkpoint's random state is from a %s generator; this run draws on %s from a seed "
+                        "derived from it, so its noise differs from an uninterrupted run's", "CPU" if device.type
+                        == "cuda" else "CUDA", device.type)
         if rank == 0:
             log.info("resumed from %s (step %d, %d samples) in %.1f s", latest, step, samples, time.perf_counter() - t0)
     if rank == 0:  # only now: a refused or failed resume leaves the run's recorded config as it was
@@ -261,7 +282,8 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                 profiler.at(step)
                 timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
                 t0 = time.perf_counter()
-                level_losses, times, batch = _step(engine, edm, cfg, batches, gen, micro, accum, device, timed, encoder)
+                level_losses, times, batch, own_norm = _step(engine, edm, cfg, batches, gen, micro, accum, device,
+                                                             timed, encoder)
                 if monitor is None:
                     monitor = _monitor_cond(cfg, batch, device, encoder)
                 step += 1
@@ -275,7 +297,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                         dist.all_reduce(level_losses)
                         level_losses /= world
                     level_losses = level_losses.cpu()
-                    grad_norm = engine.get_global_grad_norm()
+                    grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
                     last = {"loss": level_losses.mean().item(), **{f"loss/level{l}": v.item() for l, v in enumerate(level_losses)},
                             "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                             "samples_per_s": t.batch_size / dt, "time/step_s": dt, **times,

@@ -2,7 +2,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import hpdm.layers
-from hpdm.flops import forward_flops_per_level
+from hpdm.flops import activation_bytes, forward_flops_per_level, state_bytes
 from hpdm.model import HPDM
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
 from tests.helpers import tiny_model_config
@@ -41,3 +41,13 @@ def test_analytic_flops_match_counted_for_a_text_model(monkeypatch):
     analytic = sum(forward_flops_per_level(cfg))
     assert 0.9 < analytic / fc.get_total_flops() <= 1.0, (analytic, fc.get_total_flops())
     assert analytic > sum(forward_flops_per_level(tiny_model_config(context_fusion="none")))
+
+
+def test_memory_estimate_with_checkpointing_and_state():
+    """Checkpointing keeps less than the full activations but at least the largest block; state per parameter."""
+    cfg = tiny_model_config()
+    full, ckpt = activation_bytes(cfg, 1), activation_bytes(cfg, 1, checkpointed=True)
+    assert 0 < ckpt < full
+    assert activation_bytes(cfg, 2, checkpointed=True) > ckpt
+    assert state_bytes(10, "fp32") == {"weights": 40, "gradients": 40, "optimizer": 80}
+    assert state_bytes(10, "bf16") == {"weights": 20, "gradients": 20, "optimizer": 120}

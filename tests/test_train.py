@@ -141,3 +141,17 @@ def test_failed_upload_leaves_a_complete_local_checkpoint(tmp_path, s3_server, m
     out = _train(run, data, f"train.checkpoint_uri={uri}", "train.steps=7", "train.sample_at_end=false")
     assert "(step 6, 24 samples)" in out
     assert Storage().read_bytes(f"{uri}/latest") == b"step_00000007"
+
+
+@pytest.mark.slow
+def test_grad_norm_is_logged_at_every_zero_stage(tmp_path):
+    """fp32 at ZeRO-0 (where DeepSpeed keeps no norm) logs the same gradient norm as ZeRO-1 computes."""
+    norms = {}
+    for stage in (0, 1):
+        run = tmp_path / f"zero{stage}"
+        _train(run, tmp_path / "data", "train.steps=2", "train.optimizer=lamb", "train.precision=fp32",
+               f"train.zero_stage={stage}", "train.sample_at_end=false")
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        norms[stage] = [r["grad_norm"] for r in rows if "grad_norm" in r]
+    assert len(norms[0]) == 2 and all(0 < v < float("inf") for v in norms[0]), norms
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
