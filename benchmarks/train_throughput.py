@@ -15,6 +15,7 @@ memory is ``torch.cuda.max_memory_allocated`` on GPU, the host RSS peak (``resou
 
     python benchmarks/train_throughput.py --out benchmarks/train_throughput.json          # HPDM-S, GPU, micro-batch 4
     python benchmarks/train_throughput.py train.activation_checkpointing=true --micro-batch 16 --cases bf16/adaptive
+    python benchmarks/train_throughput.py train.compile=true --cases bf16/adaptive fp32-lamb/adaptive
     python benchmarks/train_throughput.py --smoke --out /tmp/train_throughput.json       # CPU, tiny, < 90 s
 
 Config overrides (``key=value``, given to both paths) go before the options.
@@ -96,6 +97,8 @@ def bare(cfg: Config, device: torch.device, micro: int, steps: int, warmup: int)
     torch.manual_seed(t.seed)
     reset_peak(device)
     model = HPDM(m).to(device, dtype)
+    if t.compile:  # as the trainer does
+        model.compile(mode=t.compile_mode)
     opt = build_optimizer(model, t.optimizer, t.lr, t.betas, t.weight_decay)
     edm = EDM(cfg.diffusion)
     offsets = sample_offsets(micro, m.levels, m.patch, gen)

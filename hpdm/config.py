@@ -144,6 +144,11 @@ class TrainConfig:
     # Recompute each RIN block in the backward pass, keeping only block inputs: less activation memory for about
     # one more forward of compute. A memory setting, free to change between resumes (not in config_differences).
     activation_checkpointing: bool = False
+    # torch.compile the model (inductor; the fused kernels are custom ops that it calls as they are): fuses the
+    # modulation, norm and residual element-wise work. compile_mode "reduce-overhead" adds CUDA graphs. Free to
+    # change between resumes, like checkpointing.
+    compile: bool = False
+    compile_mode: str = "default"
     zero_stage: int = 0
     seed: int = 0
     log_every: int = 10
@@ -168,6 +173,12 @@ class TrainConfig:
                               f"must be true or false; got {self.activation_checkpointing!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("train.zero_stage", f"must be 0, 1, 2 or 3; got {self.zero_stage}")
+        _choice("train.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+        if not isinstance(self.compile, bool):
+            raise ConfigError("train.compile", f"must be true or false; got {self.compile!r}")
+        if self.compile and self.zero_stage == 3:
+            raise ConfigError("train.compile", "not with train.zero_stage 3, whose parameter gathering in module "
+                                               "hooks torch.compile cannot trace; use zero_stage 0-2")
         for key in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints", "sample_videos"):
             check_range(f"train.{key}", getattr(self, key), 1)
         for key in ("micro_batch", "weight_decay", "warmup_steps", "grad_clip", "ema_halflife", "seed", "sample_every",

@@ -240,6 +240,8 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     if t.init_from and latest is None:  # fine-tuning from a lower-resolution generator (not when resuming)
         init_from_generator(model, t.init_from)
     ema = EMA(model, t.ema_halflife)  # before ZeRO-3 partitions the parameters
+    if t.compile:  # in place, so parameter names (checkpoints, EMA) stay as they are; compiled at the first step
+        model.compile(mode=t.compile_mode)
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.betas, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.decay))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)

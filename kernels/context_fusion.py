@@ -53,12 +53,52 @@ def context_fusion_reference(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tens
     return x + sampled.to(x.dtype)
 
 
+# The Triton kernels as custom ops: opaque to torch.compile (which traces their fake implementations for shapes)
+# and differentiable through register_autograd. Triton is imported only when an op first runs.
+@torch.library.custom_op("hpdm::context_fusion", mutates_args=())
+def _fusion_op(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor, ctx_boxes: torch.Tensor) -> torch.Tensor:
+    return _triton.load("context_fusion_triton", x).forward(x, ctx, box, ctx_boxes)
+
+
+@_fusion_op.register_fake
+def _(x, ctx, box, ctx_boxes):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hpdm::context_fusion_backward", mutates_args=())
+def _fusion_backward_op(grad: torch.Tensor, box: torch.Tensor, ctx_boxes: torch.Tensor, ctx_shape: list[int],
+                        ctx_dtype: torch.dtype) -> torch.Tensor:
+    return _triton.load("context_fusion_triton", grad).backward(grad, box, ctx_boxes, ctx_shape, ctx_dtype)
+
+
+@_fusion_backward_op.register_fake
+def _(grad, box, ctx_boxes, ctx_shape, ctx_dtype):
+    return grad.new_empty(ctx_shape, dtype=ctx_dtype)
+
+
+def _fusion_setup(ctx, inputs, output):  # ``ctx`` is autograd's context here, ``inputs[1]`` the coarse tokens
+    _, coarse, box, ctx_boxes = inputs
+    ctx.save_for_backward(box, ctx_boxes)
+    ctx.coarse = (list(coarse.shape), coarse.dtype)
+
+
+def _fusion_backward(ctx, grad):
+    gctx = None
+    if ctx.needs_input_grad[1]:
+        gctx = _fusion_backward_op(grad, *ctx.saved_tensors, *ctx.coarse)
+    return grad if ctx.needs_input_grad[0] else None, gctx, None, None
+
+
+_fusion_op.register_autograd(_fusion_backward, setup_context=_fusion_setup)
+
+
 def context_fusion_fused(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor,
                          ctx_boxes: torch.Tensor) -> torch.Tensor:
-    """The Triton kernels (autograd-aware, deterministic backward); same contract as the reference."""
+    """The Triton kernels (the custom op ``hpdm::context_fusion``: autograd with a deterministic backward,
+    traceable by torch.compile); same contract as the reference."""
     if x.dim() != 5 or ctx.dim() != 6 or ctx.shape[0] != x.shape[0] or ctx.shape[-1] != x.shape[-1]:
         raise ValueError(f"x must be [B,t,h,w,D] and ctx [B,K,tc,hc,wc,D], got {tuple(x.shape)} and {tuple(ctx.shape)}")
-    return _triton.load("context_fusion_triton", x).context_fusion(x, ctx, box, ctx_boxes)
+    return _fusion_op(x, ctx, box, ctx_boxes)
 
 
 def context_fusion(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor, ctx_boxes: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Triton kernels for deep context fusion, forward and a deterministic backward, as an autograd Function.
+"""Triton kernels for deep context fusion, forward and a deterministic backward. They are called through the
+custom ops of ``kernels/context_fusion.py``, which give them autograd and fake implementations for torch.compile.
 
 Trilinear resampling at a regular grid of token centres is separable: per sample b, coarse level k and
 dimension, fine index i reads coarse cells ``i0 = floor(ix)`` and ``i0 + 1`` (clamped) with weights ``1 - frac``
@@ -181,26 +182,16 @@ def fusion_backward(grad: torch.Tensor, ctx_shape, ctx_dtype: torch.dtype, table
     return gctx
 
 
-class ContextFusion(torch.autograd.Function):
-    """``x + mean_k trilinear(ctx[:, k])``; gradients for x (identity) and ctx, none for the boxes."""
-
-    @staticmethod
-    def forward(fctx, x, ctx, box, ctx_boxes):
-        x, ctx = x.contiguous(), ctx.contiguous()
-        box, ctx_boxes = box.to(x.device), ctx_boxes.to(x.device)
-        tables = axis_tables(box, ctx_boxes, tuple(x.shape[1:4]), tuple(ctx.shape[2:5]))
-        fctx.save_for_backward(*tables)
-        fctx.ctx_meta = (ctx.shape, ctx.dtype)
-        return fusion_forward(x, ctx, tables)
-
-    @staticmethod
-    def backward(fctx, grad):
-        gx = grad if fctx.needs_input_grad[0] else None
-        gctx = None
-        if fctx.needs_input_grad[1]:
-            gctx = fusion_backward(grad.contiguous(), *fctx.ctx_meta, fctx.saved_tensors)
-        return gx, gctx, None, None
+def forward(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor, ctx_boxes: torch.Tensor) -> torch.Tensor:
+    """``x + mean_k trilinear(ctx[:, k])`` (see ``kernels.context_fusion.context_fusion_reference``)."""
+    x, ctx = x.contiguous(), ctx.contiguous()
+    tables = axis_tables(box.to(x.device), ctx_boxes.to(x.device), tuple(x.shape[1:4]), tuple(ctx.shape[2:5]))
+    return fusion_forward(x, ctx, tables)
 
 
-def context_fusion(x, ctx, box, ctx_boxes):
-    return ContextFusion.apply(x, ctx, box, ctx_boxes)
+def backward(grad: torch.Tensor, box: torch.Tensor, ctx_boxes: torch.Tensor, ctx_shape, ctx_dtype) -> torch.Tensor:
+    """The gradient for ``ctx`` (that for ``x`` is ``grad`` itself). The tables are rebuilt (one tiny launch)
+    rather than kept from the forward pass, exactly as the forward built them."""
+    grad = grad.contiguous()
+    tables = axis_tables(box.to(grad.device), ctx_boxes.to(grad.device), tuple(grad.shape[1:4]), tuple(ctx_shape[2:5]))
+    return fusion_backward(grad, ctx_shape, ctx_dtype, tables)

@@ -74,7 +74,20 @@ def gather_pyramid_fused(video: torch.Tensor, offsets: torch.Tensor, patch: tupl
     fs = level_factors(offsets.shape[1], factors)
     if not offsets.is_cuda:
         check_boxes(video.shape[1:4], offsets, patch, fs)
+    return _gather_op(video, offsets, list(patch), dtype, [f for fl in fs for f in fl])
+
+
+# The Triton kernel as a custom op, opaque to torch.compile (which traces the fake implementation for shapes).
+@torch.library.custom_op("hpdm::gather_pyramid", mutates_args=())
+def _gather_op(video: torch.Tensor, offsets: torch.Tensor, patch: list[int], dtype: torch.dtype,
+               factors: list[int]) -> torch.Tensor:
+    fs = [tuple(factors[i:i + 3]) for i in range(0, len(factors), 3)]
     return _triton.load("patch_gather_triton", video).gather(video, offsets, tuple(patch), dtype, fs)
+
+
+@_gather_op.register_fake
+def _(video, offsets, patch, dtype, factors):
+    return video.new_empty((video.shape[0], offsets.shape[1], 3, *patch), dtype=dtype)
 
 
 def gather_pyramid(video: torch.Tensor, offsets: torch.Tensor, patch: tuple[int, int, int],
