@@ -212,3 +212,27 @@ def test_embeddings_on_s3(s3_server, monkeypatch, tiny_manifest, tiny_shards, en
     stamp = {u: storage.read_bytes(u) for u in storage.contents(f"{base}/ds/text")}
     make_shards(str(tiny_manifest), f"{base}/ds", shard_size_mb=0.02, progress=False, embed=embed)  # all done
     assert {u: storage.read_bytes(u) for u in storage.contents(f"{base}/ds/text")} == stamp
+
+
+def test_an_encoder_named_by_its_hugging_face_cache_entry(tiny_shards, tiny_t5, encoder, tmp_path):
+    """`--encoder ORG/NAME` finds a model already in the Hugging Face cache (the hub's own layout, offline), the
+    same encoder as its folder; a name not in the cache is refused without a download."""
+    hub = tmp_path / "hub"
+    snapshot_dir = hub / "models--hpdm-test--tiny-t5" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(tiny_t5, snapshot_dir)
+    (hub / "models--hpdm-test--tiny-t5" / "refs").mkdir()
+    (hub / "models--hpdm-test--tiny-t5" / "refs" / "main").write_text("0123456789abcdef")
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    shards = str(tmp_path / "videos")
+    shutil.copytree(tiny_shards["one"], shards)
+    for name, ok in (("hpdm-test/tiny-t5", True), ("hpdm-test/not-there", False)):
+        proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "embed-text", shards, "--encoder", name,
+                               "--max-tokens", str(TOKENS)], capture_output=True, text=True, timeout=300, env=env)
+        if ok:
+            assert proc.returncode == 0, proc.stderr
+            index = read_text_index(Storage(), f"{shards}/text")
+            assert (index["encoder"], index["width"]) == (name, 32)
+            assert len(check_embeddings(encoder[0], video_shards(Storage(), shards), f"{shards}/text")) == 12
+        else:
+            assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(
+                f"hpdm embed-text: error: --encoder: {name} is neither a folder nor a model in the Hugging Face cache")
