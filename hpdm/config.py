@@ -56,6 +56,9 @@ class ModelConfig:
     head_dim: int = 64
     mlp_ratio: float = 4.0  # latent MLPs
     token_conv: int = 3  # kernel of the depthwise convolution over the token grid in every block (0: none)
+    # Hidden channels of a per-frame 3x3 convolutional pass over the output pixels (0: none); not in the paper, but
+    # what lets neighbouring tokens agree on a shape's edge pixels (README, "Does it learn?").
+    pixel_head: int = 0
     data_mlp_ratio: float = 8.0  # data-token MLP of the write layer (4 latent layers and 8 put S/M/L within 7 % of the paper)
     cond: str = "class"  # class | text | none
     num_classes: int = 101
@@ -96,6 +99,7 @@ class ModelConfig:
                                                 f"({self.token_dim}); got {self.head_dim}")
         if self.token_conv < 0 or self.token_conv % 2 == 0 and self.token_conv:
             raise ConfigError("model.token_conv", f"must be 0 (none) or an odd kernel size; got {self.token_conv}")
+        check_range("model.pixel_head", self.pixel_head, 0)
         _choice("model.cond", self.cond, ("class", "text", "none"))
         _choice("model.context_fusion", self.context_fusion, ("deep", "shallow", "none"))
         _choice("model.kernels", self.kernels, ("auto", "reference", "fused"))

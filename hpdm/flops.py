@@ -1,8 +1,8 @@
 """Analytic cost model of HPDM: matmul FLOPs per sample and level; activation memory of a micro-batch (with and
 without activation checkpointing) and the memory of weights, gradients and optimizer state.
 
-FLOPs count 2 per multiply-add of every matrix product (linear layers and attention); element-wise work and
-the per-sample conditioning MLPs are left out (well under 1 % at the paper's sizes). Training costs three
+FLOPs count 2 per multiply-add of every matrix product (linear layers, attention and convolutions); element-wise
+work and the per-sample conditioning MLPs are left out (well under 1 % at the paper's sizes). Training costs three
 forward passes (forward, and backward for inputs and weights). The MFU that the trainer reports uses these.
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ def forward_flops_per_level(cfg: ModelConfig) -> list[int]:
     for level in range(cfg.levels):
         blocks = [b for b, n in enumerate(cfg.levels_per_block) if n > level]
         fl = 2 * 2 * N * pixels * D + len(blocks) * block_flops(cfg)
+        if cfg.pixel_head:  # two 3x3 convolutions per pixel: [output, input] -> hidden -> 3 channels
+            fl += 2 * math.prod(cfg.patch) * 9 * (6 + 3) * cfg.pixel_head
         if cfg.cond == "text":  # the caption tokens' projection to the data-token width
             fl += 2 * cfg.text_tokens * cfg.text_dim * D
         if level > 0 and cfg.context_fusion != "none":

@@ -105,3 +105,29 @@ class TokenConv(nn.Module):
         y = _modulate(self.norm, x, shift, scale).transpose(1, 2).reshape(B, D, *self.grid)
         y = self.conv(y).reshape(B, D, N).transpose(1, 2)
         return x + gate * self.proj(nn.functional.gelu(y, approximate="tanh"))
+
+
+class PixelHead(nn.Module):
+    """``out += conv(gate * gelu(mod(norm(conv([out, x])))))`` over each frame's pixels (3x3 convolutions).
+
+    Every pixel of a token is otherwise a linear read-out of that token alone, so the few pixels that tell a small
+    circle from a square, at the edge between two tokens, are guessed by each token on its own. This pass sees the
+    network's input pixels beside its output, like a U-Net's last skip connection. The per-pixel norm bounds its
+    output whatever its input: without it the head's gain on ``x`` fed back through the sampler and blew up."""
+
+    def __init__(self, hidden: int, cond_dim: int, kernel: int = 3):
+        super().__init__()
+        pad = (0, kernel // 2, kernel // 2)
+        self.inp = nn.Conv3d(6, hidden, (1, kernel, kernel), padding=pad)
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.out = nn.Conv3d(hidden, 3, (1, kernel, kernel), padding=pad)
+        nn.init.zeros_(self.out.bias)  # with the zero-initialised gate, a fresh head passes ``out`` through
+        self.mod = Modulation(cond_dim, hidden, branches=1)
+
+    def forward(self, out: torch.Tensor, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """out (the tokens' pixels) and x (the network's input) [N,3,t,h,w], conditioning c [N,Z] -> like out."""
+        (shift, scale, gate), = self.mod(c)  # [N,1,hidden] each
+        y = self.inp(torch.cat([out, x.to(out.dtype)], 1)).movedim(1, -1)  # [N,t,h,w,hidden]
+        y = _modulate(self.norm, y, shift[:, None, None], scale[:, None, None])
+        y = gate[:, None, None] * nn.functional.gelu(y, approximate="tanh")
+        return out + self.out(y.movedim(-1, 1))

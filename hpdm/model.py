@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hpdm.config import ModelConfig
-from hpdm.layers import Modulation, ResidualLayer, TokenConv
+from hpdm.layers import Modulation, PixelHead, ResidualLayer, TokenConv
 from kernels import context_fusion
 
 
@@ -131,6 +131,7 @@ class HPDM(nn.Module):
         self.detokenize = nn.Linear(D, pixels)
         nn.init.zeros_(self.detokenize.weight)
         nn.init.zeros_(self.detokenize.bias)
+        self.pixel_head = PixelHead(cfg.pixel_head, cfg.latent_dim) if cfg.pixel_head else None
         # Recompute each block in the backward pass instead of keeping its activations (a memory setting, not part
         # of the architecture: it is no ModelConfig field, so it may change between resumes). Sampling never uses it.
         self.checkpoint_blocks = False
@@ -161,12 +162,15 @@ class HPDM(nn.Module):
                            pt=pt, ph=ph, pw=pw)
         return list((self.tokenize(tokens) + self.pos).unbind(0))
 
-    def _detokenize(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """[B,L,N,D] tokens, conditioning [B,L,Z] -> [B,L,3,t,h,w] pixels."""
+    def _detokenize(self, h: torch.Tensor, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[B,L,N,D] tokens, conditioning [B,L,Z], the network's input x [B,L,3,t,h,w] -> [B,L,3,t,h,w] pixels."""
         (shift, scale), = self.out_mod(cond)
         out = self.detokenize(self.out_norm(h) * (1 + scale) + shift)
         (t, hh, w), (pt, ph, pw) = self.grid, self.cfg.patchify
-        return rearrange(out, "b l (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
+        out = rearrange(out, "b l (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
+        if self.pixel_head is None:
+            return out
+        return self.pixel_head(out.flatten(0, 1), x.flatten(0, 1), cond.flatten(0, 1)).view(out.shape)
 
     def _text(self, text: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Caption embeddings [B,S,text_dim] -> (tokens [B,S,D], mask [B,S]) for the blocks' reads; None without."""
@@ -201,7 +205,7 @@ class HPDM(nn.Module):
                 h, z = checkpoint(self._run_block, *args, use_reentrant=False)
             else:
                 h, z = self._run_block(*args)
-        return self._detokenize(torch.stack(h, dim=1), cond)
+        return self._detokenize(torch.stack(h, dim=1), cond, x)
 
     # ---- tiled sampling: coarse activations computed once per parent region and reused by every tile inside it ----
     def fuses_into(self, b: int, level: int) -> bool:
@@ -248,4 +252,4 @@ class HPDM(nn.Module):
                 h = context_fusion(h.view(B, t, hh, w, -1), context[b], boxes[:, K], boxes[:, :K],
                                    impl=self.cfg.kernels).view(B, t * hh * w, -1)
             h, z = block(h, z, cond, txt)
-        return self._detokenize(h[:, None], cond[:, None])
+        return self._detokenize(h[:, None], cond[:, None], x)

@@ -13,7 +13,7 @@ from hpdm.config import ModelConfig
 def tiny_model_config(**overrides) -> ModelConfig:
     base = dict(patch=(4, 16, 16), levels=3, patchify=(1, 4, 4), token_dim=32, latent_dim=32, num_latents=8,
                 blocks=4, latent_layers=1, levels_per_block=(1, 2, 2, 3), head_dim=16, num_classes=5,
-                data_mlp_ratio=2.0, mlp_ratio=2.0, kernels="reference")
+                data_mlp_ratio=2.0, mlp_ratio=2.0, kernels="reference", pixel_head=4)
     base.update(overrides)
     return ModelConfig(**base)
 

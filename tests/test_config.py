@@ -89,6 +89,7 @@ def test_override_errors_name_the_override(overrides, message):
 # Numeric fields where 0 or -1 is a legitimate value, and what it means. Every other 0 and -1 must be refused.
 VALID_ZERO_OR_MINUS_ONE = {
     ("model.token_conv", 0): "no token convolution",
+    ("model.pixel_head", 0): "no pixel head",
     ("model.cond_dropout", 0): "never drop the condition (no guidance training)",
     ("diffusion.p_mean", 0): "mean of ln(sigma): any real number",
     ("diffusion.p_mean", -1): "mean of ln(sigma): any real number",

@@ -139,6 +139,24 @@ def test_fusion_starts_as_identity():
     torch.testing.assert_close(model(x2, c, boxes, labels)[:, 1:], model(x, c, boxes, labels)[:, 1:])
 
 
+def test_pixel_head_starts_as_identity_and_reads_the_input_pixels():
+    """Zero-initialised gate: a fresh pixel head passes the tokens' pixels through; trained (random) weights make
+    the output depend on the input pixels directly, also across the edge between two tokens."""
+    off = randomize(HPDM(tiny_model_config(pixel_head=0)))
+    on = HPDM(tiny_model_config(pixel_head=4))
+    missing, unexpected = on.load_state_dict(off.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("pixel_head.") for k in missing)
+    x, c, boxes, labels = _inputs(tiny_model_config())
+    torch.testing.assert_close(on(x, c, boxes, labels), off(x, c, boxes, labels), rtol=0, atol=0)
+    # Trained (random) weights: each output pixel reads the input pixels of its 5x5 neighbourhood (two 3x3
+    # convolutions) in its own frame, across token edges (tokens are 4x4 pixels here), and no others.
+    head = randomize(on.pixel_head, std=0.3, seed=1)
+    out, x = torch.randn(2, 3, 4, 16, 16), torch.randn(2, 3, 4, 16, 16, requires_grad=True)
+    grad, = torch.autograd.grad(head(out, x, torch.randn(2, 32))[0, :, 1, 5, 4].sum(), x)
+    reach = grad[0].abs().sum(0) > 0  # [t,h,w]
+    assert reach[1, 3:8, 2:7].all() and reach.sum() == 25
+
+
 @pytest.mark.parametrize("name,latent_dim,target", [("S", 256, 178e6), ("M", 512, 321e6), ("L", 1024, 725e6)])
 def test_paper_parameter_counts(name, latent_dim, target):
     from hpdm.config import load_config
