@@ -27,10 +27,13 @@ def test_custom_ops_pass_opcheck():
     boxes = boxes_from_offsets(sample_offsets(2, 3, patch, g), patch).to(DEVICE)
     x = torch.randn(2, *patch, 8, generator=g).to(DEVICE).requires_grad_()
     ctx = torch.randn(2, 2, 2, 3, 5, 8, generator=g).to(DEVICE).requires_grad_()
-    torch.library.opcheck(_fusion_op, (x, ctx, boxes[:, -1], boxes[:, :-1]))
+    results = [torch.library.opcheck(_fusion_op, (x, ctx, boxes[:, -1], boxes[:, :-1]))]
     video = torch.randint(0, 256, (2, 8, 12, 20, 3), dtype=torch.uint8, generator=g).to(DEVICE)
     offsets = sample_offsets(2, 3, patch, g).to(DEVICE)
-    torch.library.opcheck(_gather_op, (video, offsets, list(patch), torch.float32, [4, 4, 4, 2, 2, 2, 1, 1, 1]))
+    results.append(torch.library.opcheck(_gather_op, (video, offsets, list(patch), torch.float32, [4, 4, 4, 2, 2, 2, 1, 1, 1])))
+    for result in results:
+        assert set(result) >= {"test_schema", "test_faketensor", "test_autograd_registration"}, result
+        assert set(result.values()) == {"SUCCESS"}, result
 
 
 def _model_case(kernels: str):
