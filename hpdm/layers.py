@@ -115,12 +115,11 @@ class PixelHead(nn.Module):
     network's input pixels beside its output, like a U-Net's last skip connection. The per-pixel norm bounds its
     output whatever its input: without it the head's gain on ``x`` fed back through the sampler and blew up."""
 
-    def __init__(self, hidden: int, cond_dim: int, kernel: int = 3):
+    def __init__(self, hidden: int, cond_dim: int):
         super().__init__()
-        pad = (0, kernel // 2, kernel // 2)
-        self.inp = nn.Conv3d(6, hidden, (1, kernel, kernel), padding=pad)
+        self.inp = nn.Conv3d(6, hidden, (1, 3, 3), padding=(0, 1, 1))
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.out = nn.Conv3d(hidden, 3, (1, kernel, kernel), padding=pad)
+        self.out = nn.Conv3d(hidden, 3, (1, 3, 3), padding=(0, 1, 1))
         nn.init.zeros_(self.out.bias)  # with the zero-initialised gate, a fresh head passes ``out`` through
         self.mod = Modulation(cond_dim, hidden, branches=1)
 

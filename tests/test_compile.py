@@ -15,7 +15,7 @@ from hpdm.model import HPDM  # noqa: E402
 from hpdm.pyramid import boxes_from_offsets, sample_offsets  # noqa: E402
 from kernels.context_fusion import _fusion_op  # noqa: E402
 from kernels.patch_gather import _gather_op  # noqa: E402
-from tests.helpers import run_hpdm  # noqa: E402
+from tests.helpers import randomize, run_hpdm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,12 +39,8 @@ def test_custom_ops_pass_opcheck():
 def _model_case(kernels: str):
     cfg = load_config("configs/tiny.yaml", [f"model.kernels={kernels}", "model.patch=[2,8,8]",
                                             "model.levels_per_block=[1,2,3,3]"]).model
-    net = HPDM(cfg)
+    net = randomize(HPDM(cfg), std=0.2).to(DEVICE)  # no zero-initialised layers: every path carries gradients
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # no zero-initialised layers: every path, context fusion included, carries gradients
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    net = net.to(DEVICE)
     offsets = sample_offsets(2, 3, tuple(cfg.patch), g)
     args = (torch.randn(2, 3, 3, *cfg.patch, generator=g), torch.randn(2, 3, generator=g),
             boxes_from_offsets(offsets, tuple(cfg.patch)), torch.tensor([1, -1]))
