@@ -10,7 +10,8 @@
 
 Cases: precision bf16 (AdamW) or the paper's fp32 + LAMB, each adaptive (the config's ``model.levels_per_block``) or
 non-adaptive (every block runs every level). MFU = ``training_flops_per_sample`` x clips/s / ``peak_flops``; peak
-memory is ``torch.cuda.max_memory_allocated`` on GPU, the host RSS peak (``resource.getrusage``) on CPU. Targets
+memory is ``torch.cuda.max_memory_allocated`` on GPU, the host RSS peak (``resource.getrusage``) on CPU, beside the
+estimate of ``hpdm info`` (weights, gradients, optimizer state, activations saved for backward). Targets
 (HPDM-S on an H100) are checked and printed only on GPU with configs/ucf101_hpdm_s.yaml.
 
     python benchmarks/train_throughput.py --out benchmarks/train_throughput.json          # HPDM-S, GPU, micro-batch 4
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hpdm.config import Config, load_config  # noqa: E402
 from hpdm.diffusion import EDM, Condition  # noqa: E402
-from hpdm.flops import training_flops_per_sample  # noqa: E402
+from hpdm.flops import activation_bytes, state_bytes, training_flops_per_sample  # noqa: E402
 from hpdm.metrics import peak_flops  # noqa: E402
 from hpdm.model import HPDM  # noqa: E402
 from hpdm.optim import build_optimizer  # noqa: E402
@@ -52,6 +53,16 @@ PRECISION = {"bf16": ("bf16", "adamw"), "fp32-lamb": ("fp32", "lamb")}
 SPLIT = ("data", "fwd_bwd", "optimizer", "other")
 # issue 11, HPDM-S on one H100
 BF16_CLIPS, BF16_MFU, BF16_VS_BARE, PAPER_CLIPS, PAPER_OPT_SHARE, ADAPTIVE_SPEEDUP = 60.0, 0.45, 0.95, 2 * 8.5, 0.05, 1.5
+MEMORY_ESTIMATE_TOLERANCE = 0.2
+
+
+def memory_estimate_gib(cfg: Config, micro: int) -> float:
+    """What ``hpdm info`` estimates for one process: weights, gradients, optimizer state and activations."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in HPDM(cfg.model).parameters())
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    act = activation_bytes(cfg.model, micro, dtype, checkpointed=cfg.train.activation_checkpointing)
+    return (sum(state_bytes(params, cfg.train.precision).values()) + act) / 2**30
 
 
 def case_overrides(case: str, cfg: Config, smoke: bool) -> tuple[list[str], str, str]:
@@ -161,7 +172,10 @@ def targets(case: str, r: dict) -> list[dict]:
     if case == "fp32-lamb/adaptive":
         share = tr["split_ms"]["optimizer"] / tr["step_ms"]
         out += [("trainer clips/s", tr["clips_per_s"], PAPER_CLIPS), ("optimizer share <=", -share, -PAPER_OPT_SHARE)]
-    return [{"name": n, "value": abs(v), "target": abs(t), "pass": v >= t} for n, v, t in out]
+    out = [{"name": n, "value": abs(v), "target": abs(t), "pass": v >= t} for n, v, t in out]
+    ratio = r["memory_estimate_gib"] / tr["peak_mem_gib"]
+    return out + [{"name": "memory estimate/peak", "value": ratio, "target": 1.0,
+                   "pass": abs(ratio - 1) <= MEMORY_ESTIMATE_TOLERANCE}]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         r = {"case": case, "precision": prec, "optimizer": opt, "levels_per_block": list(cfg.model.levels_per_block),
              "flops_per_clip": flops, "bare": br, "trainer": tr, "trainer_over_bare": tr["clips_per_s"] / br["clips_per_s"],
              "mfu": flops * tr["clips_per_s"] / peak if peak else None,
-             "mfu_bare": flops * br["clips_per_s"] / peak if peak else None, "run_dir": str(run_dir)}
+             "mfu_bare": flops * br["clips_per_s"] / peak if peak else None, "run_dir": str(run_dir),
+             "memory_estimate_gib": memory_estimate_gib(cfg, micro)}
         r["targets"] = targets(case, r) if with_targets else []
         results[case] = r
     speedups = {}
@@ -240,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case:24} {br['clips_per_s']:>12.2f} {tr['clips_per_s']:>15.2f} {r['trainer_over_bare']:>7.2f} "
               f"{mfu:>6}  {split:>40}  "
               f"{br['split_ms']['fwd_bwd']:>9.1f}/{br['split_ms']['optimizer']:<9.1f}  "
-              f"{tr['peak_mem_gib']:>15.2f} / {br['peak_mem_gib']:<13.2f}  {tg or '—'}")
+              f"{tr['peak_mem_gib']:>15.2f} / {br['peak_mem_gib']:<13.2f}  {r['memory_estimate_gib']:>8.2f}  {tg or '—'}")
     for prec, s in speedups.items():
         print(f"{prec}: adaptive / non-adaptive trainer clips/s {s['trainer_speedup']:.2f} "
               f"(FLOPs per clip non-adaptive / adaptive {s['flops_ratio']:.2f})")

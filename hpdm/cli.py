@@ -81,9 +81,9 @@ def cmd_info(args) -> int:
     act, ckpt = activation_bytes(m, micro, dtype), activation_bytes(m, micro, dtype, checkpointed=True)
     state = state_bytes(counts["total"], cfg.train.precision)
     gib = lambda n: f"{n / 2**30:>9.2f} GiB"  # noqa: E731
-    print(f"\nmemory estimate per process, micro-batch {micro}, {cfg.train.precision} (upper bounds; no ZeRO "
-          "partitioning, no allocator overhead or workspace):")
-    print(f"  {'activation memory, micro-batch ' + str(micro):<52}{gib(act)}   (tensors saved for backward)")
+    print(f"\nmemory estimate per process, micro-batch {micro}, {cfg.train.precision} (no ZeRO partitioning; "
+          "no allocator overhead, workspaces or backward temporaries):")
+    print(f"  {'activation memory, micro-batch ' + str(micro):<52}{gib(act)}   (tensors saved for backward, fused attention)")
     print(f"  {'  with train.activation_checkpointing':<52}{gib(ckpt)}   (block inputs + one block recomputed)")
     print(f"  {'weights':<52}{gib(state['weights'])}")
     print(f"  {'gradients':<52}{gib(state['gradients'])}")

@@ -68,31 +68,53 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def _saved_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype) -> tuple[int, list[int], int]:
-    """One training forward of a micro-batch on meta tensors: bytes autograd saves outside the blocks, bytes it
-    saves inside each block (``HPDM._run_block``, context fusion included), and the blocks' distinct inputs."""
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA as a fused kernel (flash, memory-efficient, cuDNN) runs it: autograd saves q, k, v, the output and
+    the row log-sum-exp, not the attention matrix that meta tensors' math path would keep."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # as SDPA hands a boolean mask to its kernels
+        attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
+                                                                      attn_mask=attn_mask, scale=scale)[0]
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    while t._base is not None:
+        t = t._base
+    return t
+
+
+Tensors = dict[int, torch.Tensor]
+
+
+def _saved_tensors(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype) -> tuple[Tensors, list[Tensors], Tensors]:
+    """One training forward of a micro-batch on meta tensors: what autograd saves outside the blocks, what it
+    saves inside each block (``HPDM._run_block``, context fusion included), and the blocks' inputs; by identity
+    of the whole tensor (a saved view keeps the tensor it views alive). Attention runs as a fused kernel."""
+    from unittest import mock  # noqa: PLC0415
+
     from hpdm.model import HPDM  # noqa: PLC0415
     from hpdm.pyramid import boxes_from_offsets, sample_offsets  # noqa: PLC0415
 
-    outside: dict[int, torch.Tensor] = {}
-    per_block: list[dict[int, torch.Tensor]] = [{} for _ in cfg.levels_per_block]
-    inputs: dict[int, torch.Tensor] = {}
+    outside: Tensors = {}
+    per_block: list[Tensors] = [{} for _ in cfg.levels_per_block]
+    inputs: Tensors = {}
     current: list[int | None] = [None]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, torch.nn.Parameter):  # weights are not activations
-            (outside if current[0] is None else per_block[current[0]])[id(t)] = t  # kept: ids stay unique
+        root = _root(t)
+        if not isinstance(root, torch.nn.Parameter):  # weights are not activations
+            (outside if current[0] is None else per_block[current[0]])[id(root)] = root  # kept: ids stay unique
         return t
 
     boxes = boxes_from_offsets(sample_offsets(micro_batch, cfg.levels, cfg.patch), cfg.patch)
-    with torch.device("meta"):
+    with torch.device("meta"), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa):
         model = HPDM(cfg).to(dtype)
         run = model._run_block
 
         def run_block(b, h, z, cond, boxes, active, text):  # noqa: ANN001, ANN202
             for t in [*h, *z, cond, boxes, *(text or ())]:
-                if t._base is None or not isinstance(t._base, torch.nn.Parameter):  # not the shared latents
-                    inputs[id(t)] = t
+                if not isinstance(_root(t), torch.nn.Parameter):  # not the shared latents
+                    inputs[id(_root(t))] = _root(t)
             current[0] = b
             try:
                 return run(b, h, z, cond, boxes, active, text)
@@ -105,10 +127,12 @@ def _saved_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype) -> tupl
         text = torch.zeros(micro_batch, cfg.text_tokens, cfg.text_dim, dtype=dtype)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(x, torch.zeros(micro_batch, cfg.levels, dtype=dtype), boxes.to("meta", dtype), labels, text)
+    return outside, per_block, inputs
 
-    def size(ts: dict[int, torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in ts.values())
-    return size(outside), [size(d) for d in per_block], size(inputs)
+
+def _size(*parts: Tensors) -> int:
+    """Bytes of the distinct tensors in ``parts``."""
+    return sum(t.numel() * t.element_size() for t in {k: t for d in parts for k, t in d.items()}.values())
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype = torch.float32,
@@ -117,9 +141,12 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype = to
 
     Without checkpointing: every tensor autograd saves. With ``train.activation_checkpointing``: what is saved
     outside the blocks, every block's inputs, and the largest block's saved tensors (alive while that block is
-    recomputed in backward). An upper bound: two views of one tensor count twice."""
-    outside, per_block, inputs = _saved_bytes(cfg, micro_batch, dtype)
-    return outside + (inputs + max(per_block) if checkpointed else sum(per_block))
+    recomputed in backward). Each tensor counts once, however many views of it are saved."""
+    outside, per_block, inputs = _saved_tensors(cfg, micro_batch, dtype)
+    if not checkpointed:
+        return _size(outside, *per_block)
+    kept = {**outside, **inputs}
+    return _size(kept) + max(_size({k: t for k, t in d.items() if k not in kept}) for d in per_block)
 
 
 def state_bytes(parameters: int, precision: str) -> dict[str, int]:

@@ -43,6 +43,32 @@ def test_analytic_flops_match_counted_for_a_text_model(monkeypatch):
     assert analytic > sum(forward_flops_per_level(tiny_model_config(context_fusion="none")))
 
 
+def _saved_on_cpu(cfg, B: int) -> int:
+    """Bytes of the distinct storages that a real CPU training forward keeps for backward (weights left out)."""
+    model = HPDM(cfg)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    boxes = boxes_from_offsets(sample_offsets(B, cfg.levels, cfg.patch), cfg.patch)
+    text = torch.randn(B, cfg.text_tokens, cfg.text_dim) if cfg.cond == "text" else None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(B, cfg.levels, 3, *cfg.patch), torch.randn(B, cfg.levels), boxes, torch.zeros(B).long(), text)
+    return sum(kept.values())
+
+
+def test_memory_estimate_is_what_a_real_forward_saves():
+    """``hpdm info``'s activation memory (meta tensors) equals what autograd keeps in a real CPU forward, whose
+    SDPA is a fused kernel as on the GPU (no attention matrix saved); views of one tensor count once."""
+    for cfg in (tiny_model_config(), tiny_model_config(cond="text", text_dim=12, text_tokens=6),
+                tiny_model_config(levels_per_block=(3, 3, 3, 3), token_conv=0, pixel_head=0)):
+        for B in (1, 3):
+            assert activation_bytes(cfg, B) == _saved_on_cpu(cfg, B), (cfg, B)
+
+
 def test_memory_estimate_with_checkpointing_and_state():
     """Checkpointing keeps less than the full activations but at least the largest block; state per parameter."""
     cfg = tiny_model_config()

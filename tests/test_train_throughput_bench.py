@@ -48,3 +48,4 @@ def test_smoke_writes_every_case(tmp_path):
         assert ad["levels_per_block"] == list(load_config(ROOT / "configs/tiny.yaml").model.levels_per_block)
         assert set(na["levels_per_block"]) == {3}
         assert na["flops_per_clip"] > ad["flops_per_clip"]
+        assert na["memory_estimate_gib"] > ad["memory_estimate_gib"] > 0  # every block keeps every level
