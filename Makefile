@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test venv clean-demo device-wheels
 
 venv: $(VENV)/.installed
 
@@ -39,3 +39,16 @@ test: venv
 
 clean-demo:
 	rm -rf runs/tiny_1level data/synthetic16
+
+# The packages a lent GPU machine (Python 3.12, torch, Triton, no network) lacks, as wheels in .whl/ for
+# benchmarks/gpu_session.sh; the versions are this venv's. DeepSpeed has no wheel on the index: built here, no ops.
+DEVICE_WHEELS := av==18.1.0 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+
+device-wheels: venv
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(DEVICE_WHEELS)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps deepspeed==$$($(PY) -c "import importlib.metadata as m; print(m.version('deepspeed'))") -w .whl
+	@du -sh .whl

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hpdm.config import ModelConfig
-from hpdm.layers import Modulation, PixelHead, ResidualLayer, TokenConv
+from hpdm.layers import Modulation, PixelHead, ResidualLayer, TokenConv, modulate
 from kernels import context_fusion
 
 
@@ -165,7 +165,7 @@ class HPDM(nn.Module):
     def _detokenize(self, h: torch.Tensor, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[B,L,N,D] tokens, conditioning [B,L,Z], the network's input x [B,L,3,t,h,w] -> [B,L,3,t,h,w] pixels."""
         (shift, scale), = self.out_mod(cond)
-        out = self.detokenize(self.out_norm(h) * (1 + scale) + shift)
+        out = self.detokenize(modulate(self.out_norm, h, shift, scale))
         (t, hh, w), (pt, ph, pw) = self.grid, self.cfg.patchify
         out = rearrange(out, "b l (t h w) (c pt ph pw) -> b l c (t pt) (h ph) (w pw)", t=t, h=hh, w=w, pt=pt, ph=ph, pw=pw)
         if self.pixel_head is None:

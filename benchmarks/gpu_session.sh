@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU checks of one short device session, as one command (a lent GPU comes with about 15 minutes in all).
+#
+#   make device-wheels                                 # on the workstation: .whl/ holds what the GPU machine lacks
+#   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (~9 min)
+#   bash benchmarks/gpu_session.sh recipe OUT [MIN]    # configs/synthetic_gpu.yaml for MIN minutes (default 10),
+#                                                      # stopped by SIGTERM (it checkpoints), then eval-synthetic
+#
+# Every phase has its own time limit, so that one that hangs leaves the others their time; each writes its JSON
+# (and the session's log) under OUT. Copy the tables into benchmarks/RESULTS.md with the date, device and commit.
+set -uo pipefail
+mode=${1:?usage: gpu_session.sh throughput|recipe OUT [MINUTES]}
+out=${2:?usage: gpu_session.sh throughput|recipe OUT [MINUTES]}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+exec > >(tee -a "$out/session.log") 2>&1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing .whl/ failed"; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} WANDB_MODE=disabled PYTHONUNBUFFERED=1
+work=${TMPDIR:-/tmp}/hpdm-gpu-session
+
+phase() {  # phase NAME SECONDS COMMAND...: run it under a time limit, say how it ended and how long it took
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout -s TERM -k 30 "$limit" "$@"
+    echo "== $name: exit $? after $((SECONDS - t0)) s"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+python3 -c "import torch, triton, deepspeed; print('torch', torch.__version__, 'triton', triton.__version__, \
+'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())" || exit 1
+git rev-parse HEAD 2>/dev/null
+
+case $mode in
+throughput)
+    phase gpu-tests 150 python3 -m pytest -q -m gpu tests/test_kernels_patch_gather.py \
+        tests/test_kernels_context_fusion.py tests/test_attention.py
+    phase bench-kernels 120 python3 -m hpdm.cli bench-kernels --no-compile --out "$out/kernels.json"
+    phase throughput-bf16 240 python3 benchmarks/train_throughput.py --micro-batch 8 --warmup 5 --steps 15 \
+        --cases bf16/adaptive bf16/non-adaptive --work "$work" --out "$out/train_throughput_bf16.json"
+    phase throughput-fp32-lamb 150 python3 benchmarks/train_throughput.py --micro-batch 4 --warmup 5 --steps 15 \
+        --cases fp32-lamb/adaptive --work "$work" --out "$out/train_throughput_fp32_lamb.json"
+    ;;
+recipe)
+    minutes=${3:-10}
+    run=$work/synthetic_gpu
+    rm -rf "$run"
+    phase train "$((minutes * 60))" python3 -m hpdm.cli train --config configs/synthetic_gpu.yaml \
+        train.run_dir="$run" data.shards="$work/synthetic128" train.sample_every=0 train.sample_at_end=false
+    cp "$run/metrics.jsonl" "$out/" 2>/dev/null
+    phase eval-synthetic 240 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --out "$out/eval_synthetic.json"
+    ;;
+*)
+    echo "unknown mode $mode: throughput or recipe"
+    exit 2
+    ;;
+esac
