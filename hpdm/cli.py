@@ -47,7 +47,8 @@ def cmd_train(args) -> int:
             print(f"already complete: step {result['step']}, {result['samples']} clips (raise train.steps to train on)")
         else:
             what = "preempted" if result["preempted"] else "done"
-            print(f"{what}: step {result['step']}, {result['samples']} clips, loss {result.get('loss', float('nan')):.4f}")
+            loss = f", last logged loss {result['loss']:.4f}" if "loss" in result else ""
+            print(f"{what}: step {result['step']}, {result['samples']} clips{loss}")
     return 0
 
 
