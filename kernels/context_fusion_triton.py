@@ -6,12 +6,15 @@ dimension, fine index i reads coarse cells ``i0 = floor(ix)`` and ``i0 + 1`` (cl
 and ``frac``. A tiny kernel computes these per-axis tables once (fp32, grid_sample's align_corners=False and
 border conventions); forward and backward both read them, so they agree exactly on which cells a token uses.
 
-Forward: one program per (b, fine row t, h; a block of channels), gathering 8 corner rows per coarse level.
-Backward is gather-style, with no atomics, hence bitwise deterministic: ``ix`` is monotone in ``i``, so the fine
-indices that touch coarse cell c along an axis form a contiguous range [lo[c], hi[c]) (counted in the table
-kernel); one program per (b, k, coarse row t, h; channel block) sums, in a fixed order, the weighted output
-gradients of exactly those fine tokens and writes each grad_ctx value once. Accumulation is fp32 throughout;
-bf16 inputs are read as bf16 and results rounded once on store.
+Along w the resampling of a whole token row is a small matrix: W[i, c], the weight with which fine column i
+reads coarse column c (at most two per row), built in registers from the tables. Forward: one program per
+(b, fine row t, h; a block of channels) multiplies, per coarse level, each of the 4 coarse rows at its t and h
+corners by W (``tl.dot``; contiguous row loads, no per-column gathers). Backward is gather-style, with no
+atomics, hence bitwise deterministic: ``ix`` is monotone in ``i``, so the fine indices that touch coarse cell c
+along an axis form a contiguous range [lo[c], hi[c]) (counted in the table kernel); one program per
+(b, k, coarse row t, h; channel block) sums, in a fixed order, the gradient rows of exactly those fine rows,
+each times W transposed, and writes each grad_ctx value once. Accumulation is fp32 throughout (the products
+as three TF32 matrix products, fp32-accurate); bf16 inputs are read as bf16 and results rounded once on store.
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ import triton
 import triton.language as tl
 
 from kernels.triton_utils import MANUAL_BF16_ROUNDING, to_output
+
+# fp32 accuracy from the matrix units: three TF32 products (plain TF32 would put errors of 1e-3 into gradients
+# that the reference computes in fp32)
+DOT_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -55,25 +62,27 @@ def _table_kernel(box_ptr, cbox_ptr, idx_ptr, frac_ptr, lo_ptr, hi_ptr, K,
 
 @triton.jit
 def _forward_kernel(x_ptr, ctx_ptr, out_ptr, idx_ptr, frac_ptr, K, NT, NH, NW, CT, CH, CW, D,
-                    NMAX: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr):
+                    NMAX: tl.constexpr, NWP: tl.constexpr, CWP: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr, ROUND: tl.constexpr):
     pid = tl.program_id(0)  # (b * NT + t) * NH + h
     ih = pid % NH
     it = (pid // NH) % NT
     b = pid // (NH * NT)
-    iw = tl.arange(0, BLOCK_W)
+    iw = tl.arange(0, NWP)
+    cw = tl.arange(0, CWP)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    wmask = iw < NW
-    mask = wmask[:, None] & (d < D)[None, :]
-    acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
+    dmask = (d < D)[None, :]
+    cmask = (cw < CW)[:, None] & dmask
+    acc = tl.zeros([NWP, BLOCK_D], dtype=tl.float32)
     for k in range(K):
         tab = (b * K + k) * 3 * NMAX
         t0 = tl.load(idx_ptr + tab + it)
         ft = tl.load(frac_ptr + tab + it)
         h0 = tl.load(idx_ptr + tab + NMAX + ih)
         fh = tl.load(frac_ptr + tab + NMAX + ih)
-        w0 = tl.load(idx_ptr + tab + 2 * NMAX + iw, mask=wmask, other=0)
-        fw = tl.load(frac_ptr + tab + 2 * NMAX + iw, mask=wmask, other=0.0)
-        w1 = tl.minimum(w0 + 1, CW - 1)
+        # [NWP, CWP]: the weight with which fine column iw reads coarse column cw (the backward's, transposed)
+        ww = _axis_weight(idx_ptr + tab + 2 * NMAX, frac_ptr + tab + 2 * NMAX, iw[:, None], cw[None, :],
+                          (iw < NW)[:, None])
         base = ctx_ptr + (b * K + k).to(tl.int64) * CT * CH * CW * D
         for a in tl.static_range(2):
             ct = t0 if a == 0 else tl.minimum(t0 + 1, CT - 1)
@@ -81,11 +90,10 @@ def _forward_kernel(x_ptr, ctx_ptr, out_ptr, idx_ptr, frac_ptr, K, NT, NH, NW, C
             for c in tl.static_range(2):
                 ch = h0 if c == 0 else tl.minimum(h0 + 1, CH - 1)
                 wth = wt * (1.0 - fh if c == 0 else fh)
-                row = (ct * CH + ch) * CW
-                v0 = tl.load(base + (row + w0)[:, None] * D + d[None, :], mask=mask, other=0.0)
-                v1 = tl.load(base + (row + w1)[:, None] * D + d[None, :], mask=mask, other=0.0)
-                acc += (wth * (1.0 - fw))[:, None] * v0.to(tl.float32) + (wth * fw)[:, None] * v1.to(tl.float32)
+                row = tl.load(base + ((ct * CH + ch) * CW + cw)[:, None] * D + d[None, :], mask=cmask, other=0.0)
+                acc = tl.dot(ww * wth, row.to(tl.float32), acc, input_precision=PRECISION)
     offs = (pid.to(tl.int64) * NW + iw)[:, None] * D + d[None, :]
+    mask = (iw < NW)[:, None] & dmask
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, to_output(x + acc / K, out_ptr.dtype.element_ty, ROUND), mask=mask)
 
@@ -100,46 +108,43 @@ def _axis_weight(idx_ptr, frac_ptr, i, cell, mask):
 
 @triton.jit
 def _backward_kernel(g_ptr, gctx_ptr, idx_ptr, frac_ptr, lo_ptr, hi_ptr, K, NT, NH, NW, CT, CH, CW, D,
-                     NMAX: tl.constexpr, CMAX: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ROUND: tl.constexpr):
+                     NMAX: tl.constexpr, CMAX: tl.constexpr, NWP: tl.constexpr, CWP: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ROUND: tl.constexpr):
     pid = tl.program_id(0)  # (bk * CT + ct) * CH + ch
     ch = pid % CH
     ct = (pid // CH) % CT
     bk = pid // (CH * CT)
     b = bk // K
-    cw = tl.arange(0, BLOCK_W)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cw < CW
     dmask = (d < D)[None, :]
     it_lo = tl.load(lo_ptr + bk * 3 * CMAX + ct)
     it_hi = tl.load(hi_ptr + bk * 3 * CMAX + ct)
     ih_lo = tl.load(lo_ptr + (bk * 3 + 1) * CMAX + ch)
     ih_hi = tl.load(hi_ptr + (bk * 3 + 1) * CMAX + ch)
-    iw_lo = tl.load(lo_ptr + (bk * 3 + 2) * CMAX + cw, mask=cmask, other=0)
-    iw_hi = tl.load(hi_ptr + (bk * 3 + 2) * CMAX + cw, mask=cmask, other=0)
-    span = tl.max(iw_hi - iw_lo, axis=0)
     tab = bk * 3 * NMAX
-    acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
+    # [CWP, NWP]: the weight with which fine column iw reads coarse column cw; a fine row's gradient times this
+    # matrix is what that row gives to a coarse row, so the w axis is one small matrix product per fine row.
+    cw = tl.arange(0, CWP)
+    iw = tl.arange(0, NWP)
+    ww = _axis_weight(idx_ptr + tab + 2 * NMAX, frac_ptr + tab + 2 * NMAX, iw[None, :], cw[:, None],
+                      (iw < NW)[None, :])
+    gmask = (iw < NW)[:, None] & dmask
+    acc = tl.zeros([CWP, BLOCK_D], dtype=tl.float32)
     for it in range(it_lo, it_hi):
         wt = _axis_weight(idx_ptr + tab, frac_ptr + tab, it, ct, True)
         for ih in range(ih_lo, ih_hi):
             wth = wt * _axis_weight(idx_ptr + tab + NMAX, frac_ptr + tab + NMAX, ih, ch, True)
             grow = ((b * NT + it) * NH + ih).to(tl.int64) * NW
-            for j in range(span):
-                iw = iw_lo + j
-                valid = cmask & (iw < iw_hi)
-                ww = _axis_weight(idx_ptr + tab + 2 * NMAX, frac_ptr + tab + 2 * NMAX, iw, cw, valid)
-                g = tl.load(g_ptr + (grow + iw)[:, None] * D + d[None, :], mask=valid[:, None] & dmask, other=0.0)
-                acc += (wth * ww)[:, None] * g.to(tl.float32)
+            g = tl.load(g_ptr + (grow + iw)[:, None] * D + d[None, :], mask=gmask, other=0.0)
+            acc = tl.dot(ww * wth, g.to(tl.float32), acc, input_precision=PRECISION)
     offs = (pid.to(tl.int64) * CW + cw)[:, None] * D + d[None, :]
-    tl.store(gctx_ptr + offs, to_output(acc / K, gctx_ptr.dtype.element_ty, ROUND), mask=cmask[:, None] & dmask)
+    tl.store(gctx_ptr + offs, to_output(acc / K, gctx_ptr.dtype.element_ty, ROUND), mask=(cw < CW)[:, None] & dmask)
 
 
-def _blocks(n: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_W, BLOCK_D, num_warps): a whole token row by up to 128 channels."""
-    block_w = triton.next_power_of_2(n)
-    block_d = min(triton.next_power_of_2(D), max(16, 2048 // block_w), 128)
-    return block_w, block_d, 4
+def _tiles(fine_w: int, coarse_w: int, D: int) -> tuple[int, int, int]:
+    """(fine, coarse row tile, BLOCK_D): rows padded to tl.dot's smallest tile, 16; up to 128 channels."""
+    return (max(16, triton.next_power_of_2(fine_w)), max(16, triton.next_power_of_2(coarse_w)),
+            max(16, min(triton.next_power_of_2(D), 128)))
 
 
 def axis_tables(box: torch.Tensor, ctx_boxes: torch.Tensor, fine: tuple[int, int, int],
@@ -163,10 +168,10 @@ def fusion_forward(x: torch.Tensor, ctx: torch.Tensor, tables) -> torch.Tensor:
     K, ct, ch, cw = ctx.shape[1:5]
     idx, frac = tables[:2]
     out = torch.empty_like(x)
-    block_w, block_d, warps = _blocks(w, D)
+    nwp, cwp, block_d = _tiles(w, cw, D)
     _forward_kernel[(B * t * h, triton.cdiv(D, block_d))](x, ctx, out, idx, frac, K, t, h, w, ct, ch, cw, D,
-                                                          idx.shape[-1], block_w, block_d, MANUAL_BF16_ROUNDING,
-                                                          num_warps=warps)
+                                                          idx.shape[-1], nwp, cwp, block_d, DOT_PRECISION,
+                                                          MANUAL_BF16_ROUNDING, num_warps=4)
     return out
 
 
@@ -175,10 +180,11 @@ def fusion_backward(grad: torch.Tensor, ctx_shape, ctx_dtype: torch.dtype, table
     K, ct, ch, cw = ctx_shape[1:5]
     idx, frac, lo, hi = tables
     gctx = torch.empty(ctx_shape, dtype=ctx_dtype, device=grad.device)
-    block_w, block_d, warps = _blocks(cw, D)
+    nwp, cwp, block_d = _tiles(w, cw, D)
     _backward_kernel[(B * K * ct * ch, triton.cdiv(D, block_d))](grad, gctx, idx, frac, lo, hi, K, t, h, w,
                                                                  ct, ch, cw, D, idx.shape[-1], lo.shape[-1],
-                                                                 block_w, block_d, MANUAL_BF16_ROUNDING, num_warps=warps)
+                                                                 nwp, cwp, block_d, DOT_PRECISION,
+                                                                 MANUAL_BF16_ROUNDING, num_warps=4)
     return gctx
 
 

@@ -1,4 +1,5 @@
 """The fused pyramid-gathering kernel against its reference (CPU: Triton interpreter; GPU: compiled)."""
+import math
 import os
 
 import torch
@@ -61,6 +62,27 @@ def test_per_level_per_dimension_factors():
     torch.testing.assert_close(fused, ref, rtol=0, atol=1e-6)
     block = video[0, 0:1, 0:4, 0:4].float().mean()  # level 0, channel-averaged first output value
     assert abs(fused[0, 0, :, 0, 0, 0].mean().item() - (block.item() / 127.5 - 1)) < 1e-5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_shape_factor_and_alignment_matches_reference(seed):
+    """The kernel reads 4-byte words: rows of 3*W bytes that are not a multiple of 4, boxes starting inside a
+    word, a video at an odd address (a slice) and a byte count not a multiple of 4 must not change a value."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    L = r(1, 3)
+    factors = [tuple(r(1, 5) for _ in range(3)) for _ in range(L)]
+    patch = (r(1, 2), r(1, 4), r(1, 9))
+    shape = [max(p * f[d] for f in factors) + r(0, 3) for d, p in enumerate(patch)]
+    B = r(1, 2)
+    if seed % 3 == 2:  # an odd byte count
+        B, shape = 1, [n | 1 for n in shape]
+    flat = _video(1, 1, 1, B * math.prod(shape) + 1, seed=seed).view(-1)
+    video = flat[seed % 2:][:B * math.prod(shape) * 3].view(B, *shape, 3)  # at an odd address for odd seeds
+    offsets = torch.tensor([[[r(0, shape[d] // f[d] - patch[d]) for d in range(3)] for f in factors]
+                            for _ in range(B)])
+    fused, ref = _both(video, offsets, patch, torch.float32, factors)
+    torch.testing.assert_close(fused, ref, rtol=0, atol=1e-6)
 
 
 def test_box_outside_the_video_is_rejected():
