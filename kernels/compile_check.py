@@ -3,7 +3,8 @@ errors that the CPU interpreter cannot see. Run in a process without ``TRITON_IN
 
     python -m kernels.compile_check [--arch 90]
 
-Prints, per kernel, the global load/store instructions of the PTX (vector widths show the coalescing).
+Prints, per kernel, the global load/store instructions of the PTX (vector widths show the coalescing), the
+registers per thread, and the matrix-unit (HMMA) and spill (LDL/STL) instructions of the SASS.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import argparse
 import collections
 import os
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 def _gather_consts(patch, fws, factors=None) -> dict:
     from kernels.patch_gather_triton import level_starts, level_tile
@@ -41,8 +45,22 @@ _CASES = {  # kernel name -> (module, function, signature, constexprs); ints nam
 _ALIGNED = {"T", "H", "W", "D"}
 
 
+def _sass(cubin: bytes) -> tuple[int, collections.Counter]:
+    """(registers per thread, counts of the SASS opcodes that matter here) via the cuobjdump Triton ships."""
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+        sass = subprocess.run([tool, "--dump-sass", f.name], capture_output=True, text=True, check=True)
+    regs = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+    return regs, collections.Counter(re.findall(r"\b(HMMA|LDL|STL)\b", sass.stdout))
+
+
 def compile_all(arch: int) -> dict[str, collections.Counter]:
-    """PTX global-memory instruction counts per kernel; raises on the first kernel that fails to compile."""
+    """Per kernel, counts of its PTX global loads and stores, of the SASS matrix (HMMA) and local-memory (LDL,
+    STL: spills) instructions, and ``registers``; raises on the first kernel that fails to compile."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile")
     import importlib
@@ -59,7 +77,9 @@ def compile_all(arch: int) -> dict[str, collections.Counter]:
                  if t.startswith("*") or n in _ALIGNED}
         compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=4))
-        out[name] = collections.Counter(re.findall(r"(?:ld|st)\.global[.\w]*", compiled.asm["ptx"]))
+        counts = collections.Counter(re.findall(r"(?:ld|st)\.global[.\w]*", compiled.asm["ptx"]))
+        counts["registers"], sass = _sass(compiled.asm["cubin"])
+        out[name] = counts + sass
     return out
 
 
@@ -68,7 +88,8 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()
     for name, counts in compile_all(args.arch).items():
-        print(f"{name:16} OK  " + ", ".join(f"{k} x{v}" for k, v in counts.most_common()))
+        regs = counts.pop("registers")
+        print(f"{name:16} OK  {regs} registers, " + ", ".join(f"{k} x{v}" for k, v in counts.most_common()))
     return 0
 
 
