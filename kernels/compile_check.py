@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+_GATHER_SIGNATURE = "words_ptr:*i32 nwords:i32 off_ptr:*i32 out_ptr:*bf16 T:i32 H:i32 W:i32"
+
+
 def _gather_consts(patch, fws, factors=None) -> dict:
     from kernels.patch_gather_triton import level_starts, level_tile
     tiles = tuple(level_tile(patch, fw, 256) for fw in fws)
@@ -24,24 +27,27 @@ def _gather_consts(patch, fws, factors=None) -> dict:
                 TILES=tiles, STARTS=level_starts(patch, tiles), ROUND=False)
 
 
-_CASES = {  # kernel name -> (module, function, signature, constexprs); ints named here get divisibility 16
-    "gather": ("patch_gather_triton", "_gather_kernel",
-               "words_ptr:*i32 nwords:i32 off_ptr:*i32 out_ptr:*bf16 T:i32 H:i32 W:i32", _gather_consts((16, 64, 64), (4, 2, 1))),
-    "gather-per-dim": ("patch_gather_triton", "_gather_kernel",
-                       "words_ptr:*i32 nwords:i32 off_ptr:*i32 out_ptr:*bf16 T:i32 H:i32 W:i32",
-                       _gather_consts((16, 64, 64), (8, 4, 2), ((1, 8, 8), (1, 4, 4), (1, 2, 2)))),
-    "fusion-tables": ("context_fusion_triton", "_table_kernel",
-                      "box_ptr:*fp32 cbox_ptr:*fp32 idx_ptr:*i32 frac_ptr:*fp32 lo_ptr:*i32 hi_ptr:*i32 K:i32 "
-                      "NT:i32 NH:i32 NW:i32 CT:i32 CH:i32 CW:i32", dict(NMAX=16, CMAX=16)),
-    "fusion-forward": ("context_fusion_triton", "_forward_kernel",
-                       "x_ptr:*bf16 ctx_ptr:*bf16 out_ptr:*bf16 idx_ptr:*i32 frac_ptr:*fp32 K:i32 NT:i32 NH:i32 "
-                       "NW:i32 CT:i32 CH:i32 CW:i32 D:i32", dict(NMAX=16, NWP=16, CWP=16, BLOCK_D=128, PRECISION="tf32x3",
-                                                              ROUND=False)),
-    "fusion-backward": ("context_fusion_triton", "_backward_kernel",
-                        "g_ptr:*bf16 gctx_ptr:*bf16 idx_ptr:*i32 frac_ptr:*fp32 lo_ptr:*i32 hi_ptr:*i32 K:i32 "
-                        "NT:i32 NH:i32 NW:i32 CT:i32 CH:i32 CW:i32 D:i32",
-                        dict(NMAX=16, CMAX=16, NWP=16, CWP=16, BLOCK_D=128, PRECISION="tf32x3", ROUND=False)),
-}
+def _cases() -> dict:
+    """Kernel name -> (module, function, signature, constexprs); the ints in _ALIGNED get divisibility 16."""
+    return {
+        "gather": ("patch_gather_triton", "_gather_kernel", _GATHER_SIGNATURE,
+                   _gather_consts((16, 64, 64), (4, 2, 1))),
+        "gather-per-dim": ("patch_gather_triton", "_gather_kernel", _GATHER_SIGNATURE,
+                           _gather_consts((16, 64, 64), (8, 4, 2), ((1, 8, 8), (1, 4, 4), (1, 2, 2)))),
+        "fusion-tables": ("context_fusion_triton", "_table_kernel",
+                          "box_ptr:*fp32 cbox_ptr:*fp32 idx_ptr:*i32 frac_ptr:*fp32 lo_ptr:*i32 hi_ptr:*i32 K:i32 "
+                          "NT:i32 NH:i32 NW:i32 CT:i32 CH:i32 CW:i32", dict(NMAX=16, CMAX=16)),
+        "fusion-forward": ("context_fusion_triton", "_forward_kernel",
+                           "x_ptr:*bf16 ctx_ptr:*bf16 out_ptr:*bf16 idx_ptr:*i32 frac_ptr:*fp32 K:i32 NT:i32 NH:i32 "
+                           "NW:i32 CT:i32 CH:i32 CW:i32 D:i32",
+                           dict(NMAX=16, NWP=16, CWP=16, BLOCK_D=128, PRECISION="tf32x3", ROUND=False)),
+        "fusion-backward": ("context_fusion_triton", "_backward_kernel",
+                            "g_ptr:*bf16 gctx_ptr:*bf16 idx_ptr:*i32 frac_ptr:*fp32 lo_ptr:*i32 hi_ptr:*i32 K:i32 "
+                            "NT:i32 NH:i32 NW:i32 CT:i32 CH:i32 CW:i32 D:i32",
+                            dict(NMAX=16, CMAX=16, NWP=16, CWP=16, BLOCK_D=128, PRECISION="tf32x3", ROUND=False)),
+    }
+
+
 _ALIGNED = {"T", "H", "W", "D"}
 
 
@@ -69,7 +75,7 @@ def compile_all(arch: int) -> dict[str, collections.Counter]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     out = {}
-    for name, (module, fn, sig, consts) in _CASES.items():
+    for name, (module, fn, sig, consts) in _cases().items():
         kernel = getattr(importlib.import_module(f"kernels.{module}"), fn)
         signature = dict(p.split(":") for p in sig.split())
         signature.update({k: "constexpr" for k in consts})

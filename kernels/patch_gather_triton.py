@@ -6,7 +6,7 @@ pixels at fw 1, 2 at fw 2, 1 from fw 4 on), so a tile [ROWS, groups, words] cove
 patch frame with one 4-byte load per word. A run that starts inside a word (the box's offset, or rows of
 ``3*W`` bytes that are not a multiple of 4) is realigned by a funnel shift of two neighbouring words; levels
 where no run can start inside a word skip that second load at compile time. Over the ``fh`` rows of an input
-frame the words are summed two bytes at a time in the 16-bit lanes of two uint32 (exact up to 257 rows), then
+frame the words are summed two bytes at a time in the 16-bit lanes of two uint32 (exact for fh <= 256), then
 into four int32 accumulators per byte position, and split into output pixels and channels once at the end by
 where each byte sits in its group.
 
@@ -59,7 +59,7 @@ def _level_tile(words_ptr, nwords, off_ptr, out_ptr, b, l, local, T, H, W,
     for dt in range(FT):
         tt = (t0 + t) * FT + dt
         even = tl.zeros([ROWS, BLOCK_G, WGP], dtype=tl.uint32)  # bytes 0 and 2 of each word, in 16-bit lanes
-        odd = tl.zeros([ROWS, BLOCK_G, WGP], dtype=tl.uint32)  # bytes 1 and 3 (exact up to 257 rows)
+        odd = tl.zeros([ROWS, BLOCK_G, WGP], dtype=tl.uint32)  # bytes 1 and 3 (exact for fh <= 256)
         for dh in range(FH):
             hh = (h0 + h) * FH + dh
             byte = (((b.to(tl.int64) * T + tt) * H + hh) * (W * 3))[:, None, None] + group_byte
@@ -80,7 +80,8 @@ def _level_tile(words_ptr, nwords, off_ptr, out_ptr, b, l, local, T, H, W,
         w = g * G + u
         store_mask = (h < PH)[:, None] & (w < PW)[None, :]
         for c in tl.static_range(3):
-            s = tl.sum(tl.where(_holds(4 * j, j, u, c, FW, WG), a0, 0) + tl.where(_holds(4 * j + 1, j, u, c, FW, WG), a1, 0)
+            s = tl.sum(tl.where(_holds(4 * j, j, u, c, FW, WG), a0, 0)
+                       + tl.where(_holds(4 * j + 1, j, u, c, FW, WG), a1, 0)
                        + tl.where(_holds(4 * j + 2, j, u, c, FW, WG), a2, 0)
                        + tl.where(_holds(4 * j + 3, j, u, c, FW, WG), a3, 0), axis=2)
             v = tl.math.div_rn(tl.math.div_rn(s.to(tl.float32), FT * FH * FW * 1.0), 127.5) - 1.0  # as the reference
