@@ -51,6 +51,8 @@ def _level_tile(words_ptr, nwords, off_ptr, out_ptr, b, l, local, T, H, W,
     g = gblk * BLOCK_G + tl.arange(0, BLOCK_G)
     j = tl.arange(0, WGP)
     group_byte = ((w0 * FW + g * (G * FW)) * 3)[None, :, None] + 4 * j[None, None, :]  # [1, BLOCK_G, WGP]
+    # a last group that is only partly inside the box reads bytes past it (kept inside the clip by `nwords`);
+    # the pixels they make are not stored
     valid = (h < PH)[:, None, None] & (g * G < PW)[None, :, None] & (j < WG)[None, None, :]
     a0 = tl.zeros([ROWS, BLOCK_G, WGP], dtype=tl.int32)
     a1 = tl.zeros([ROWS, BLOCK_G, WGP], dtype=tl.int32)
