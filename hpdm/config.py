@@ -167,6 +167,9 @@ class TrainConfig:
     wandb_project: str = "hpdm"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed keys merged over the generated config
     init_from: str = ""  # a lower-resolution generator (exported file, checkpoint or run) to start from (hpdm/finetune.py)
+    # Train level 0 alone for the first N steps, then every level: the coarse generator learns the clips' layout
+    # without sharing the network with the finer levels, at level 0's share of a step's cost (README, "Does it learn?").
+    level0_steps: int = 0
 
     def validate(self) -> None:
         _choice("train.optimizer", self.optimizer, ("lamb", "adamw"))
@@ -186,7 +189,7 @@ class TrainConfig:
         for key in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints", "sample_videos"):
             check_range(f"train.{key}", getattr(self, key), 1)
         for key in ("micro_batch", "weight_decay", "warmup_steps", "grad_clip", "ema_halflife", "seed", "sample_every",
-                    "max_skipped_steps"):
+                    "max_skipped_steps", "level0_steps"):
             check_range(f"train.{key}", getattr(self, key), 0)
         check_range("train.lr", self.lr, 0, strict=True)
         check_range("train.betas", self.betas, 0, high=1)

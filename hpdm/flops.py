@@ -53,8 +53,9 @@ def forward_flops_per_level(cfg: ModelConfig) -> list[int]:
     return out
 
 
-def training_flops_per_sample(cfg: ModelConfig) -> int:
-    return 3 * sum(forward_flops_per_level(cfg))
+def training_flops_per_sample(cfg: ModelConfig, levels: int | None = None) -> int:
+    """Forward and backward FLOPs of one sample over its ``levels`` coarsest levels (default: all)."""
+    return 3 * sum(forward_flops_per_level(cfg)[:levels])
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

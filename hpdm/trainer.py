@@ -123,8 +123,9 @@ class _Profiler:
 
 
 def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: int, accum: int, device,
-          sync: bool, encoder=None) -> tuple[torch.Tensor, dict, dict]:
-    """One optimizer step over ``accum`` micro-batches; returns the per-level losses, the time split
+          sync: bool, encoder=None, levels: int | None = None) -> tuple[torch.Tensor, dict, dict]:
+    """One optimizer step over ``accum`` micro-batches on the ``levels`` coarsest levels (default: all; the
+    randomness is drawn for all, so the stream does not depend on it); returns their losses, the time split
     (accurate on GPU only when ``sync``, which waits for the device at each boundary), the last batch and, when
     ``sync`` and DeepSpeed keeps none (``_plain_optimizer``), the gradient norm.
 
@@ -133,7 +134,8 @@ def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: i
     m = cfg.model
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     wait = compute = opt_time = 0.0
-    level_losses, grad_norm = torch.zeros(m.levels, device=device), None
+    levels = levels or m.levels
+    level_losses, grad_norm = torch.zeros(levels, device=device), None
     for _ in range(accum):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -144,10 +146,10 @@ def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: i
         draws = draw_step_randomness(gen, micro, cfg, cond.labels is not None or cond.text is not None)
         # device offsets: the fused gather skips its host-side box check, which would sync (the reference
         # gather, kernels=reference, reads the offsets back and so syncs on GPU)
-        x0 = gather_pyramid(video, draws.offsets, m.patch, dtype, impl=m.kernels)
-        boxes = boxes_from_offsets(draws.offsets, m.patch)  # on the device, constants cached there
+        x0 = gather_pyramid(video, draws.offsets, m.patch, dtype, impl=m.kernels)[:, :levels]
+        boxes = boxes_from_offsets(draws.offsets, m.patch)[:, :levels]  # on the device, constants cached there
         cond = cond if draws.drop is None else cond.masked(draws.drop)
-        loss, per_level = edm.loss(engine, x0, boxes, cond, draws.sigma, draws.noise)
+        loss, per_level = edm.loss(engine, x0, boxes, cond, draws.sigma[:, :levels], draws.noise[:, :levels])
         engine.backward(loss)
         if sync and device.type == "cuda":
             torch.cuda.synchronize()
@@ -265,12 +267,14 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                         == "cuda" else "CUDA", device.type)
         if rank == 0:
             log.info("resumed from %s (step %d, %d samples) in %.1f s", latest, step, samples, time.perf_counter() - t0)
+    if rank == 0 and step < t.level0_steps and m.levels > 1:
+        log.info("training level 0 alone until step %d, then all %d levels (train.level0_steps)", t.level0_steps, m.levels)
     if rank == 0:  # only now: a refused or failed resume leaves the run's recorded config as it was
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
 
     metrics = Metrics(cfg.to_dict(), run_dir, t.wandb_project, rank, resumed_at=step)
-    flops, peak = training_flops_per_sample(m), peak_flops(device, t.precision)
+    peak = peak_flops(device, t.precision)
     profiler = _Profiler(t.profile_steps, run_dir / "profile", rank, device)
     guard = DivergenceGuard(t.max_skipped_steps, device, engine.skipped_steps)
     record = {"config": cfg.to_dict(), "deepspeed": ds_config}
@@ -284,8 +288,9 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                 profiler.at(step)
                 timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
                 t0 = time.perf_counter()
+                levels = 1 if step < t.level0_steps else m.levels
                 level_losses, times, batch, own_norm = _step(engine, edm, cfg, batches, gen, micro, accum, device,
-                                                             timed, encoder)
+                                                             timed, encoder, levels)
                 if monitor is None:
                     monitor = _monitor_cond(cfg, batch, device, encoder)
                 step += 1
@@ -295,6 +300,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                 bar.update(t.batch_size)
                 if timed:
                     dt = time.perf_counter() - t0
+                    flops = training_flops_per_sample(m, levels)
                     if world > 1:
                         dist.all_reduce(level_losses)
                         level_losses /= world

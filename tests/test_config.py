@@ -106,6 +106,7 @@ VALID_ZERO_OR_MINUS_ONE = {
     ("train.max_skipped_steps", 0): "stop at the first skipped optimizer step",
     ("train.profile_steps", 0): "[0, end): profile from the first step",
     ("train.sample_every", 0): "no samples while training",
+    ("train.level0_steps", 0): "every level from the first step",
     ("data.num_workers", 0): "load in the training process",
     ("data.shuffle_buffer", 0): "no shuffling",
     ("data.fps", 0): "keep the native frame rate",

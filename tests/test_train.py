@@ -155,3 +155,25 @@ def test_grad_norm_is_logged_at_every_zero_stage(tmp_path):
         norms[stage] = [r["grad_norm"] for r in rows if "grad_norm" in r]
     assert len(norms[0]) == 2 and all(0 < v < float("inf") for v in norms[0]), norms
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+def test_level0_steps_train_level_0_alone_first(tmp_path):
+    """``train.level0_steps``: the first steps log and train level 0 only (the context-fusion projections, which
+    only finer levels use, stay at their zero initialisation); the steps after train every level. bf16 at ZeRO-1,
+    where DeepSpeed meets parameters without gradients."""
+    run = tmp_path / "run"
+    out = _train(run, tmp_path / "data", "train.steps=3", "train.save_every=2", "train.level0_steps=2",
+                 "train.precision=bf16", "train.sample_at_end=false")
+    assert "training level 0 alone until step 2, then all 3 levels" in out
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [sorted(k for k in r if k.startswith("loss")) for r in rows] == [["loss", "loss/level0"]] * 2 + [
+        ["loss", "loss/level0", "loss/level1", "loss/level2"]]
+    assert all(r["loss"] == r["loss/level0"] for r in rows[:2])
+    assert rows[0]["tflops_per_gpu"] > 0
+
+    def weights(step):
+        return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "raw.safetensors"))
+    first, second = weights(2), weights(3)
+    fuse = [k for k in first if ".fuse." in k]
+    assert fuse and all(first[k].abs().max() == 0 for k in fuse), "level 0 alone moved the fusion projections"
+    assert any(second[k].abs().max() > 0 for k in fuse), "the finer levels did not train after level0_steps"
