@@ -123,8 +123,8 @@ class _Profiler:
 
 
 def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: int, accum: int, device,
-          sync: bool, encoder=None, levels: int | None = None) -> tuple[torch.Tensor, dict, dict]:
-    """One optimizer step over ``accum`` micro-batches on the ``levels`` coarsest levels (default: all; the
+          sync: bool, levels: int, encoder=None) -> tuple[torch.Tensor, dict, dict]:
+    """One optimizer step over ``accum`` micro-batches on the ``levels`` coarsest levels (the
     randomness is drawn for all, so the stream does not depend on it); returns their losses, the time split
     (accurate on GPU only when ``sync``, which waits for the device at each boundary), the last batch and, when
     ``sync`` and DeepSpeed keeps none (``_plain_optimizer``), the gradient norm.
@@ -134,7 +134,6 @@ def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: i
     m = cfg.model
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     wait = compute = opt_time = 0.0
-    levels = levels or m.levels
     level_losses, grad_norm = torch.zeros(levels, device=device), None
     for _ in range(accum):
         t0 = time.perf_counter()
@@ -290,7 +289,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                 t0 = time.perf_counter()
                 levels = 1 if step < t.level0_steps else m.levels
                 level_losses, times, batch, own_norm = _step(engine, edm, cfg, batches, gen, micro, accum, device,
-                                                             timed, encoder, levels)
+                                                             timed, levels, encoder)
                 if monitor is None:
                     monitor = _monitor_cond(cfg, batch, device, encoder)
                 step += 1
