@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (~9 min)
 #   bash benchmarks/gpu_session.sh recipe OUT [MIN]    # configs/synthetic_gpu.yaml for MIN minutes (default 10),
 #                                                      # stopped by SIGTERM (it checkpoints), then eval-synthetic
+#                                                      # with the config's fine_start and from noise
 #
 # Every phase has its own time limit, so that one that hangs leaves the others their time; each writes its JSON
 # (and the session's log) under OUT. Copy the tables into benchmarks/RESULTS.md with the date, device and commit.
@@ -53,7 +54,10 @@ recipe)
     phase train "$((minutes * 60))" python3 -m hpdm.cli train --config configs/synthetic_gpu.yaml \
         train.run_dir="$run" data.shards="$work/synthetic128" train.sample_every=0 train.sample_at_end=false
     cp "$run/metrics.jsonl" "$out/" 2>/dev/null
-    phase eval-synthetic 240 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --out "$out/eval_synthetic.json"
+    phase eval-synthetic 180 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --out "$out/eval_synthetic.json"
+    # the same samples' level 0 with finer levels drawn from noise (the paper's sampler), for comparison
+    phase eval-synthetic-from-noise 120 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --fine-start 0 \
+        --out "$out/eval_synthetic_from_noise.json"
     ;;
 *)
     echo "unknown mode $mode: throughput or recipe"

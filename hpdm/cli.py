@@ -113,6 +113,9 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level0-order", type=int, default=2, choices=(1, 2), help="level-0 sampler: 2 Heun, 1 Euler")
     p.add_argument("--fine-order", type=int, default=1, choices=(1, 2), help="finer levels' sampler order")
     p.add_argument("--coarse", default="renoise", choices=("renoise", "clean"), help="how tiles see coarser levels")
+    p.add_argument("--fine-start", type=float, default=None,
+                   help="finer levels start at this sigma from the coarser level upsampled, 0 from pure noise "
+                        "(default: diffusion.fine_start)")
     p.add_argument("--batch", type=int, default=1, help="videos sampled together")
     p.add_argument("--seed", type=int, default=0)
 
@@ -127,7 +130,7 @@ def _sample_options(args):
                          f"got {args.steps!r}") from None
     return SampleOptions(steps=steps, guidance=args.guidance, overlap=args.overlap, s_churn=args.churn,
                          level0_order=args.level0_order, fine_order=args.fine_order, coarse=args.coarse,
-                         tile_batch=args.tile_batch)
+                         fine_start=args.fine_start, tile_batch=args.tile_batch)
 
 
 def cmd_sample(args) -> int:

@@ -118,6 +118,8 @@ class DiffusionConfig:
     steps: int = 128  # sampling steps for level 0; halved at each further level
     guidance: float = 1.0  # classifier-free guidance scale (1: none)
     s_churn: float = 40.0  # stochasticity of the level-0 sampler (0: deterministic)
+    # > 0: finer levels start at this sigma from the coarser level upsampled, not from pure noise (README)
+    fine_start: float = 0.0
 
     def validate(self) -> None:
         for key in ("sigma_data", "p_std", "sigma_min", "rho"):
@@ -128,6 +130,7 @@ class DiffusionConfig:
         check_range("diffusion.steps", self.steps, 1)
         check_range("diffusion.guidance", self.guidance, 0)
         check_range("diffusion.s_churn", self.s_churn, 0)
+        check_range("diffusion.fine_start", self.fine_start, 0)
 
 
 @dataclass
@@ -350,7 +353,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-SAMPLING_ONLY = {"diffusion.steps", "diffusion.guidance", "diffusion.s_churn", "model.kernels"}
+SAMPLING_ONLY = {"diffusion.steps", "diffusion.guidance", "diffusion.s_churn", "diffusion.fine_start", "model.kernels"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -90,21 +90,25 @@ class EDM:
         per_level = (weight * (denoised - x0.float()) ** 2).mean(dim=(2, 3, 4, 5)).mean(dim=0)  # [L]
         return per_level.mean(), per_level.detach()
 
-    def sigma_steps(self, steps: int, device=None) -> torch.Tensor:
-        """Karras et al.'s rho-spaced schedule from sigma_max down to sigma_min, then 0."""
+    def sigma_steps(self, steps: int, device=None, sigma_max: float | None = None) -> torch.Tensor:
+        """Karras et al.'s rho-spaced schedule from sigma_max (the config's unless given) down to sigma_min, then 0."""
         c = self.cfg
+        top = c.sigma_max if sigma_max is None else sigma_max
         i = torch.arange(steps, dtype=torch.float64)
         inv = 1 / c.rho
-        t = (c.sigma_max ** inv + i / max(steps - 1, 1) * (c.sigma_min ** inv - c.sigma_max ** inv)) ** c.rho
+        t = (top ** inv + i / max(steps - 1, 1) * (c.sigma_min ** inv - top ** inv)) ** c.rho
         return torch.cat([t, torch.zeros(1, dtype=torch.float64)]).to(device)
 
-    def solve(self, denoise, x: torch.Tensor, steps: int, churn: float, order: int, noise, on_step=None) -> torch.Tensor:
+    def solve(self, denoise, x: torch.Tensor, steps: int, churn: float, order: int, noise, on_step=None,
+              start: torch.Tensor | None = None, sigma_max: float | None = None) -> torch.Tensor:
         """EDM sampler (Karras et al., Algorithm 2) from unit noise ``x`` to sigma 0.
 
         ``denoise(x, sigma)`` is the (guided) denoised estimate, ``noise(shape)`` draws fresh unit noise for the
-        churn; ``order`` 2 adds Heun's correction. Works in the dtype of ``x`` (float64 for sampling)."""
-        sig = self.sigma_steps(steps).tolist()
-        x = x * sig[0]
+        churn; ``order`` 2 adds Heun's correction. Works in the dtype of ``x`` (float64 for sampling). With
+        ``start`` and ``sigma_max``, the solve begins at ``start + sigma_max * x`` (SDEdit-like) instead of pure
+        noise at the config's sigma_max."""
+        sig = self.sigma_steps(steps, sigma_max=sigma_max).tolist()
+        x = x * sig[0] if start is None else start + x * sig[0]
         gamma = min(churn / steps, math.sqrt(2) - 1) if churn > 0 else 0.0
         for i in range(steps):
             s_cur, s_next = sig[i], sig[i + 1]

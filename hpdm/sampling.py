@@ -4,9 +4,11 @@ Design (see docs/sampling.md):
 - Level 0 (the whole video at the coarsest resolution) is one patch; it is sampled with the stochastic
   second-order EDM sampler (churn + Heun), ``diffusion.steps`` steps.
 - Level l >= 1 runs its own EDM schedule (default steps halved per level, deterministic Euler) on a canvas of
-  the whole level-l video. Each step denoises every tile of the canvas and blends the tiles' denoised
-  estimates with a separable Hann window that has a floor (every pixel gets positive total weight); the
-  step is then taken on the whole canvas, so overlapping tiles agree by construction.
+  the whole level-l video, from pure noise, or with ``fine_start`` > 0 from the coarser level upsampled 2x
+  (trilinear) plus noise of that sigma, so that the finer level keeps the coarser one's layout. Each step
+  denoises every tile of the canvas and blends the tiles' denoised estimates with a separable Hann window that
+  has a floor (every pixel gets positive total weight); the step is then taken on the whole canvas, so
+  overlapping tiles agree by construction.
 - Tiles see the coarser levels as training did: one noise level shared by all levels of a sample. The
   coarser levels' finished videos are re-noised to the current step's sigma with noise drawn once per level
   and video (fixed across steps and tiles, so overlapping tiles see the same context). ``coarse="clean"``
@@ -28,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from hpdm.config import Config
@@ -46,6 +49,8 @@ class SampleOptions:
     fine_order: int = 1
     fine_churn: float = 0.0  # finer levels: deterministic by default
     coarse: str = "renoise"  # how tiles see coarser levels: renoise (at the current sigma) | clean
+    fine_start: float | None = None  # > 0: finer levels start at this sigma from the coarser level upsampled;
+    # 0: from noise; None: diffusion.fine_start
     tile_batch: int = 16  # tiles per network call
     window_floor: float = 1e-3
 
@@ -62,6 +67,8 @@ class SampleOptions:
         for option, order in (("--level0-order", self.level0_order), ("--fine-order", self.fine_order)):
             if order not in (1, 2):
                 raise UsageError(f"{option}: must be 1 (Euler) or 2 (Heun); got {order}")
+        if self.fine_start is not None and self.fine_start < 0:
+            raise UsageError(f"--fine-start: must be >= 0 (0: finer levels start from noise); got {self.fine_start}")
         if self.tile_batch < 1:
             raise UsageError(f"--tile-batch: must be >= 1; got {self.tile_batch}")
         overlap_fraction(self.overlap)
@@ -157,6 +164,7 @@ class TiledSampler:
         steps = opts.steps or (cfg.diffusion.steps,)
         self.steps = list(steps) if len(steps) == self.m.levels else level_steps(steps[0], self.m.levels)
         self.guidance = cfg.diffusion.guidance if opts.guidance is None else opts.guidance
+        self.fine_start = cfg.diffusion.fine_start if opts.fine_start is None else opts.fine_start
         self.geometry = [self._geometry(l) for l in range(self.m.levels)]
 
     # ---- geometry ------------------------------------------------------------------------------------------
@@ -267,9 +275,10 @@ class TiledSampler:
                     self.hook(level, sigma, v, (t, h, w), dv)
         return acc / geo.weight_sum.to(self.device)
 
-    def _solve(self, denoise, x: torch.Tensor, steps: int, churn: float, order: int, gens, bar) -> torch.Tensor:
+    def _solve(self, denoise, x: torch.Tensor, steps: int, churn: float, order: int, gens, bar, start=None) -> torch.Tensor:
+        sigma_max = None if start is None else self.fine_start
         return self.edm.solve(denoise, x, steps, churn, order, lambda shape: self._noise(gens, shape),
-                              on_step=None if bar is None else (lambda: bar.update(1)))
+                              on_step=None if bar is None else (lambda: bar.update(1)), start=start, sigma_max=sigma_max)
 
     @torch.no_grad()
     def sample(self, cond: Condition, seeds: list[int], progress: bool = False) -> tuple[list[torch.Tensor], list[LevelStats]]:
@@ -295,7 +304,10 @@ class TiledSampler:
                     ctx = [levels[k].clamp(-1, 1) + s * fixed[k] if self.opts.coarse == "renoise" else levels[k].clamp(-1, 1)
                            for k in range(l)]
                     return self._denoise_tiles(l, x, s, ctx, cond, st)
-                x = self._solve(denoise, x0, self.steps[l], self.opts.fine_churn, st.order, gens, bar)
+                start = None
+                if self.fine_start > 0:
+                    start = F.interpolate(levels[l - 1].clamp(-1, 1), scale_factor=2, mode="trilinear", align_corners=False)
+                x = self._solve(denoise, x0, self.steps[l], self.opts.fine_churn, st.order, gens, bar, start)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             st.seconds = time.perf_counter() - t0

@@ -20,6 +20,7 @@ whose colour, kind and direction of motion are the class's. Real clips score clo
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,7 +134,9 @@ def direction(shapes: list[FrameShape | None], size: tuple[int, int]) -> str | N
 
 
 def _majority(values: list[str]) -> str | None:
-    return max(set(values), key=values.count) if values else None
+    """The most frequent value; None when there is none or two tie (a set's order would pick one at random)."""
+    top = Counter(values).most_common(2)
+    return None if not top or len(top) == 2 and top[0][1] == top[1][1] else top[0][0]
 
 
 def video_report(video: np.ndarray, label: int | None) -> dict:

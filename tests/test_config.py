@@ -95,6 +95,7 @@ VALID_ZERO_OR_MINUS_ONE = {
     ("diffusion.p_mean", -1): "mean of ln(sigma): any real number",
     ("diffusion.guidance", 0): "the unconditional prediction alone",
     ("diffusion.s_churn", 0): "deterministic level-0 sampler",
+    ("diffusion.fine_start", 0): "finer levels start from noise",
     ("train.micro_batch", 0): "batch_size / processes, no accumulation",
     ("train.betas", 0): "beta1 = 0: no momentum",
     ("train.weight_decay", 0): "no weight decay",

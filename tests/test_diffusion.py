@@ -73,6 +73,25 @@ def test_sampler_recovers_single_point_dataset(order, churn):
     assert calls[0] >= 80.0 and min(calls) >= 0.002
 
 
+def test_sampler_started_from_a_noisy_estimate_follows_the_exact_ode():
+    """Data N(mu, tau^2) per pixel: the probability-flow ODE from x at sigma s ends at mu + tau (x - mu) / sqrt(tau^2
+    + s^2). Started at ``start + s z`` (``start``, ``sigma_max``), the sampler must land there."""
+    edm = EDM(DiffusionConfig())
+    mu, tau, s = 0.3, 0.5, 1.5
+    g = torch.Generator().manual_seed(2)
+    start = torch.rand(3, 4, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    z = torch.randn(start.shape, generator=g, dtype=torch.float64)
+    calls = []
+
+    def denoise(x, sigma):
+        calls.append(sigma)
+        return mu + tau ** 2 / (tau ** 2 + sigma ** 2) * (x - mu)
+
+    out = edm.solve(denoise, z, steps=64, churn=0.0, order=2, noise=None, start=start, sigma_max=s)
+    torch.testing.assert_close(out, mu + tau * (start + s * z - mu) / (tau ** 2 + s ** 2) ** 0.5, rtol=0, atol=2e-3)
+    assert calls[0] == pytest.approx(s) and edm.sigma_steps(8, sigma_max=s)[0] == pytest.approx(s)
+
+
 def test_tiny_model_overfits_one_clip():
     torch.manual_seed(0)
     cfg = tiny_model_config(num_latents=16, token_dim=64, latent_dim=64, head_dim=32)

@@ -4,6 +4,7 @@ import itertools
 import av
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_file
 
@@ -116,6 +117,26 @@ def test_a_video_depends_only_on_its_seed_not_on_its_batch():
     assert share(10, 1, 3) == [1, 4, 7]
 
 
+def test_fine_start_keeps_the_coarser_level():
+    """With fine_start, a finer level starts from the coarser level upsampled plus noise of that sigma: an untrained
+    network (zero output, so the exact denoiser of N(0, sigma_data^2) data) then ends within about that sigma of
+    it; from noise (0, the paper's sampler) the finer level is unrelated to the coarser one."""
+    cfg = Config(model=tiny_model_config())
+    torch.manual_seed(0)
+    net = HPDM(cfg.model).eval()
+    cond = Condition(labels=torch.tensor([1, 3]))
+    err = {}
+    for start in (0.0, 0.02):
+        sampler = TiledSampler(net, cfg, SampleOptions(steps=(4, 8, 8), fine_start=start, tile_batch=64))
+        levels, _ = sampler.sample(cond, seeds=[5, 6])
+        up = [F.interpolate(c.clamp(-1, 1), scale_factor=2, mode="trilinear") for c in levels[:-1]]
+        err[start] = [float((f - u).pow(2).mean().sqrt()) for f, u in zip(levels[1:], up)]
+    assert max(err[0.02]) < 0.03 and min(err[0.0]) > 0.3, err
+    cfg.diffusion.fine_start = 0.02  # the config's value is the default; an option overrides it
+    assert TiledSampler(net, cfg).fine_start == 0.02
+    assert TiledSampler(net, cfg, SampleOptions(fine_start=0.0)).fine_start == 0.0
+
+
 def test_full_overlap_uses_a_one_token_stride():
     cfg = Config(model=tiny_model_config())
     sampler = TiledSampler(HPDM(cfg.model), cfg, SampleOptions(overlap="full"))
@@ -130,6 +151,7 @@ def test_full_overlap_uses_a_one_token_stride():
     (dict(s_churn=-2.0), "--churn: must be >= 0; got -2.0"),
     (dict(tile_batch=0), "--tile-batch: must be >= 1; got 0"),
     (dict(fine_order=3), "--fine-order: must be 1 (Euler) or 2 (Heun); got 3"),
+    (dict(fine_start=-1.0), "--fine-start: must be >= 0 (0: finer levels start from noise); got -1.0"),
 ])
 def test_bad_sample_options_name_the_option(options, message):
     with pytest.raises(UsageError) as err:

@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.synthetic import class_name, render
 from data_pipeline.video import encode
-from hpdm.synthetic_eval import coarse_to_fine, evaluate_videos, frame_shapes, video_report
+from hpdm.synthetic_eval import _majority, coarse_to_fine, evaluate_videos, frame_shapes, video_report
 from kernels import gather_pyramid
 
 CLASSES = 36  # every direction, kind and the first three colours
@@ -85,3 +85,11 @@ def test_coarse_to_fine_is_zero_for_a_true_pyramid_and_large_for_unrelated_level
     coarse = torch.nn.functional.avg_pool3d(fine, 2)
     assert coarse_to_fine([coarse, fine])[0] < 1e-6
     assert coarse_to_fine([torch.rand(2, 3, 4, 16, 16, generator=g) * 2 - 1, fine])[0] > 0.3
+
+
+def test_a_tied_majority_counts_as_none():
+    """Colour and kind are majorities over frames; a tie is no majority (a set's order, which varies with
+    PYTHONHASHSEED between processes, used to pick one, so one video could score differently run to run)."""
+    assert _majority(["circle", "square", "square"]) == "square"
+    assert _majority(["circle", "square", "square", "circle"]) is None
+    assert _majority([]) is None
