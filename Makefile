@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if nvidia-smi -L >/dev/null 2>&1 || [ -z "$(TORCH_CPU_INDEX)" ]; then \
@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py
 		echo "cannot install torch from $(TORCH_CPU_INDEX); trying pip's own index"; \
 		$(PY) -m pip install -q torch==$(TORCH_VERSION); }; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
 	touch $@
 
 DEMO := runs/tiny_1level

