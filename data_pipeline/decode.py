@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from .video import VideoError, read_image
 
@@ -61,10 +62,16 @@ def _crop_box(h: int, w: int, spec: ClipSpec, rng: np.random.Generator | None) -
     return rh, rw, y, x
 
 
-def _resize_crop(frame: av.VideoFrame, crop: tuple[int, int, int, int], spec: ClipSpec) -> np.ndarray:
-    """uint8 [H,W,3] of ``frame`` scaled (area filter when shrinking) and cropped by ``crop`` (see _crop_box)."""
+def _resize_crop(frame: av.VideoFrame, crop: tuple[int, int, int, int], spec: ClipSpec,
+                 scaler: VideoReformatter | None = None) -> np.ndarray:
+    """uint8 [H,W,3] of ``frame`` scaled (area filter when shrinking) and cropped by ``crop`` (see _crop_box).
+
+    Scales on ``spec.threads`` threads like the decoder (FFmpeg's default starts a thread per core for every
+    frame); ``scaler``, one for all the frames of a clip, keeps its scaling context between them."""
     rh, rw, y, x = crop
-    img = frame.to_ndarray(width=rw, height=rh, format="rgb24", interpolation="AREA" if rh <= frame.height else "BILINEAR")
+    scaler = scaler or VideoReformatter()
+    img = scaler.reformat(frame, width=rw, height=rh, format="rgb24", threads=spec.threads,
+                          interpolation="AREA" if rh <= frame.height else "BILINEAR").to_ndarray()
     return img[y:y + spec.size[0], x:x + spec.size[1]]
 
 
@@ -83,6 +90,7 @@ def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generato
         wanted.setdefault(i, []).append(pos)
     out = None
     crop = None
+    scaler = VideoReformatter()
     resize_s = 0.0
     try:
         with av.open(io.BytesIO(data), mode="r") as c:
@@ -113,7 +121,7 @@ def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generato
                     if out is None:
                         crop = _crop_box(frame.height, frame.width, spec, rng)
                         out = np.empty((spec.frames, *spec.size, 3), np.uint8)
-                    img = _resize_crop(frame, crop, spec)
+                    img = _resize_crop(frame, crop, spec, scaler)
                     for pos in wanted[n]:
                         out[pos] = img
                     got += len(wanted[n])
