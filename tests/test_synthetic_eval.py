@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.synthetic import class_name, render
 from data_pipeline.video import encode
-from hpdm.synthetic_eval import _majority, coarse_to_fine, evaluate_videos, frame_shapes, video_report
+from hpdm.synthetic_eval import _components, _majority, coarse_to_fine, evaluate_videos, frame_shapes, video_report
 from kernels import gather_pyramid
 
 CLASSES = 36  # every direction, kind and the first three colours
@@ -93,3 +93,40 @@ def test_a_tied_majority_counts_as_none():
     assert _majority(["circle", "square", "square"]) == "square"
     assert _majority(["circle", "square", "square", "circle"]) is None
     assert _majority([]) is None
+
+
+def _flood_fill(mask: np.ndarray) -> np.ndarray:
+    """Plain breadth-first reference: each 8-connected component on the torus labelled by its largest pixel id."""
+    H, W = mask.shape
+    out = np.zeros((H, W), np.int64)
+    for start in zip(*np.nonzero(mask)):
+        if out[start]:
+            continue
+        seen, todo = {start}, [start]
+        while todo:
+            y, x = todo.pop()
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    n = ((y + dy) % H, (x + dx) % W)
+                    if mask[n] and n not in seen:
+                        seen.add(n)
+                        todo.append(n)
+        label = max(y * W + x for y, x in seen) + 1
+        for p in seen:
+            out[p] = label
+    return out
+
+
+def test_components_match_a_flood_fill_on_the_torus():
+    g = np.random.default_rng(0)
+    for density in (0.1, 0.3, 0.45, 0.6, 0.9):
+        masks = g.random((4, 13, 19)) < density
+        got = _components(torch.from_numpy(masks)).numpy()
+        for m, labels in zip(masks, got):
+            np.testing.assert_array_equal(labels, _flood_fill(m))
+    snake = np.zeros((15, 15), bool)  # one long winding component: many steps for plain propagation
+    snake[1::4, 1:14] = True
+    snake[2:5, 13] = snake[6:9, 1] = snake[10:13, 13] = True
+    got = _components(torch.from_numpy(snake[None])).numpy()[0]
+    np.testing.assert_array_equal(got, _flood_fill(snake))
+    assert len(np.unique(got[snake])) == 1
