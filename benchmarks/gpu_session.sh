@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks of one short device session, as one command (a lent GPU comes with about 15 minutes in all).
+# The GPU checks of one short device session, as one command. A lent GPU comes with about 15 minutes in all, its
+# start included, and at most 10 minutes per command: each mode fits one command, and a session runs one mode.
 #
 #   make device-wheels                                 # on the workstation: .whl/ holds what the GPU machine lacks
-#   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (~9 min)
-#   bash benchmarks/gpu_session.sh recipe OUT [MIN]    # configs/synthetic_gpu.yaml for MIN minutes (default 10),
-#                                                      # stopped by SIGTERM (it checkpoints), then eval-synthetic
-#                                                      # with the config's fine_start and from noise
+#   bash benchmarks/gpu_session.sh recipe OUT [MIN]    # configs/synthetic_gpu.yaml for MIN minutes (default 6,
+#                                                      # data generation included; level 0 alone for the first
+#                                                      # half), each half stopped by SIGTERM (the trainer
+#                                                      # checkpoints), then eval-synthetic with the config's
+#                                                      # fine_start and from noise (at most MIN + 3.5 minutes)
+#   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (<= 9.5 min)
 #
 # Every phase has its own time limit, so that one that hangs leaves the others their time; each writes its JSON
 # (and the session's log) under OUT. Copy the tables into benchmarks/RESULTS.md with the date, device and commit.
@@ -39,24 +42,28 @@ git rev-parse HEAD 2>/dev/null
 
 case $mode in
 throughput)
-    phase gpu-tests 150 python3 -m pytest -q -m gpu tests/test_kernels_patch_gather.py \
+    phase gpu-tests 100 python3 -m pytest -q -m gpu tests/test_kernels_patch_gather.py \
         tests/test_kernels_context_fusion.py tests/test_attention.py
-    phase bench-kernels 120 python3 -m hpdm.cli bench-kernels --no-compile --out "$out/kernels.json"
-    phase throughput-bf16 240 python3 benchmarks/train_throughput.py --micro-batch 8 --warmup 5 --steps 15 \
+    phase bench-kernels 100 python3 -m hpdm.cli bench-kernels --no-compile --out "$out/kernels.json"
+    phase throughput-bf16 230 python3 benchmarks/train_throughput.py --micro-batch 8 --warmup 5 --steps 15 \
         --cases bf16/adaptive bf16/non-adaptive --work "$work" --out "$out/train_throughput_bf16.json"
-    phase throughput-fp32-lamb 150 python3 benchmarks/train_throughput.py --micro-batch 4 --warmup 5 --steps 15 \
+    phase throughput-fp32-lamb 140 python3 benchmarks/train_throughput.py --micro-batch 4 --warmup 5 --steps 15 \
         --cases fp32-lamb/adaptive --work "$work" --out "$out/train_throughput_fp32_lamb.json"
     ;;
 recipe)
-    minutes=${3:-10}
+    minutes=${3:-6}
     run=$work/synthetic_gpu
     rm -rf "$run"
-    phase train "$((minutes * 60))" python3 -m hpdm.cli train --config configs/synthetic_gpu.yaml \
-        train.run_dir="$run" data.shards="$work/synthetic128" train.sample_every=0 train.sample_at_end=false
+    train=(python3 -m hpdm.cli train --config configs/synthetic_gpu.yaml train.run_dir="$run"
+           data.shards="$work/synthetic128" train.steps=1000000 train.sample_every=0 train.sample_at_end=false)
+    # The config's level0_steps split at an unknown speed could leave no time for the finer levels: split the
+    # time instead, level 0 alone for the first half, then a resume (which may change train.*) with every level.
+    phase train-level0 "$((minutes * 30))" "${train[@]}" train.level0_steps=1000000
+    phase train-all-levels "$((minutes * 30))" "${train[@]}" train.level0_steps=0
     cp "$run/metrics.jsonl" "$out/" 2>/dev/null
-    phase eval-synthetic 180 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --out "$out/eval_synthetic.json"
-    # the same samples' level 0 with finer levels drawn from noise (the paper's sampler), for comparison
-    phase eval-synthetic-from-noise 120 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --fine-start 0 \
+    phase eval-synthetic 100 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --out "$out/eval_synthetic.json"
+    # the first 32 of the same samples' level 0 with finer levels drawn from noise (the paper's sampler)
+    phase eval-synthetic-from-noise 60 python3 -m hpdm.cli eval-synthetic "$run" -n 32 --batch 32 --fine-start 0 \
         --out "$out/eval_synthetic_from_noise.json"
     ;;
 *)
