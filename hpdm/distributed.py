@@ -25,6 +25,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     cuda = torch.cuda.is_available()
+    if not cuda:
+        # DeepSpeed's CPU backend compiles a shared-memory all-reduce op with g++ the first time it starts in an
+        # environment (35-45 s on 2 cores), for its inference all-reduce only; training reduces through gloo.
+        # Marked unavailable, a CPU run needs no compiler and starts at once.
+        getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

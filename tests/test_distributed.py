@@ -189,3 +189,17 @@ def test_raw_weights_of_a_zero3_run_before_and_after_conversion(tmp_path, data):
     assert raw.keys() == ema.keys() and all(raw[k].shape == ema[k].shape and raw[k].numel() > 0 for k in raw)
     assert any(not torch.equal(raw[k], ema[k]) for k in raw), "the raw weights equal the EMA"
     assert all(torch.equal(v, exported["after"][k]) for k, v in exported["before"].items())
+
+
+def test_cpu_start_builds_no_deepspeed_op(tmp_path):
+    """DeepSpeed's CPU backend would compile its shared-memory all-reduce op with g++ on the first start in an
+    environment (36 s on 2 cores); training never uses it, so init_distributed starts without it."""
+    script = ("import deepspeed.comm.comm as c\nfrom hpdm.distributed import init_distributed\n"
+              "print(init_distributed()[:2], c.cdb.shm_comm_op)")
+    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("(0, 1) None"), proc.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing compiled
