@@ -96,7 +96,7 @@ def test_a_tied_majority_counts_as_none():
 
 
 def _flood_fill(mask: np.ndarray) -> np.ndarray:
-    """Plain breadth-first reference: each 8-connected component on the torus labelled by its largest pixel id."""
+    """Plain flood-fill reference (depth-first): each 8-connected component on the torus gets its largest pixel id."""
     H, W = mask.shape
     out = np.zeros((H, W), np.int64)
     for start in zip(*np.nonzero(mask)):
