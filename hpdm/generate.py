@@ -45,7 +45,9 @@ def share(n: int, rank: int, world: int) -> list[int]:
 
 
 def default_device() -> torch.device:
+    """This rank's GPU, with TF32 matmuls as in training (sampling runs the network in fp32), or the CPU."""
     if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 

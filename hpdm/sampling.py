@@ -117,6 +117,19 @@ def blend_window(patch: tuple[int, int, int], floor: float) -> torch.Tensor:
     return ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
 
 
+def tile_index(shape: torch.Size, videos: torch.Tensor, offsets: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """Flat indices [n,C,t,h,w] into a contiguous canvas of ``shape`` [V,C,T,H,W] of the tiles of ``videos`` [n] at
+    ``offsets`` [n,3]: ``canvas.view(-1)[index]`` cuts them out in one gather, ``index_add_`` pastes them back."""
+    (V, C, T, H, W), d, n = shape, videos.device, len(videos)
+    o = offsets.to(d)
+    v = videos.view(n, 1, 1, 1, 1)
+    c = torch.arange(C, device=d).view(1, C, 1, 1, 1)
+    t = (o[:, 0, None] + torch.arange(patch[0], device=d)).view(n, 1, -1, 1, 1)
+    h = (o[:, 1, None] + torch.arange(patch[1], device=d)).view(n, 1, 1, -1, 1)
+    w = (o[:, 2, None] + torch.arange(patch[2], device=d)).view(n, 1, 1, 1, -1)
+    return (((v * C + c) * T + t) * H + h) * W + w
+
+
 @dataclass
 class LevelStats:
     level: int
@@ -229,17 +242,17 @@ class TiledSampler:
     def _denoise_tiles(self, level: int, x: torch.Tensor, sigma: float, coarse: list[torch.Tensor], cond: Condition,
                        st: LevelStats) -> torch.Tensor:
         """Blended denoised estimate of the level canvas x [V,3,T,H,W] (float64)."""
-        geo, (pt, ph, pw) = self.geometry[level], self.m.patch
+        geo, P = self.geometry[level], self.m.patch
         V, n_tiles = x.shape[0], len(geo.offsets)
         c_skip, c_out, c_in = self.edm.precondition(sigma)
         s_coarse = sigma if self.opts.coarse == "renoise" else self.cfg.diffusion.sigma_min
         _, _, c_in_c = self.edm.precondition(s_coarse)
-        acc = torch.zeros_like(x)
+        acc = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         window = geo.window.to(self.device)
         rows = [(v, i) for v in range(V) for i in range(n_tiles)]
         for start in range(0, len(rows), self.opts.tile_batch):
             chunk = rows[start:start + self.opts.tile_batch]
-            vids = torch.tensor([v for v, _ in chunk])
+            vids = torch.tensor([v for v, _ in chunk], device=self.device)
             tiles = torch.tensor([i for _, i in chunk])
             pkeys = {}  # (video, parent id) -> row in the coarse batch, in order of first appearance
             for v, i in chunk:
@@ -247,14 +260,15 @@ class TiledSampler:
             prow = {k: r for r, k in enumerate(pkeys)}
             pindex = torch.tensor([prow[(v, geo.parent[i])] for v, i in chunk], device=self.device)
             pfirst = list(pkeys.values())  # a tile of each parent: its chain holds the parent's boxes
+            pvids = torch.tensor([v for v, _ in pkeys], device=self.device)
             chains = geo.chains[tiles]  # [n, level+1, 3]
-            xs = torch.stack([x[v, :, t:t + pt, h:h + ph, w:w + pw] for (v, _), (t, h, w) in zip(chunk, chains[:, -1].tolist())])
-            cin = torch.stack([torch.stack([coarse[k][v, :, t:t + pt, h:h + ph, w:w + pw]
-                                            for k, (t, h, w) in enumerate(geo.chains[i, :level].tolist())])
-                               for (v, _), i in pkeys.items()])  # [m, level, 3, p...]
+            at = tile_index(x.shape, vids, chains[:, -1], P)
+            xs = x.reshape(-1)[at]
+            cin = torch.stack([c.reshape(-1)[tile_index(c.shape, pvids, geo.chains[pfirst, k], P)]
+                               for k, c in enumerate(coarse)], 1)  # [m, level, 3, p...]
             m = cin.shape[0]
-            pboxes = self._double(boxes_from_offsets(geo.chains[pfirst, :level], self.m.patch).to(self.device))
-            pcond = self._rows(cond, torch.tensor([v for v, _ in pkeys]))
+            pboxes = self._double(boxes_from_offsets(geo.chains[pfirst, :level], P).to(self.device))
+            pcond = self._rows(cond, pvids)
             ctx = self.net.coarse_context((c_in_c * self._double(cin)).float(),
                                           torch.full(pboxes.shape[:2], math.log(s_coarse) / 4, device=self.device),
                                           pboxes, pcond.labels, pcond.text, pcond.text_mask)
@@ -263,16 +277,17 @@ class TiledSampler:
             xin = self._double(xs[:, None])
             tcond = self._rows(cond, vids)
             f = self.net.forward_level((c_in * xin).float(), torch.full((xin.shape[0], 1), math.log(sigma) / 4, device=self.device),
-                                       self._double(boxes_from_offsets(chains, self.m.patch).to(self.device)), ctx,
+                                       self._double(boxes_from_offsets(chains, P).to(self.device)), ctx,
                                        tcond.labels, tcond.text, tcond.text_mask)
             d = self._guide(c_skip * xin + c_out * f.double(), len(chunk))[:, 0]
             st.tile_evals += len(chunk)
             st.coarse_evals += m
             st.net_calls += 1
-            for (v, _), (t, h, w), dv in zip(chunk, chains[:, -1].tolist(), d):
-                acc[v, :, t:t + pt, h:h + ph, w:w + pw] += window * dv
-                if self.hook is not None:
-                    self.hook(level, sigma, v, (t, h, w), dv)
+            # in tile order, as the blend weights were summed (on a GPU index_add_ adds in any order)
+            acc.view(-1).index_add_(0, at.view(-1), (window * d).view(-1))
+            if self.hook is not None:
+                for (v, _), offset, dv in zip(chunk, chains[:, -1].tolist(), d):
+                    self.hook(level, sigma, v, tuple(offset), dv)
         return acc / geo.weight_sum.to(self.device)
 
     def _solve(self, denoise, x: torch.Tensor, steps: int, churn: float, order: int, gens, bar, start=None) -> torch.Tensor:

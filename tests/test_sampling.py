@@ -14,7 +14,7 @@ from hpdm.errors import UsageError
 from hpdm.generate import conditions, share
 from hpdm.model import HPDM
 from hpdm.pyramid import boxes_from_offsets, level_resolution, sample_offsets
-from hpdm.sampling import SampleOptions, TiledSampler, blend_window, parent_offset, tile_positions
+from hpdm.sampling import SampleOptions, TiledSampler, blend_window, parent_offset, tile_index, tile_positions
 from tests.helpers import randomize, tiny_model_config
 
 
@@ -104,6 +104,26 @@ def test_tiles_blend_with_the_window_and_nfe_match_the_steps():
     assert count.calls["coarse_context"] == sum(s.net_calls for s in stats[1:])
     # the cache: one coarse pass per (video, parent) per tile batch, far fewer than one per tile
     assert stats[2].coarse_evals < stats[2].tile_evals / 2
+
+
+def test_tile_index_cuts_and_pastes_like_slices():
+    """One gather cuts every tile out of a canvas; index_add_ pastes overlapping tiles back bit for bit as adding
+    them one slice at a time, in the same order (what the sampler's blend did tile by tile)."""
+    g = torch.Generator().manual_seed(0)
+    V, T, H, W, P = 3, 6, 10, 12, (2, 4, 8)
+    canvas = torch.randn(V, 3, T, H, W, generator=g, dtype=torch.float64)
+    videos = torch.tensor([0, 2, 2, 1, 2, 0])
+    offsets = torch.stack([torch.randint(0, n - p + 1, (len(videos),), generator=g) for n, p in zip((T, H, W), P)], 1)
+    offsets[1], offsets[2] = torch.tensor([1, 2, 1]), torch.tensor([2, 3, 3])  # overlapping tiles of one video
+    index = tile_index(canvas.shape, videos, offsets, P)
+    crops = [canvas[v, :, t:t + P[0], h:h + P[1], w:w + P[2]] for v, (t, h, w) in zip(videos, offsets.tolist())]
+    assert torch.equal(canvas.view(-1)[index], torch.stack(crops))
+    values = torch.randn(len(videos), 3, *P, generator=g, dtype=torch.float64) * 1e3
+    pasted, looped = torch.zeros_like(canvas), torch.zeros_like(canvas)
+    pasted.view(-1).index_add_(0, index.view(-1), values.view(-1))
+    for v, (t, h, w), x in zip(videos, offsets.tolist(), values):
+        looped[v, :, t:t + P[0], h:h + P[1], w:w + P[2]] += x
+    assert torch.equal(pasted, looped) and pasted[2].abs().sum() > 0
 
 
 def test_a_video_depends_only_on_its_seed_not_on_its_batch():
