@@ -7,7 +7,8 @@
 #                                                      # data generation included; level 0 alone for the first
 #                                                      # half), each half stopped by SIGTERM (the trainer
 #                                                      # checkpoints), then eval-synthetic with the config's
-#                                                      # fine_start and from noise (at most MIN + 3.5 minutes)
+#                                                      # fine_start and from noise (at most MIN + 3.5 minutes);
+#                                                      # also the top GPU operators of 3 joint steps
 #   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (<= 9.5 min)
 #
 # Every phase has its own time limit, so that one that hangs leaves the others their time; each writes its JSON
@@ -59,8 +60,12 @@ recipe)
     # The config's level0_steps split at an unknown speed could leave no time for the finer levels: split the
     # time instead, level 0 alone for the first half, then a resume (which may change train.*) with every level.
     phase train-level0 "$((minutes * 30))" "${train[@]}" train.level0_steps=1000000
-    phase train-all-levels "$((minutes * 30))" "${train[@]}" train.level0_steps=0
-    cp "$run/metrics.jsonl" "$out/" 2>/dev/null
+    # a profile of three joint steps soon after the resume: its table of top GPU operators comes back in OUT
+    n=$(sed -n 's/^step_0*\([0-9][0-9]*\).*/\1/p' "$run/checkpoints/latest" 2>/dev/null)
+    n=${n:-0}
+    phase train-all-levels "$((minutes * 30))" "${train[@]}" train.level0_steps=0 \
+        "train.profile_steps=[$((n + 20)),$((n + 23))]"
+    cp "$run/metrics.jsonl" "$run"/profile/ops_*.txt "$out/" 2>/dev/null
     # 512 tiles per network call: the finest level has 343 tiles per video, and a call of this small model is
     # bound by its launches
     phase eval-synthetic 100 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --tile-batch 512 \

@@ -160,11 +160,16 @@ def test_grad_norm_is_logged_at_every_zero_stage(tmp_path):
 def test_level0_steps_train_level_0_alone_first(tmp_path):
     """``train.level0_steps``: the first steps log and train level 0 only (the context-fusion projections, which
     only finer levels use, stay at their zero initialisation); the steps after train every level. bf16 at ZeRO-1,
-    where DeepSpeed meets parameters without gradients."""
+    where DeepSpeed meets parameters without gradients. Also ``train.profile_steps``."""
     run = tmp_path / "run"
     out = _train(run, tmp_path / "data", "train.steps=3", "train.save_every=2", "train.level0_steps=2",
-                 "train.precision=bf16", "train.sample_at_end=false")
+                 "train.precision=bf16", "train.sample_at_end=false", "train.profile_steps=[1,3]")
     assert "training level 0 alone until step 2, then all 3 levels" in out
+    # train.profile_steps: a trace of steps 1 and 2, and the table of the operators that took the most time
+    trace = json.loads((run / "profile" / "trace_rank0_steps1-3.json").read_text())
+    assert any(e.get("name") == "aten::conv3d" for e in trace["traceEvents"])
+    ops = (run / "profile" / "ops_rank0_steps1-3.txt").read_text()
+    assert "aten::convolution_backward" in ops and "Self CPU time total" in ops
     rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [sorted(k for k in r if k.startswith("loss")) for r in rows] == [["loss", "loss/level0"]] * 2 + [
         ["loss", "loss/level0", "loss/level1", "loss/level2"]]
