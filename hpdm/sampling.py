@@ -120,7 +120,7 @@ def blend_window(patch: tuple[int, int, int], floor: float) -> torch.Tensor:
 def tile_index(shape: torch.Size, videos: torch.Tensor, offsets: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     """Flat indices [n,C,t,h,w] into a contiguous canvas of ``shape`` [V,C,T,H,W] of the tiles of ``videos`` [n] at
     ``offsets`` [n,3]: ``canvas.view(-1)[index]`` cuts them out in one gather, ``index_add_`` pastes them back."""
-    (V, C, T, H, W), d, n = shape, videos.device, len(videos)
+    (_, C, T, H, W), d, n = shape, videos.device, len(videos)
     o = offsets.to(d)
     v = videos.view(n, 1, 1, 1, 1)
     c = torch.arange(C, device=d).view(1, C, 1, 1, 1)
