@@ -44,7 +44,7 @@ git rev-parse HEAD 2>/dev/null
 case $mode in
 throughput)
     phase gpu-tests 100 python3 -m pytest -q -m gpu tests/test_kernels_patch_gather.py \
-        tests/test_kernels_context_fusion.py tests/test_attention.py
+        tests/test_kernels_context_fusion.py tests/test_attention.py tests/test_depthwise_conv.py
     phase bench-kernels 100 python3 -m hpdm.cli bench-kernels --no-compile --out "$out/kernels.json"
     phase throughput-bf16 230 python3 benchmarks/train_throughput.py --micro-batch 8 --warmup 5 --steps 15 \
         --cases bf16/adaptive bf16/non-adaptive --work "$work" --out "$out/train_throughput_bf16.json"

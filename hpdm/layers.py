@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hpdm.attention import attention
+from hpdm.depthwise_conv import depthwise_conv3d
 
 
 class Attention(nn.Module):
@@ -104,7 +105,7 @@ class TokenConv(nn.Module):
         (shift, scale, gate), = self.mod(c)
         B, N, D = x.shape
         y = modulate(self.norm, x, shift, scale).transpose(1, 2).reshape(B, D, *self.grid)
-        y = self.conv(y).reshape(B, D, N).transpose(1, 2)
+        y = depthwise_conv3d(y, self.conv.weight, self.conv.bias).reshape(B, D, N).transpose(1, 2)
         return torch.addcmul(x, gate, self.proj(nn.functional.gelu(y, approximate="tanh")))
 
 

@@ -1,6 +1,6 @@
 """The top rung of the learning ladder (issue 10): `hpdm train` on the synthetic set, from mp4 shards through
 DeepSpeed to EMA samples, learns what the clips show. Judged by `hpdm eval-synthetic` on fresh samples, not by
-the loss. About 10 minutes on 2 CPU cores."""
+the loss. About 8 minutes on 2 CPU cores."""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ from tests.helpers import run_hpdm
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # 10.4 minutes measured alone on 2 cores, over the default 900 s
+@pytest.mark.timeout(2400)  # 8.4 minutes measured alone on 2 cores, over the default 900 s
 def test_tiny_one_level_model_learns_the_synthetic_set(tmp_path):
     run = tmp_path / "run"
     # 3000 steps: the demo's 2000 plus a margin (measured on 64 videos: class_correct 0.81 at 2000, 0.93 at 3000).
