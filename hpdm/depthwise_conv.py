@@ -19,24 +19,23 @@ class _DepthwiseConv3d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return F.conv3d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        dtypes = x.dtype, weight.dtype
-        x, weight = x.to(grad.dtype), weight.to(grad.dtype)  # under autocast the forward ran in grad's dtype
+        # Under autocast the forward ran in grad's dtype; autograd casts the gradients back to the inputs' dtypes.
+        x, weight = x.to(grad.dtype), weight.to(grad.dtype)
         B, C, *grid = x.shape
         pad = weight.shape[-1] // 2
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv3d(grad, weight.flip(2, 3, 4), padding=pad, groups=C).to(dtypes[0])
+            grad_x = F.conv3d(grad, weight.flip(2, 3, 4), padding=pad, groups=C)
         if ctx.needs_input_grad[1]:
             corr = F.conv3d(x.reshape(1, B * C, *grid), grad.reshape(B * C, 1, *grid), padding=pad,
                             groups=B * C)  # [1, B*C, k, k, k]
-            grad_w = corr.view(B, C, *weight.shape[2:]).sum(0).unsqueeze(1).to(dtypes[1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_w = corr.view(B, C, *weight.shape[2:]).sum(0).unsqueeze(1)
+        if ctx.needs_input_grad[2]:  # False when bias is None
             grad_b = grad.sum((0, 2, 3, 4))
         return grad_x, grad_w, grad_b
 
