@@ -7,7 +7,7 @@
 #                                                      # data generation included; level 0 alone for the first
 #                                                      # half), each half stopped by SIGTERM (the trainer
 #                                                      # checkpoints), then eval-synthetic with the config's
-#                                                      # fine_start and from noise (at most MIN + 3.5 minutes);
+#                                                      # fine_start and from noise (at most MIN + 4 minutes);
 #                                                      # also the top GPU operators of 3 joint steps
 #   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (<= 9.5 min)
 #
@@ -40,6 +40,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, triton, deepspeed; print('torch', torch.__version__, 'triton', triton.__version__, \
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())" || exit 1
 git rev-parse HEAD 2>/dev/null
+# which backward of the token convolution is faster on this device (hpdm/depthwise_conv.py takes PyTorch's on a GPU)
+phase token-conv 60 python3 benchmarks/token_conv.py --out "$out/token_conv.json"
 
 case $mode in
 throughput)
@@ -68,7 +70,7 @@ recipe)
     cp "$run/metrics.jsonl" "$run"/profile/ops_*.txt "$out/" 2>/dev/null
     # 512 tiles per network call: the finest level has 343 tiles per video, and a call of this small model is
     # bound by its launches
-    phase eval-synthetic 100 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --tile-batch 512 \
+    phase eval-synthetic 120 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --tile-batch 512 \
         --out "$out/eval_synthetic.json"
     # the first 32 of the same samples' level 0 with finer levels drawn from noise (the paper's sampler)
     phase eval-synthetic-from-noise 60 python3 -m hpdm.cli eval-synthetic "$run" -n 32 --batch 32 --tile-batch 512 \

@@ -1,8 +1,10 @@
 """Kernel benchmark (``hpdm bench-kernels``): the fused kernels against eager and torch.compile'd references.
 
-For each kernel and size: median time (CUDA events), achieved GB/s on the bytes the op must move, that as a
-percentage of a device-to-device copy measured in the same run, and speed-ups over the eager reference and
-over ``torch.compile(reference)``. Prints a table, writes JSON and, if matplotlib imports, a PNG of GB/s vs
+For each kernel and size: median device time (CUDA events around a call whose launches queue behind a GPU sleep, so
+that the host's launch cost is not counted; that cost is reported beside it as host ms per call), achieved GB/s on
+the bytes the op must move, that as a percentage of a device-to-device copy measured in the same run, and
+speed-ups over the eager reference and over ``torch.compile(reference)``. A call that synchronises (the eager
+gather reads its offsets back) counts its host time after that point too. Prints a table, writes JSON and, if matplotlib imports, a PNG of GB/s vs
 size. ``--device cpu`` is a smoke mode (Triton interpreter, tiny sizes): it checks the plumbing, its numbers
 mean nothing.
 """
@@ -34,12 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _median_ms(fn: Callable[[], object], device: str, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn``: on CUDA its device time, on CPU wall time."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(10_000_000)  # ~5 ms: fn's launches queue up behind it, the events see the GPU alone
             start.record()
             fn()
             end.record()
@@ -49,6 +53,18 @@ def _median_ms(fn: Callable[[], object], device: str, warmup: int, reps: int) ->
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _host_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median host milliseconds of one call of ``fn`` (its launch cost on CUDA, where it does not synchronise)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -74,7 +90,7 @@ def gather_cases(device: str) -> list[dict]:
 
 
 def _gather_setup(case: dict, device: str, dtype: torch.dtype):
-    from kernels.patch_gather import gather_pyramid, level_factors
+    from kernels.patch_gather import check_boxes, gather_pyramid, level_factors
     B, patch = case["B"], case["patch"]
     levels = case["levels"]
     fs = level_factors(levels, case["factors"])
@@ -84,6 +100,8 @@ def _gather_setup(case: dict, device: str, dtype: torch.dtype):
     else:  # deterministic nested boxes: level l starts in the middle of what it may cover
         room = [[case["video"][d] // fs[l][d] - patch[d] for d in range(3)] for l in range(levels)]
         offsets = torch.tensor([[[r // 2 for r in room[l]] for l in range(levels)]] * B)
+    check_boxes(case["video"], offsets, patch, fs)
+    offsets = offsets.to(device)  # as the trainer draws them: the fused gather then checks nothing on the host
     # must move: the coarsest box (it contains the finer ones) once, and every level's output once
     read = B * 3 * max(math.prod(p * f for p, f in zip(patch, fl)) for fl in fs)
     write = B * levels * 3 * math.prod(patch) * dtype.itemsize
@@ -129,8 +147,10 @@ def _measure(kernel: str, case: dict, setup, args, copy_gbs: float) -> dict:
     timing = dict(warmup=args.warmup, reps=args.reps, device=args.device)
     row = dict(kernel=kernel, case=case["name"], dtype=str(dtype), bytes=nbytes)
     row["fused_ms"] = _median_ms(call("fused"), **timing)
+    row["fused_host_ms"] = _host_ms(call("fused"), args.reps) if args.device == "cuda" else None
     row["eager_ms"] = _median_ms(call("reference"), **timing)
-    print(f"  fused {row['fused_ms']:.3f} ms, eager {row['eager_ms']:.3f} ms"
+    host = f" (host {row['fused_host_ms']:.3f} ms per call)" if row["fused_host_ms"] is not None else ""
+    print(f"  fused {row['fused_ms']:.3f} ms{host}, eager {row['eager_ms']:.3f} ms"
           + ("" if args.no_compile else "; compiling the reference (can take a minute)"), flush=True)
     row["compile_ms"] = None
     if not args.no_compile:
@@ -167,11 +187,13 @@ class _compiled_reference:
 
 
 def _table(rows: list[dict], copy_gbs: float) -> str:
-    head = f"{'kernel':7} {'case':30} {'fused ms':>9} {'GB/s':>8} {'% copy':>7} {'x eager':>8} {'x compile':>9}"
+    head = (f"{'kernel':7} {'case':30} {'fused ms':>9} {'host ms':>8} {'GB/s':>8} {'% copy':>7} {'x eager':>8} "
+            f"{'x compile':>9}")
     lines = [f"device-to-device copy: {copy_gbs:.0f} GB/s", head, "-" * len(head)]
     for r in rows:
         xc = f"{r['x_compile']:.1f}" if r["x_compile"] else "n/a"
-        lines.append(f"{r['kernel']:7} {r['case']:30} {r['fused_ms']:9.3f} {r['gbs']:8.0f} {r['pct_copy']:7.1f} "
+        host = f"{r['fused_host_ms']:.3f}" if r["fused_host_ms"] is not None else "n/a"
+        lines.append(f"{r['kernel']:7} {r['case']:30} {r['fused_ms']:9.3f} {host:>8} {r['gbs']:8.0f} {r['pct_copy']:7.1f} "
                      f"{r['x_eager']:8.1f} {xc:>9}")
     return "\n".join(lines)
 
