@@ -9,7 +9,7 @@
 #                                                      # checkpoints), then eval-synthetic with the config's
 #                                                      # fine_start and from noise (at most MIN + 4 minutes);
 #                                                      # also the top GPU operators of 3 joint steps
-#   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (<= 9.5 min)
+#   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (~5 min)
 #
 # Every phase has its own time limit, so that one that hangs leaves the others their time; each writes its JSON
 # (and the session's log) under OUT. Copy the tables into benchmarks/RESULTS.md with the date, device and commit.
@@ -48,8 +48,11 @@ throughput)
     phase gpu-tests 100 python3 -m pytest -q -m gpu tests/test_kernels_patch_gather.py \
         tests/test_kernels_context_fusion.py tests/test_attention.py tests/test_depthwise_conv.py
     phase bench-kernels 100 python3 -m hpdm.cli bench-kernels --no-compile --out "$out/kernels.json"
-    phase throughput-bf16 230 python3 benchmarks/train_throughput.py --micro-batch 8 --warmup 5 --steps 15 \
-        --cases bf16/adaptive bf16/non-adaptive --work "$work" --out "$out/train_throughput_bf16.json"
+    # bf16 at ZeRO-1: at ZeRO-0 DeepSpeed reads every gradient back to the host (RESULTS.md); ZeRO-0 once to compare
+    phase throughput-bf16 230 python3 benchmarks/train_throughput.py train.zero_stage=1 --micro-batch 8 --warmup 5 \
+        --steps 15 --cases bf16/adaptive bf16/non-adaptive --work "$work" --out "$out/train_throughput_bf16.json"
+    phase throughput-bf16-zero0 120 python3 benchmarks/train_throughput.py --micro-batch 8 --warmup 5 --steps 15 \
+        --cases bf16/adaptive --work "$work" --out "$out/train_throughput_bf16_zero0.json"
     phase throughput-fp32-lamb 140 python3 benchmarks/train_throughput.py --micro-batch 4 --warmup 5 --steps 15 \
         --cases fp32-lamb/adaptive --work "$work" --out "$out/train_throughput_fp32_lamb.json"
     ;;

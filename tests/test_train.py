@@ -157,6 +157,15 @@ def test_grad_norm_is_logged_at_every_zero_stage(tmp_path):
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
 
 
+def test_bf16_at_zero0_warns_that_deepspeed_steps_it_tensor_by_tensor(tmp_path):
+    """DeepSpeed's bf16 optimizer at ZeRO-0 synchronises once per gradient tensor (benchmarks/RESULTS.md): the run
+    says so and names ZeRO-1, which test_level0_steps_train_level_0_alone_first runs without the warning."""
+    out = _train(tmp_path / "run", tmp_path / "data", "train.steps=1", "train.precision=bf16", "train.zero_stage=0",
+                 "train.sample_at_end=false")
+    assert "bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer checks each of the" in out
+    assert "train.zero_stage=1 works on flat buffers" in out
+
+
 def test_level0_steps_train_level_0_alone_first(tmp_path):
     """``train.level0_steps``: the first steps log and train level 0 only (the context-fusion projections, which
     only finer levels use, stay at their zero initialisation); the steps after train every level. bf16 at ZeRO-1,
@@ -165,6 +174,7 @@ def test_level0_steps_train_level_0_alone_first(tmp_path):
     out = _train(run, tmp_path / "data", "train.steps=3", "train.save_every=2", "train.level0_steps=2",
                  "train.precision=bf16", "train.sample_at_end=false", "train.profile_steps=[1,3]")
     assert "training level 0 alone until step 2, then all 3 levels" in out
+    assert "FP16_UnfusedOptimizer" not in out  # bf16 at ZeRO-1
     # train.profile_steps: a trace of steps 1 and 2, and the table of the operators that took the most time
     trace = json.loads((run / "profile" / "trace_rank0_steps1-3.json").read_text())
     assert any(e.get("name") == "aten::conv3d" for e in trace["traceEvents"])
