@@ -34,8 +34,8 @@ class EMA:
         halflife = min(self.halflife, samples_seen * self.rampup) if self.rampup else self.halflife
         beta = 0.5 ** (batch_size / max(halflife, 1e-8))
         with full_parameters(model):
-            for n, p in model.named_parameters():
-                self.shadow[n].lerp_(p.detach().float(), 1 - beta)
+            named = list(model.named_parameters())  # one multi-tensor lerp: a launch per tensor cost ms on a GPU
+            torch._foreach_lerp_([self.shadow[n] for n, _ in named], [p.detach().float() for _, p in named], 1 - beta)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
