@@ -1,12 +1,12 @@
 """Kernel benchmark (``hpdm bench-kernels``): the fused kernels against eager and torch.compile'd references.
 
-For each kernel and size: median device time (CUDA events around a call whose launches queue behind a GPU sleep, so
-that the host's launch cost is not counted; that cost is reported beside it as host ms per call), achieved GB/s on
-the bytes the op must move, that as a percentage of a device-to-device copy measured in the same run, and
-speed-ups over the eager reference and over ``torch.compile(reference)``. A call that synchronises (the eager
-gather reads its offsets back) counts its host time after that point too. Prints a table, writes JSON and, if matplotlib imports, a PNG of GB/s vs
-size. ``--device cpu`` is a smoke mode (Triton interpreter, tiny sizes): it checks the plumbing, its numbers
-mean nothing.
+For each kernel and size: median device time (CUDA events around a call whose launches queue behind a ~5 ms GPU
+sleep, so that up to that much of the host's launch cost is not counted; the fused kernel's host time per call is
+reported beside it), achieved GB/s on the bytes the op must move, that as a percentage of a device-to-device copy
+measured in the same run, and speed-ups over the eager reference and over ``torch.compile(reference)``. A call that
+synchronises (the eager gather reads its offsets back) counts its host time after that point too. Prints a table,
+writes JSON and, if matplotlib imports, a PNG of GB/s vs size. ``--device cpu`` is a smoke mode (Triton
+interpreter, tiny sizes): it checks the plumbing, its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -193,8 +193,8 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
     for r in rows:
         xc = f"{r['x_compile']:.1f}" if r["x_compile"] else "n/a"
         host = f"{r['fused_host_ms']:.3f}" if r["fused_host_ms"] is not None else "n/a"
-        lines.append(f"{r['kernel']:7} {r['case']:30} {r['fused_ms']:9.3f} {host:>8} {r['gbs']:8.0f} {r['pct_copy']:7.1f} "
-                     f"{r['x_eager']:8.1f} {xc:>9}")
+        lines.append(f"{r['kernel']:7} {r['case']:30} {r['fused_ms']:9.3f} {host:>8} {r['gbs']:8.0f} "
+                     f"{r['pct_copy']:7.1f} {r['x_eager']:8.1f} {xc:>9}")
     return "\n".join(lines)
 
 
