@@ -103,7 +103,9 @@ class Preemption:
         self.signal = signum
 
     def requested(self, device: torch.device) -> bool:
+        """Whether any rank got a signal: a collective with several ranks (it waits for the GPU), else a flag."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signal is not None
         flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -87,9 +87,10 @@ def test_kill9_resume_gives_identical_losses(tmp_path, data):
     assert after == {s: reference[s] for s in after}, "losses after resuming differ from the uninterrupted run"
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data):
+@pytest.mark.parametrize("procs", [1, 2])  # one process reads its own flag, two all-reduce theirs
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data, procs):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(2, run, data, "train.steps=200", "train.save_every=1000", "train.zero_stage=1"),
+    proc = subprocess.Popen(_cmd(procs, run, data, "train.steps=200", "train.save_every=1000", "train.zero_stage=1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
