@@ -7,7 +7,7 @@
 #                                                      # data generation included; level 0 alone for the first
 #                                                      # half), each half stopped by SIGTERM (the trainer
 #                                                      # checkpoints), then eval-synthetic with the config's
-#                                                      # fine_start and from noise (at most MIN + 4 minutes);
+#                                                      # fine_start and from noise (MIN + about 3 minutes);
 #                                                      # also the top GPU operators of 3 joint steps
 #   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (~5 min)
 #
