@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hpdm.attention import attention
-from hpdm.depthwise_conv import depthwise_conv3d
+from kernels.token_conv import token_conv
 
 
 class Attention(nn.Module):
@@ -87,15 +87,15 @@ class ResidualLayer(nn.Module):
 
 
 class TokenConv(nn.Module):
-    """``x += gate * proj(gelu(depthwise_conv3d(mod(norm(x)))))`` over the token grid, adaLN-Zero like the others.
+    """``x += gate * proj(gelu(conv(mod(norm(x)))))``, conv depthwise over the token grid, adaLN-Zero like the others.
 
     Data tokens otherwise meet only through the latents, so neighbouring tokens decide their pixels on their own
     and a shape comes out as specks, each token's own guess; this local path lets them agree. Its modulation lets
     the condition steer it: a class that names a direction of motion selects the matching shift in time."""
 
-    def __init__(self, dim: int, grid: tuple[int, int, int], kernel: int, cond_dim: int):
+    def __init__(self, dim: int, grid: tuple[int, int, int], kernel: int, cond_dim: int, impl: str = "auto"):
         super().__init__()
-        self.grid = grid
+        self.grid, self.impl = grid, impl  # impl: kernels.token_conv's (model.kernels)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.conv = nn.Conv3d(dim, dim, kernel, padding=kernel // 2, groups=dim)
         self.proj = nn.Linear(dim, dim)
@@ -103,9 +103,7 @@ class TokenConv(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         (shift, scale, gate), = self.mod(c)
-        B, N, D = x.shape
-        y = modulate(self.norm, x, shift, scale).transpose(1, 2).reshape(B, D, *self.grid)
-        y = depthwise_conv3d(y, self.conv.weight, self.conv.bias).reshape(B, D, N).transpose(1, 2)
+        y = token_conv(modulate(self.norm, x, shift, scale), self.grid, self.conv.weight, self.conv.bias, self.impl)
         return torch.addcmul(x, gate, self.proj(nn.functional.gelu(y, approximate="tanh")))
 
 

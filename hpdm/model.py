@@ -80,7 +80,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, fuses: bool):
         super().__init__()
         D, Z, hd, r = cfg.token_dim, cfg.latent_dim, cfg.head_dim, cfg.mlp_ratio
-        self.conv = TokenConv(D, cfg.token_grid, cfg.token_conv, Z) if cfg.token_conv else None
+        self.conv = TokenConv(D, cfg.token_grid, cfg.token_conv, Z, cfg.kernels) if cfg.token_conv else None
         self.read = ResidualLayer(Z, D, Z, hd, r, Z)
         self.latent = nn.ModuleList(ResidualLayer(Z, None, Z, hd, r, Z) for _ in range(cfg.latent_layers))
         self.write = ResidualLayer(D, Z, D, hd, cfg.data_mlp_ratio, Z)

@@ -26,7 +26,7 @@ from hpdm.pyramid import boxes_from_offsets, sample_offsets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernels", default="gather,fusion", help="comma list of: gather, fusion")
+    parser.add_argument("--kernels", default="gather,fusion,conv", help="comma list of: gather, fusion, conv")
     parser.add_argument("--out", default="kernel_bench.json", help="JSON results path (PNG beside it)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -141,6 +141,29 @@ def _fusion_setup(case: dict, device: str, dtype: torch.dtype):
     return call, fwd_bytes + bwd_bytes
 
 
+def conv_cases(device: str) -> list[dict]:
+    if device == "cpu":
+        return [dict(name="tiny B=2 C=16 2x4x4 k=3", B=2, C=16, grid=(2, 4, 4), k=3)]
+    return [dict(name="synth_gpu B=256 C=256 8^3 k=5", B=256, C=256, grid=(8, 8, 8), k=5),
+            dict(name="hpdm_s B=24 C=1024 16^3 k=3", B=24, C=1024, grid=(16, 16, 16), k=3)]
+
+
+def _conv_setup(case: dict, device: str, dtype: torch.dtype):
+    from kernels.token_conv import token_conv
+    B, C, grid, k = case["B"], case["C"], case["grid"], case["k"]
+    x = torch.randn(B, math.prod(grid), C, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(C, 1, k, k, k, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(C, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+
+    def call(impl):
+        def step():
+            torch.autograd.backward(token_conv(x, grid, w, b, impl=impl), g)
+        return step
+    # must move: forward x read, out written; backward grad read, x read (weight gradient), grad_x written
+    return call, 5 * x.numel() * dtype.itemsize
+
+
 def _measure(kernel: str, case: dict, setup, args, copy_gbs: float) -> dict:
     dtype = torch.bfloat16
     call, nbytes = setup(case, args.device, dtype)
@@ -174,8 +197,9 @@ class _compiled_reference:
     def __init__(self, kernel: str):
         # The modules themselves: `import kernels.context_fusion` would give the function that kernels/__init__.py
         # exports under the same name.
-        module, self.name = ("kernels.patch_gather", "gather_pyramid_reference") if kernel == "gather" else \
-            ("kernels.context_fusion", "context_fusion_reference")
+        module, self.name = {"gather": ("kernels.patch_gather", "gather_pyramid_reference"),
+                             "fusion": ("kernels.context_fusion", "context_fusion_reference"),
+                             "conv": ("kernels.token_conv", "token_conv_reference")}[kernel]
         self.module = importlib.import_module(module)
 
     def __enter__(self):
@@ -224,11 +248,16 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # kernel modules are imported lazily, after this
         args.no_compile = True
+    wanted = args.kernels.split(",")
+    if not set(wanted) <= {"gather", "fusion", "conv"}:
+        print(f"--kernels: unknown {', '.join(sorted(set(wanted) - {'gather', 'fusion', 'conv'}))}; "
+              "choose from gather, fusion, conv")
+        return 2
     copy_gbs = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.warmup, args.reps)
     rows = []
-    wanted = args.kernels.split(",")
     plan = [(kernel, case, setup) for kernel, cases, setup in (("gather", gather_cases, _gather_setup),
-                                                               ("fusion", fusion_cases, _fusion_setup))
+                                                               ("fusion", fusion_cases, _fusion_setup),
+                                                               ("conv", conv_cases, _conv_setup))
             if kernel in wanted for case in cases(args.device)]
     for i, (kernel, case, setup) in enumerate(plan):
         print(f"[{i + 1}/{len(plan)}] {kernel} {case['name']}", flush=True)

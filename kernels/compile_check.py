@@ -45,10 +45,15 @@ def _cases() -> dict:
                             "g_ptr:*bf16 gctx_ptr:*bf16 idx_ptr:*i32 frac_ptr:*fp32 lo_ptr:*i32 hi_ptr:*i32 K:i32 "
                             "NT:i32 NH:i32 NW:i32 CT:i32 CH:i32 CW:i32 D:i32",
                             dict(NMAX=16, CMAX=16, NWP=16, CWP=16, BLOCK_D=128, PRECISION="tf32x3", ROUND=False)),
+        "token-conv": ("token_conv_triton", "_conv_kernel", "x_ptr:*bf16 w_ptr:*fp32 b_ptr:*bf16 y_ptr:*bf16 M:i32 "
+                       "C:i32 N:i32 T:i32 H:i32 W:i32",
+                       dict(K=5, FLIP=False, HAS_BIAS=True, BLOCK_M=64, BLOCK_C=64, ROUND=False)),
+        "token-conv-wgrad": ("token_conv_triton", "_weight_grad_kernel", "x_ptr:*bf16 g_ptr:*bf16 part_ptr:*fp32 "
+                             "M:i32 C:i32 N:i32 T:i32 H:i32 W:i32", dict(K=5, BLOCK_M=256, BLOCK_C=32)),
     }
 
 
-_ALIGNED = {"T", "H", "W", "D"}
+_ALIGNED = {"T", "H", "W", "D", "C"}
 
 
 def _sass(cubin: bytes) -> tuple[int, collections.Counter]:

@@ -15,13 +15,14 @@ from hpdm.model import HPDM  # noqa: E402
 from hpdm.pyramid import boxes_from_offsets, sample_offsets  # noqa: E402
 from kernels.context_fusion import _fusion_op  # noqa: E402
 from kernels.patch_gather import _gather_op  # noqa: E402
+from kernels.token_conv import _conv_op, _weight_grad_op  # noqa: E402
 from tests.helpers import randomize, run_hpdm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_custom_ops_pass_opcheck():
-    """Schema, fake tensor, autograd registration and AOT dispatch of both ops, against their real outputs."""
+    """Schema, fake tensor, autograd registration and AOT dispatch of the ops, against their real outputs."""
     g = torch.Generator().manual_seed(0)
     patch = (2, 3, 5)
     boxes = boxes_from_offsets(sample_offsets(2, 3, patch, g), patch).to(DEVICE)
@@ -31,6 +32,11 @@ def test_custom_ops_pass_opcheck():
     video = torch.randint(0, 256, (2, 8, 12, 20, 3), dtype=torch.uint8, generator=g).to(DEVICE)
     offsets = sample_offsets(2, 3, patch, g).to(DEVICE)
     results.append(torch.library.opcheck(_gather_op, (video, offsets, list(patch), torch.float32, [4, 4, 4, 2, 2, 2, 1, 1, 1])))
+    tokens = torch.randn(2, 2 * 3 * 5, 8, generator=g).to(DEVICE).requires_grad_()
+    weight = torch.randn(8, 1, 3, 3, 3, generator=g).to(DEVICE).requires_grad_()
+    for bias in (torch.randn(8, generator=g).to(DEVICE).requires_grad_(), None):
+        results.append(torch.library.opcheck(_conv_op, (tokens, weight, bias, list(patch), False)))
+    results.append(torch.library.opcheck(_weight_grad_op, (tokens.detach(), torch.randn_like(tokens), list(patch), 3)))
     for result in results:
         assert set(result) >= {"test_schema", "test_faketensor", "test_autograd_registration"}, result
         assert set(result.values()) == {"SUCCESS"}, result
@@ -68,6 +74,15 @@ def test_the_model_with_fused_kernels_compiles_as_one_graph():
     # the gradient reached the context projections through the custom op's backward
     fuse = [g for n, g in zip(dict(net.named_parameters()), got[1]) if ".fuse." in n]
     assert fuse and all(g.abs().sum() > 0 for g in fuse)
+
+
+def test_the_model_with_fused_kernels_matches_the_references():
+    """Gathering aside (the model receives its pyramid), every fused kernel in the network, context fusion and the
+    token convolution, against the references: same output and parameter gradients."""
+    results = [_forward_backward(*_model_case(kernels)) for kernels in ("fused", "reference")]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_options_are_checked():

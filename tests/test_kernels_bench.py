@@ -23,19 +23,27 @@ def test_refuses_without_cuda(capsys):
 def test_cpu_smoke_writes_json(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     out = tmp_path / "bench.json"
-    assert bench.run(_args("--device", "cpu", "--kernels", "gather", "--reps", "1", "--warmup", "0",
+    assert bench.run(_args("--device", "cpu", "--kernels", "gather,conv", "--reps", "1", "--warmup", "0",
                            "--out", str(out))) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["kernel"] for r in rows] == ["gather"] and rows[0]["fused_ms"] > 0 and rows[0]["bytes"] > 0
+    assert [r["kernel"] for r in rows] == ["gather", "conv"]
+    assert all(r["fused_ms"] > 0 and r["eager_ms"] > 0 and r["bytes"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("kernel,name", [("gather", "gather_pyramid_reference"), ("fusion", "context_fusion_reference")])
-def test_compile_baseline_swaps_the_reference_in_its_own_module(kernel, name):
+def test_an_unknown_kernel_is_refused(capsys):
+    assert bench.run(_args("--device", "cpu", "--kernels", "gather,convolution")) == 2
+    assert "unknown convolution" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kernel,module,name", [("gather", "patch_gather", "gather_pyramid_reference"),
+                                                ("fusion", "context_fusion", "context_fusion_reference"),
+                                                ("conv", "token_conv", "token_conv_reference")])
+def test_compile_baseline_swaps_the_reference_in_its_own_module(kernel, module, name):
     """The torch.compile baseline replaces the reference that the dispatcher calls, and puts it back (the fusion
     one once failed: `import kernels.context_fusion` gives the function of that name, not the module)."""
     import importlib  # noqa: PLC0415
 
-    module = importlib.import_module("kernels.patch_gather" if kernel == "gather" else "kernels.context_fusion")
+    module = importlib.import_module(f"kernels.{module}")
     orig = getattr(module, name)
     with bench._compiled_reference(kernel):
         assert getattr(module, name) is not orig

@@ -16,9 +16,10 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len([l for l in lines if " OK " in l]) == 5
+    assert len([l for l in lines if " OK " in l]) == 7
     kernel = {l.split()[0]: l for l in lines if " OK " in l}
-    assert "ld.global.v4" in kernel["fusion-forward"]  # 16-byte loads along the channel dimension
+    for name in ("fusion-forward", "token-conv", "token-conv-wgrad"):  # 16-byte loads along the channel dimension
+        assert "ld.global.v4" in kernel[name], kernel[name]
     for name in ("gather", "gather-per-dim"):  # the clip is read in 4-byte words, never byte by byte
         assert "ld.global.b32" in kernel[name] and ".b8" not in kernel[name], kernel[name]
     for name in ("fusion-forward", "fusion-backward"):  # the w-axis resampling runs on the matrix units

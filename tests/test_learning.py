@@ -70,10 +70,13 @@ def test_one_level_model_reproduces_the_clips_it_was_trained_on():
     levels, sampled_labels = sample_levels(net, cfg, 8, cfg.train.seed, torch.device("cpu"))
     real = _as_model_range(clips)
     mse = ((levels[-1][:, None] - real[None]) ** 2).mean(dim=(2, 3, 4, 5))  # [samples, clips]
-    # Each sample is its class's clip (the nearest, and close): the clip's variance is about 0.1.
+    # Each sample is its class's clip: the nearest, by far, and close (a clip's variance is about 0.1). The errors
+    # depend on the CPU's arithmetic: at most 0.012 on an AMD EPYC, under 0.01 on the machine that set 0.01 first.
     assert mse.argmin(1).tolist() == sampled_labels, mse
     own = mse[torch.arange(8), torch.tensor(sampled_labels)]
-    assert own.max() < 0.01, own
+    assert own.max() < 0.02, mse
+    others = mse.masked_fill(torch.nn.functional.one_hot(torch.tensor(sampled_labels), 4).bool(), float("inf"))
+    assert (others.min(1).values > 5 * own).all(), mse
 
 
 @pytest.mark.slow
