@@ -3,13 +3,15 @@
 # start included, and at most 10 minutes per command: each mode fits one command, and a session runs one mode.
 #
 #   make device-wheels                                 # on the workstation: .whl/ holds what the GPU machine lacks
-#   bash benchmarks/gpu_session.sh recipe OUT [MIN]    # configs/synthetic_gpu.yaml for MIN minutes (default 6,
+#   bash benchmarks/gpu_session.sh recipe OUT [MIN]    # the token convolution's GPU tests, then
+#                                                      # configs/synthetic_gpu.yaml for MIN minutes (default 6,
 #                                                      # data generation included; level 0 alone for the first
 #                                                      # half), each half stopped by SIGTERM (the trainer
 #                                                      # checkpoints), then eval-synthetic with the config's
 #                                                      # fine_start and from noise (MIN + about 3 minutes);
 #                                                      # also the top GPU operators of 3 joint steps
-#   bash benchmarks/gpu_session.sh throughput OUT      # GPU tests, hpdm bench-kernels, train_throughput (~5 min)
+#   bash benchmarks/gpu_session.sh throughput OUT      # benchmarks/token_conv.py, GPU tests, hpdm bench-kernels,
+#                                                      # train_throughput (~6 min)
 #
 # Every phase has its own time limit, so that one that hangs leaves the others their time; each writes its JSON
 # (and the session's log) under OUT. Copy the tables into benchmarks/RESULTS.md with the date, device and commit.
@@ -42,11 +44,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, triton, deepspeed; print('torch', torch.__version__, 'triton', triton.__version__, \
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())" || exit 1
 git rev-parse HEAD 2>/dev/null
-# the token convolution by PyTorch and by the Triton kernels that model.kernels=auto takes on a GPU
-phase token-conv 120 python3 benchmarks/token_conv.py --out "$out/token_conv.json"
 
 case $mode in
 throughput)
+    # the token convolution by PyTorch and by the Triton kernels that model.kernels=auto takes on a GPU
+    phase token-conv 120 python3 benchmarks/token_conv.py --out "$out/token_conv.json"
     phase gpu-tests 100 python3 -m pytest -q -m gpu tests/test_kernels_patch_gather.py \
         tests/test_kernels_context_fusion.py tests/test_attention.py tests/test_kernels_token_conv.py
     phase bench-kernels 130 python3 -m hpdm.cli bench-kernels --no-compile --out "$out/kernels.json"
@@ -64,7 +66,7 @@ recipe)
     rm -rf "$run"
     # the Triton token convolution has not trained on a GPU before: checked first, PyTorch's kernels if it fails
     kernels=auto
-    phase token-conv-test 90 python3 -m pytest -q -m gpu tests/test_kernels_token_conv.py || kernels=reference
+    phase token-conv-test 60 python3 -m pytest -q -m gpu tests/test_kernels_token_conv.py || kernels=reference
     train=(python3 -m hpdm.cli train --config configs/synthetic_gpu.yaml train.run_dir="$run" model.kernels=$kernels
            data.shards="$work/synthetic128" train.steps=1000000 train.sample_every=0 train.sample_at_end=false)
     # The config's level0_steps split at an unknown speed could leave no time for the finer levels: split the
@@ -80,8 +82,9 @@ recipe)
     # bound by its launches
     phase eval-synthetic 120 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --tile-batch 512 \
         --out "$out/eval_synthetic.json"
-    # the first 32 of the same samples' level 0 with finer levels drawn from noise (the paper's sampler)
-    phase eval-synthetic-from-noise 60 python3 -m hpdm.cli eval-synthetic "$run" -n 32 --batch 32 --tile-batch 512 \
+    # the first 16 of the same samples' level 0 with finer levels drawn from noise (the paper's sampler); last, and
+    # small, so that the command stays within a device call's 10 minutes
+    phase eval-synthetic-from-noise 45 python3 -m hpdm.cli eval-synthetic "$run" -n 16 --batch 16 --tile-batch 512 \
         --fine-start 0 --out "$out/eval_synthetic_from_noise.json"
     ;;
 *)
