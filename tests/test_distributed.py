@@ -211,3 +211,18 @@ def test_cpu_start_builds_no_deepspeed_op(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("(0, 1) None"), proc.stdout
     assert list(tmp_path.iterdir()) == []  # nothing compiled
+
+
+def test_gloo_group_is_destroyed_before_interpreter_shutdown():
+    """Left to interpreter shutdown, a gloo worker thread aborted 2 of 30 two-process runs on exit (-6, "terminate
+    called without an active exception"); init_distributed destroys the group at exit, before earlier-registered
+    handlers run (atexit runs them last in, first out), and lets the workers finish (tests/test_lamb.py's runs)."""
+    script = ("import atexit, torch.distributed as dist\nfrom hpdm.distributed import init_distributed\n"
+              "atexit.register(lambda: print('at exit, initialized:', dist.is_initialized()))\n"
+              "init_distributed()\nprint('initialized:', dist.is_initialized())")
+    env = _env()
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-2:] == ["initialized: True", "at exit, initialized: False"], proc.stdout
