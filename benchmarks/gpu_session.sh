@@ -8,7 +8,9 @@
 #                                                      # data generation included; level 0 alone for the first
 #                                                      # half), each half stopped by SIGTERM (the trainer
 #                                                      # checkpoints), then eval-synthetic with the config's
-#                                                      # fine_start and from noise (MIN + about 3 minutes);
+#                                                      # fine_start and from noise (MIN + about 3 minutes;
+#                                                      # the second half shortened where needed so that the
+#                                                      # evals end by 590 s);
 #                                                      # also the top GPU operators of 3 joint steps
 #   bash benchmarks/gpu_session.sh throughput OUT      # benchmarks/token_conv.py, GPU tests, hpdm bench-kernels,
 #                                                      # train_throughput (~6 min)
@@ -38,6 +40,11 @@ phase() {  # phase NAME SECONDS COMMAND...: run it under a time limit, say how i
     rc=$?
     echo "== $name: exit $rc after $((SECONDS - t0)) s"
     return $rc
+}
+
+within() {  # within SECONDS [RESERVE]: SECONDS, or less so that RESERVE more seconds end the session by 590 s
+    local left=$((590 - ${2:-0} - SECONDS))
+    echo $(( left < $1 ? (left > 1 ? left : 1) : $1 ))
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
@@ -75,16 +82,17 @@ recipe)
     # a profile of three joint steps soon after the resume: its table of top GPU operators comes back in OUT
     n=$(sed -n 's/^step_0*\([0-9][0-9]*\).*/\1/p' "$run/checkpoints/latest" 2>/dev/null)
     n=${n:-0}
-    phase train-all-levels "$((minutes * 30))" "${train[@]}" train.level0_steps=0 \
+    # shortened if the steps before ran long: a device call ends at 600 s, and the evals (<= 165 s) must follow
+    phase train-all-levels "$(within $((minutes * 30)) 195)" "${train[@]}" train.level0_steps=0 \
         "train.profile_steps=[$((n + 20)),$((n + 23))]"
     cp "$run/metrics.jsonl" "$run"/profile/ops_*.txt "$out/" 2>/dev/null
     # 512 tiles per network call: the finest level has 343 tiles per video, and a call of this small model is
     # bound by its launches
-    phase eval-synthetic 120 python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --tile-batch 512 \
+    phase eval-synthetic "$(within 120)" python3 -m hpdm.cli eval-synthetic "$run" -n 64 --batch 32 --tile-batch 512 \
         --out "$out/eval_synthetic.json"
     # the first 16 of the same samples' level 0 with finer levels drawn from noise (the paper's sampler); last, and
     # small, so that the command stays within a device call's 10 minutes
-    phase eval-synthetic-from-noise 45 python3 -m hpdm.cli eval-synthetic "$run" -n 16 --batch 16 --tile-batch 512 \
+    phase eval-synthetic-from-noise "$(within 45)" python3 -m hpdm.cli eval-synthetic "$run" -n 16 --batch 16 --tile-batch 512 \
         --fine-start 0 --out "$out/eval_synthetic_from_noise.json"
     ;;
 *)
