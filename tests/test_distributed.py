@@ -199,15 +199,20 @@ def test_raw_weights_of_a_zero3_run_before_and_after_conversion(tmp_path, data):
     assert all(torch.equal(v, exported["after"][k]) for k, v in exported["before"].items())
 
 
+def _run_alone(script: str, **env) -> subprocess.CompletedProcess:
+    """Run a Python script as a plain single process: no launcher variables, so init_distributed starts alone."""
+    env = {**_env(), **env}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+
+
 def test_cpu_start_builds_no_deepspeed_op(tmp_path):
     """DeepSpeed's CPU backend would compile its shared-memory all-reduce op with g++ on the first start in an
     environment (36 s on 2 cores); training never uses it, so init_distributed starts without it."""
     script = ("import deepspeed.comm.comm as c\nfrom hpdm.distributed import init_distributed\n"
               "print(init_distributed()[:2], c.cdb.shm_comm_op)")
-    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    proc = _run_alone(script, TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("(0, 1) None"), proc.stdout
     assert list(tmp_path.iterdir()) == []  # nothing compiled
@@ -220,9 +225,6 @@ def test_gloo_group_is_destroyed_before_interpreter_shutdown():
     script = ("import atexit, torch.distributed as dist\nfrom hpdm.distributed import init_distributed\n"
               "atexit.register(lambda: print('at exit, initialized:', dist.is_initialized()))\n"
               "init_distributed()\nprint('initialized:', dist.is_initialized())")
-    env = _env()
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    proc = _run_alone(script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-2:] == ["initialized: True", "at exit, initialized: False"], proc.stdout
