@@ -233,8 +233,8 @@ def cmd_embed_text(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
+    """The `hpdm` command line: one subcommand per task (tests/test_readme.py checks the README against it)."""
     parser = argparse.ArgumentParser(prog="hpdm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="print the traceback of every error, user errors included")
     # the `deepspeed` launcher passes --local_rank=N; the rank is read from the environment instead
@@ -332,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=bench.run)
     for p in sub.choices.values():  # `hpdm train --debug ...` as well as `hpdm --debug train ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
     try:
         if getattr(args, "config", "") is None:
             args.config = str(default_config())
