@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from hpdm.config import ConfigError, load_config
+from hpdm.distributed import close_distributed
 from hpdm.errors import RankFailed, UsageError, user_errors
 
 # The CPU demo config of the repository (an editable install or a checkout); used when --config is not given.
@@ -341,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "config", "") is None:
             args.config = str(default_config())
-        return args.func(args)
+        status = args.func(args)
     except user_errors() as e:
         return _report(args, e)
+    close_distributed()
+    return status
 
 
 def _report(args, exc: BaseException) -> int:
