@@ -98,13 +98,15 @@ def reencode(data: bytes, max_side: int = 0, codec: str = "libx264", crf: int = 
             si.thread_type = "AUTO"
             w, h = si.codec_context.width, si.codec_context.height
             scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
-            so = dst.add_stream(codec, rate=Fraction(_rate(si)).limit_denominator(1001))
+            rate = Fraction(_rate(si)).limit_denominator(1001)
+            so = dst.add_stream(codec, rate=rate)
             so.width, so.height, so.pix_fmt = _even(w * scale), _even(h * scale), "yuv420p"
             if codec == "libx264":
                 so.options = {"crf": str(crf), "preset": "veryfast"}
-            for frame in src.decode(si):
+            for i, frame in enumerate(src.decode(si)):
                 frame = frame.reformat(width=so.width, height=so.height, format="yuv420p", interpolation="AREA")
-                frame.pts = None
+                # frame i at i / rate: the decoded frame's own pts and time base are the source container's
+                frame.pts, frame.time_base = i, 1 / rate
                 dst.mux(so.encode(frame))
             dst.mux(so.encode())
     except av.FFmpegError as exc:

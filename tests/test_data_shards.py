@@ -65,6 +65,24 @@ def test_reencode_non_mp4_and_cap_the_long_side(ucf_folder, tmp_path):
     assert (meta["width"], meta["height"], meta["frames"], meta["codec"]) == (16, 12, 12, "h264")
 
 
+def test_reencoded_mp4_keeps_its_frame_rate_and_trains(tiny_manifest, tmp_path):
+    """Re-encoding an mp4 (here its long side capped) keeps frame i at i / fps: decoded frames' own timestamps,
+    in the source container's time base, once put every frame at 0 and stored this 24 fps clip as 576 fps, which
+    the loader then skipped as too short."""
+    make_shards(str(tiny_manifest), str(tmp_path / "ds"), reencode="all", max_side=24, progress=False)
+    with tarfile.open(tmp_path / "ds" / "shard-000000.tar") as tf:
+        name = next(n for n in tf.getnames() if n.endswith(".mp4"))
+        data, meta = tf.extractfile(name).read(), json.load(tf.extractfile(name[:-4] + ".json"))
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        seconds = [float(f.pts * stream.time_base) for f in c.decode(stream)]
+    assert (meta["fps"], meta["frames"], meta["width"], meta["height"]) == (24.0, 24, 24, 16), meta
+    assert seconds == pytest.approx([i / 24 for i in range(24)])
+    loader = build_loader(DataConfig(shards=str(tmp_path / "ds"), num_workers=0), frames=16, size=(16, 16),
+                          batch_size=12, train=False)
+    assert [b["video"].shape for b in loader] == [(12, 16, 16, 16, 3)] and loader.stats["skipped"] == 0
+
+
 def test_manifests_csv_and_jsonl(tmp_path, tiny_manifest):
     rows = [json.loads(line) for line in open(tiny_manifest)]
     csv_path = tmp_path / "m.csv"
