@@ -27,6 +27,9 @@ class ConfigError(UserError, ValueError):
         self.key = key
 
 
+SEED_LIMIT = 2**32  # seeds are scaled and offset per rank and per video, and must stay within int64
+
+
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
@@ -191,7 +194,8 @@ class TrainConfig:
                                                "hooks torch.compile cannot trace; use zero_stage 0-2")
         for key in ("steps", "batch_size", "log_every", "save_every", "keep_checkpoints", "sample_videos"):
             check_range(f"train.{key}", getattr(self, key), 1)
-        for key in ("micro_batch", "weight_decay", "warmup_steps", "grad_clip", "ema_halflife", "seed", "sample_every",
+        check_range("train.seed", self.seed, 0, high=SEED_LIMIT)
+        for key in ("micro_batch", "weight_decay", "warmup_steps", "grad_clip", "ema_halflife", "sample_every",
                     "max_skipped_steps", "level0_steps"):
             check_range(f"train.{key}", getattr(self, key), 0)
         check_range("train.lr", self.lr, 0, strict=True)
@@ -292,7 +296,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(".".join(parents[:i + 1]), f"set to a value by one override and to keys by {item!r}")
         try:
-            node[leaf] = yaml.safe_load(raw)
+            node[leaf] = load_yaml(raw)
         except yaml.YAMLError as e:
             raise ConfigError(key, f"override {item!r} is not valid YAML: {_yaml_problem(e)}") from None
     return out
@@ -312,13 +316,37 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML forbids it; PyYAML keeps the last, so a
+    second ``train:`` section would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat keys: that is what it is for
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):  # unhashable keys: the base class reports them
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """A YAML document without Python objects, duplicate keys refused."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     """The mapping in a YAML config file; a missing or unreadable file, a syntax error (with its line and column)
     or a document that is not a mapping raises ConfigError naming the file."""
     if not path.is_file():
         raise ConfigError(str(path), "is a folder, not a config file" if path.is_dir() else "no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError as e:
         raise ConfigError(str(path), f"cannot read the config file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:

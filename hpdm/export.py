@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -13,8 +14,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hpdm.checkpoint import RAW_FILE, Checkpointer, is_complete, load_safetensors, no_pickle, problems, read_state
-from hpdm.config import Config, from_dict
-from hpdm.errors import CheckpointError
+from hpdm.config import Config, ConfigError, from_dict
+from hpdm.errors import CheckpointError, UsageError
 from hpdm.model import HPDM
 
 RAW_PREFIX = "raw."
@@ -53,15 +54,26 @@ def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
     """Write the EMA weights of a checkpoint (or a run's latest) and its config to ``out`` (safetensors)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder: give the file to write, e.g. {out / 'model.safetensors'}")
+    inside = next((p for p in out.resolve().parents if is_complete(p)), None)
+    if inside is not None:
+        raise UsageError(f"{out} is inside the checkpoint {inside}, which it would change: export to another folder")
     ckpt = _checkpoint_folder(Path(src))
     cfg = _run_config(ckpt)
     tensors = load_safetensors(ckpt / "ema.safetensors")
     if raw:
         tensors.update({RAW_PREFIX + k: v for k, v in _raw_weights(ckpt).items()})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out),
-              metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)})
+    part = out.with_name(out.name + ".part")  # renamed when whole: a failed write leaves no truncated file at out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(part),
+                  metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)})
+        os.replace(part, out)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
 
@@ -77,7 +89,11 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
                                   "checkpoint folder or a run folder") from None
         if "config" not in meta:
             raise CheckpointError(f"{path} carries no config metadata: was it written by `hpdm export`?")
-        cfg = from_dict(Config, yaml.safe_load(meta["config"]))
+        try:
+            cfg = from_dict(Config, yaml.safe_load(meta["config"]))
+        except (yaml.YAMLError, ConfigError) as e:
+            raise CheckpointError(f"{path}: its config metadata is not an hpdm config ({e}); was it written by "
+                                  "`hpdm export`?") from None
         tensors = load_file(str(path))
         if raw:
             tensors = {k[len(RAW_PREFIX):]: v for k, v in tensors.items() if k.startswith(RAW_PREFIX)}
@@ -90,5 +106,9 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
         cfg = _run_config(ckpt)
         tensors = _raw_weights(ckpt) if raw else load_safetensors(ckpt / "ema.safetensors")
     model = HPDM(cfg.model)
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # tensors missing, unexpected or of other shapes than the config's model
+        raise CheckpointError(f"{path}: its weights do not fit the model of its own config: "
+                              f"{'; '.join(line.strip() for line in str(e).splitlines()[1:3])[:400]}") from None
     return cfg, model.to(device).eval()

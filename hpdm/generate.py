@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpdm.config import SEED_LIMIT
 from hpdm.diffusion import Condition
+from hpdm.distributed import on_rank0
 from hpdm.errors import UsageError
 from hpdm.prompts import CAPTION_HEIGHT, caption_strip, encode_prompts, video_name
 from hpdm.sampling import SampleOptions, TiledSampler, cost_table
@@ -37,6 +39,16 @@ def rank_world() -> tuple[int, int]:
         rank, world, _ = init_distributed()
         return rank, world
     return 0, 1
+
+
+def check_out(out: Path) -> None:
+    """``--out`` is a new or an empty folder: videos of an earlier run left beside new ones would mix in a metric."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} is a file; give a folder for the videos")
+    old = sorted(p.name for p in out.glob("*.mp4")) if out.is_dir() else []
+    if old:
+        raise UsageError(f"--out: {out} already holds videos ({', '.join(old[:2])}{', ...' if old[2:] else ''}), "
+                         "which new ones would join or replace; give an empty or new folder")
 
 
 def share(n: int, rank: int, world: int) -> list[int]:
@@ -65,9 +77,9 @@ def conditions(cond_kind: str, num_classes: int, n: int, seed: int, label: int |
     video i takes row i % rows (``video_rows``), so thousands of videos of a few prompts share their embeddings."""
     if label is not None and cond_kind != "class":
         raise UsageError(f"--label: the model is conditioned on {cond_kind!r}, not on a class")
-    if cond_kind != "text" and (prompts or encoder):
-        raise UsageError(f"{'--prompt/--prompt-file' if prompts else '--encoder'}: the model is conditioned on "
-                         f"{cond_kind!r}, not on text")
+    if cond_kind != "text" and (prompts or encoder or text_emb):
+        option = "--prompt/--prompt-file" if prompts else "--encoder" if encoder else "--text-emb"
+        raise UsageError(f"{option}: the model is conditioned on {cond_kind!r}, not on text")
     if cond_kind == "class":
         if label is None:
             labels = torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
@@ -162,9 +174,13 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
     num = (len(prompts) if prompts else 4) if num is None else num
     at_least("-n", num)
     at_least("--batch", batch)
-    if fps <= 0:
-        raise UsageError(f"--fps: must be > 0; got {fps}")
+    if not 0.01 <= fps <= 1000:  # mp4 stores the rate as a fraction with a denominator up to 1001
+        raise UsageError(f"--fps: must be in [0.01, 1000]; got {fps}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"--seed: must be in [0, {SEED_LIMIT}); got {seed}")
+    out = Path(out)
     rank, world = rank_world()
+    on_rank0(lambda: check_out(out))  # on every rank before any writes: one rank's videos are not another's old ones
     device = default_device()
     cfg, net = load_generator(generator, raw=raw, device=device)
     m = cfg.model
@@ -172,8 +188,10 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
     cond = conditions(m.cond, m.num_classes, num, seed, label, text_emb, prompts, encoder, m.text_dim, m.text_tokens,
                       device)
     prompt_of = [prompts[i % len(prompts)] if prompts else None for i in range(num)]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create {out}: {e.strerror or e}") from None
     mine = share(num, rank, world)
     if prompts and rank == 0:
         (out / "prompts.json").write_text(json.dumps({video_name(i, p): p for i, p in enumerate(prompt_of)}, indent=1,

@@ -58,17 +58,15 @@ class SampleOptions:
         """Check the values that ``hpdm sample`` and the evaluations take from their options (named in errors)."""
         if self.steps and min(self.steps) < 1:
             raise UsageError(f"--steps: every entry must be >= 1; got {','.join(map(str, self.steps))}")
-        if self.guidance is not None and self.guidance < 0:
-            raise UsageError(f"--guidance: must be >= 0; got {self.guidance}")
-        if self.s_churn is not None and self.s_churn < 0:
-            raise UsageError(f"--churn: must be >= 0; got {self.s_churn}")
+        for option, value, hint in (("--guidance", self.guidance, ""), ("--churn", self.s_churn, ""),
+                                    ("--fine-start", self.fine_start, " (0: finer levels start from noise)")):
+            if value is not None and not (math.isfinite(value) and value >= 0):  # NaN fails every comparison
+                raise UsageError(f"{option}: must be a finite number >= 0{hint}; got {value}")
         if self.coarse not in ("renoise", "clean"):
             raise UsageError(f"--coarse: must be renoise or clean; got {self.coarse!r}")
         for option, order in (("--level0-order", self.level0_order), ("--fine-order", self.fine_order)):
             if order not in (1, 2):
                 raise UsageError(f"{option}: must be 1 (Euler) or 2 (Heun); got {order}")
-        if self.fine_start is not None and self.fine_start < 0:
-            raise UsageError(f"--fine-start: must be >= 0 (0: finer levels start from noise); got {self.fine_start}")
         if self.tile_batch < 1:
             raise UsageError(f"--tile-batch: must be >= 1; got {self.tile_batch}")
         overlap_fraction(self.overlap)

@@ -2,6 +2,7 @@
 incompatible config, two trainers in one run folder, a run that diverges (issue 14)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 
 from hpdm.checkpoint import Checkpointer
 from hpdm.config import config_differences
-from hpdm.errors import CheckpointError
+from hpdm.errors import CheckpointError, UsageError
+from hpdm.export import export, load_generator
 
 pytestmark = pytest.mark.slow
 BASE = ["--config", "configs/tiny.yaml", "train.save_every=3", "train.log_every=1", "train.batch_size=4",
@@ -73,6 +75,24 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(run):
     with pytest.raises(CheckpointError, match="no intact checkpoint") as e:
         Checkpointer(run).latest()
     assert str(_folder(run, 3) / "ema.safetensors") in str(e.value) and str(_folder(run, 6) / "ema.safetensors") in str(e.value)
+
+
+def test_export_never_writes_into_a_checkpoint(run):
+    """`hpdm export RUN RUN/checkpoints/step_6/ema.safetensors` once replaced that checkpoint's own EMA weights, after
+    which it no longer verified and resuming fell back to step 3. A path inside any checkpoint is refused, before
+    anything is read; beside the checkpoints the file is written whole (through a temporary name)."""
+    ema = _folder(run, 6) / "ema.safetensors"
+    before = ema.read_bytes()
+    for out, step in ((ema, 6), (_folder(run, 3) / "model.safetensors", 3), (_folder(run, 6) / "new" / "m.safetensors", 6)):
+        with pytest.raises(UsageError, match=f"is inside the checkpoint {re.escape(str(_folder(run, step).resolve()))},"):
+            export(run, out)
+    assert ema.read_bytes() == before and Checkpointer(run).latest() == _folder(run, 6)
+    assert not (_folder(run, 3) / "model.safetensors").exists() and not (_folder(run, 6) / "new").exists()
+    with pytest.raises(UsageError, match="is a folder: give the file to write"):
+        export(run, run)
+    assert export(run, run / "model.safetensors") == run / "model.safetensors"
+    assert load_generator(run / "model.safetensors")[0].model == load_generator(run)[0].model
+    assert not list(run.glob("*.part"))
 
 
 def test_config_differences_name_the_keys():

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import save_file
 
 import hpdm.cli
 from hpdm.config import Config
@@ -26,8 +28,15 @@ def paths(tmp_path_factory):
     junk = tmp / "junk.pt"
     junk.write_text("not a model\n")
     (tmp / "empty").mkdir()
+    (tmp / "used").mkdir()
+    (tmp / "used" / "video_00000.mp4").write_bytes(b"")
+    twice = tmp / "twice.yaml"
+    twice.write_text("train:\n  lr: 0.1\ntrain: {steps: 3}\n")
+    config = yaml.safe_dump(cfg.to_dict())
+    save_file({"w": torch.zeros(2)}, str(tmp / "misfit.safetensors"), metadata={"config": config})
+    save_file({"w": torch.zeros(2)}, str(tmp / "foreign.safetensors"), metadata={"config": "{format: [pt"})
     return {"gen": export_model(HPDM(cfg.model), cfg, tmp / "gen.safetensors"), "tmp": str(tmp),
-            "bad_yaml": str(bad_yaml), "junk": str(junk), "empty": str(tmp / "empty")}
+            "bad_yaml": str(bad_yaml), "junk": str(junk), "empty": str(tmp / "empty"), "twice": str(twice)}
 
 
 def hpdm_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -56,7 +65,23 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "--overlap 2": ((*SAMPLE, "--overlap", "2"), "--overlap: must be half, full or a fraction in [0, 1); got '2'"),
     "--batch 0": ((*SAMPLE, "--batch", "0"), "--batch: must be >= 1; got 0"),
     "--tile-batch 0": ((*SAMPLE, "--tile-batch", "0"), "--tile-batch: must be >= 1; got 0"),
-    "--guidance -1": ((*SAMPLE, "--guidance", "-1"), "--guidance: must be >= 0; got -1.0"),
+    "--guidance -1": ((*SAMPLE, "--guidance", "-1"), "--guidance: must be a finite number >= 0; got -1.0"),
+    "--guidance nan": ((*SAMPLE, "--guidance", "nan"), "--guidance: must be a finite number >= 0; got nan"),
+    "--fine-start inf": ((*SAMPLE, "--fine-start", "inf"), "--fine-start: must be a finite number >= 0 (0: finer "
+                                                           "levels start from noise); got inf"),
+    "--fps nan": ((*SAMPLE, "--fps", "nan"), "--fps: must be in [0.01, 1000]; got nan"),
+    "--seed 2**60": ((*SAMPLE, "--seed", str(2**60)), f"--seed: must be in [0, 4294967296); got {2**60}"),
+    "--out a file": (("sample", "{gen}", "--out", "{junk}"), "--out: {junk} is a file; give a folder for the videos"),
+    "--out with videos": (("sample", "{gen}", "--out", "{tmp}/used"), "--out: {tmp}/used already holds videos "
+                                                                       "(video_00000.mp4), which new ones would join"),
+    "--text-emb": ((*SAMPLE, "--text-emb", "{junk}"), "--text-emb: the model is conditioned on 'class', not on text"),
+    "misfit weights": (("sample", "{tmp}/misfit.safetensors", "--out", "{tmp}/out"),
+                       "{tmp}/misfit.safetensors: its weights do not fit the model of its own config"),
+    "foreign file": (("sample", "{tmp}/foreign.safetensors", "--out", "{tmp}/out"),
+                     "{tmp}/foreign.safetensors: its config metadata is not an hpdm config"),
+    "export to a folder": (("export", "{tmp}/nothing", "{empty}"), "{empty} is a folder: give the file to write"),
+    "train.seed 2**40": (("info", f"train.seed={2**40}"), f"train.seed: must be in [0, 4294967296); got {2**40}"),
+    "key twice": (("info", "--config", "{twice}"), "{twice}:3: YAML syntax error: found the key 'train' twice"),
     "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt/--prompt-file: the model is conditioned on 'class', "
                                                         "not on text"),
     "eval-synthetic -n 0": (("eval-synthetic", "{gen}", "-n", "0"), "-n: must be >= 1; got 0"),

@@ -167,11 +167,14 @@ def test_full_overlap_uses_a_one_token_stride():
     (dict(overlap="1.5"), "--overlap: must be half, full or a fraction in [0, 1); got '1.5'"),
     (dict(overlap="most"), "--overlap: must be half, full or a fraction in [0, 1); got 'most'"),
     (dict(steps=(4, 0)), "--steps: every entry must be >= 1; got 4,0"),
-    (dict(guidance=-1.0), "--guidance: must be >= 0; got -1.0"),
-    (dict(s_churn=-2.0), "--churn: must be >= 0; got -2.0"),
+    (dict(guidance=-1.0), "--guidance: must be a finite number >= 0; got -1.0"),
+    (dict(s_churn=-2.0), "--churn: must be a finite number >= 0; got -2.0"),
+    (dict(s_churn=float("nan")), "--churn: must be a finite number >= 0; got nan"),  # was taken as 0
     (dict(tile_batch=0), "--tile-batch: must be >= 1; got 0"),
     (dict(fine_order=3), "--fine-order: must be 1 (Euler) or 2 (Heun); got 3"),
-    (dict(fine_start=-1.0), "--fine-start: must be >= 0 (0: finer levels start from noise); got -1.0"),
+    (dict(fine_start=-1.0), "--fine-start: must be a finite number >= 0 (0: finer levels start from noise); got -1.0"),
+    (dict(fine_start=float("nan")), "--fine-start: must be a finite number >= 0 (0: finer levels start from noise); "
+                                    "got nan"),
 ])
 def test_bad_sample_options_name_the_option(options, message):
     with pytest.raises(UsageError) as err:
