@@ -22,14 +22,15 @@ from typing import Callable
 
 import torch
 
+from data_pipeline.cli import number_at_least
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="gather,fusion,conv", help="comma list of: gather, fusion, conv")
     parser.add_argument("--out", default="kernel_bench.json", help="JSON results path (PNG beside it)")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reps", type=number_at_least(1), default=20)
+    parser.add_argument("--warmup", type=number_at_least(0), default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: smoke test through the Triton interpreter at tiny sizes")

@@ -81,6 +81,10 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
                      "{tmp}/foreign.safetensors: its config metadata is not an hpdm config"),
     "export to a folder": (("export", "{tmp}/nothing", "{empty}"), "{empty} is a folder: give the file to write"),
     "train.seed 2**40": (("info", f"train.seed={2**40}"), f"train.seed: must be in [0, 4294967296); got {2**40}"),
+    "--max-side -1": (("make-shards", "{empty}", "{tmp}/shards", "--max-side", "-1"),  # it shrank videos to 2x2
+                      "argument --max-side: must be >= 0; got -1"),
+    "--timeout 0": (("doctor", "--timeout", "0"), "argument --timeout: must be > 0; got 0"),  # false FAILs, aborts
+    "--reps 0": (("bench-kernels", "--reps", "0"), "argument --reps: must be >= 1; got 0"),
     "key twice": (("info", "--config", "{twice}"), "{twice}:3: YAML syntax error: found the key 'train' twice"),
     "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt/--prompt-file: the model is conditioned on 'class', "
                                                         "not on text"),
