@@ -107,6 +107,12 @@ def is_universal(path: Path) -> bool:
     return (path / UNIVERSAL_MARK).is_file()
 
 
+def is_whole(path: Path) -> bool:
+    """Whether DeepSpeed kept the optimizer state whole (ZeRO-0: no per-rank ``*optim_states.pt``), so that any
+    number of processes resumes from it as it is."""
+    return not any(path.glob("*optim_states.pt"))
+
+
 def read_state(path: Path) -> dict:
     """A checkpoint's state.json, or a CheckpointError that names it."""
     f = path / "state.json"
@@ -324,11 +330,11 @@ class Checkpointer:
     def load(self, engine, ema, path: Path) -> tuple[dict, dict | None, torch.Tensor | None]:
         """Restore engine and EMA in place; returns (state.json, this rank's loader state, RNG state).
 
-        After a world-size change (a universal checkpoint), ranks without a saved state of their own get rank
-        0's loader state (the loader then restarts its epoch) and no RNG state."""
+        After a world-size change (a universal or a ZeRO-0 checkpoint), ranks without a saved state of their own
+        get rank 0's loader state (the loader then restarts its epoch) and no RNG state."""
         state = read_state(path)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if state.get("world_size", world) != world and not is_universal(path):
+        if state.get("world_size", world) != world and not (is_universal(path) or is_whole(path)):
             raise CheckpointError(f"{path} was written by {state['world_size']} processes and this run has {world}: "
                                   f"run `hpdm convert-checkpoint {path.parent.parent}` first")
         with no_pickle():
@@ -367,6 +373,9 @@ def convert_to_universal(src: str | Path) -> Path:
         raise CheckpointError("; ".join(wrong))
     if is_universal(ckpt):
         raise CheckpointError(f"{ckpt} is already universal")
+    if is_whole(ckpt):
+        raise CheckpointError(f"{ckpt} needs no conversion: it holds the whole optimizer state (ZeRO-0), which any "
+                              "number of processes resumes from")
     out = ckpt.parent / f"{ckpt.name}_universal"
     tmp = ckpt.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -140,6 +140,25 @@ def test_world_size_change_2_to_1_to_2(tmp_path, data):
     assert _shm_buffers() == shm
 
 
+def test_zero0_checkpoint_resumes_at_another_world_size_as_it_is(tmp_path, data):
+    """ZeRO-0 keeps the whole optimizer state in one file, which DeepSpeed's ds_to_universal cannot convert (it wants
+    per-rank *_optim_states.pt): such runs were sent to a conversion that ended in a traceback. They resume at any
+    number of processes as they are, the optimizer state included, and convert-checkpoint says so."""
+    run = tmp_path / "run"
+    _run(1, run, data, "train.steps=2", "train.save_every=2", "train.zero_stage=0", "train.optimizer=adamw")
+    out = _run(2, run, data, "train.steps=4", "train.save_every=2", "train.zero_stage=0", "train.optimizer=adamw")
+    assert "step_00000002 (step 2, 8 samples)" in out, out[-3000:]
+    step4 = run / "checkpoints" / "step_00000004"
+    assert json.loads((step4 / "state.json").read_text())["world_size"] == 2
+    saved = torch.load(step4 / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    assert {float(s["step"]) for s in saved["optimizer"]["state"].values()} == {4.0}  # AdamW's state went on
+    convert = subprocess.run([sys.executable, "-m", "hpdm.cli", "convert-checkpoint", str(run)], capture_output=True,
+                             text=True, env=_env(), timeout=300)
+    assert convert.returncode == 2 and convert.stderr.strip().endswith(
+        f"{step4} needs no conversion: it holds the whole optimizer state (ZeRO-0), which any number of processes "
+        "resumes from"), convert.stderr[-2000:]
+
+
 def test_two_node_launch_on_loopback(tmp_path, data):
     """Two per-node launches (node ranks 0 and 1, one process each) form one job over 127.0.0.1."""
     hostfile = tmp_path / "hostfile"
