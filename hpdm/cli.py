@@ -147,8 +147,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _check_json_out(out: str | None) -> None:
+    """``--out`` of the evaluations, checked before the sampling and feature extraction that precede its writing."""
+    if out and Path(out).is_dir():
+        raise UsageError(f"--out: {out} is a folder; give the JSON file to write, e.g. {Path(out) / 'result.json'}")
+
+
 def cmd_eval_fvd(args) -> int:
     from hpdm.eval_fvd import evaluate, main_result  # noqa: PLC0415
+
+    _check_json_out(args.out)
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise UsageError(f"--cache-dir: {args.cache_dir} is a file; give a folder for the real videos' statistics")
 
     try:
         size = tuple(int(v) for v in args.size.split("x")) if args.size else None
@@ -164,10 +174,10 @@ def cmd_eval_fvd(args) -> int:
 
 def cmd_eval_synthetic(args) -> int:
     import json  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
 
     from hpdm.synthetic_eval import evaluate_generator, report_table  # noqa: PLC0415
 
+    _check_json_out(args.out)
     result = evaluate_generator(args.generator, args.num, _sample_options(args), seed=args.seed, batch=args.batch,
                                 raw=args.raw)
     print(report_table(result))

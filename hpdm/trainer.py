@@ -18,7 +18,7 @@ from tqdm import tqdm
 from data_pipeline import DataError, build_train_loader, prepare_dataset
 from data_pipeline.storage import Storage
 from hpdm.checkpoint import Checkpointer, is_universal, read_state
-from hpdm.config import Config, config_differences, save_config
+from hpdm.config import Config, ConfigError, config_differences, save_config
 from hpdm.diffusion import EDM, Condition
 from hpdm.distributed import Preemption, init_distributed, on_rank0
 from hpdm.divergence import DivergenceGuard
@@ -179,6 +179,10 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
     """Rank 0, before any work: lock the run folder, check the checkpoint copy is writable, make sure the data is
     there (writing the synthetic set only into an empty location)."""
     run_dir = Path(cfg.train.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("train.run_dir", f"{run_dir} is a file; give a folder for the run")
+    if run_dir.resolve() == Path(cfg.data.shards).resolve():
+        raise ConfigError("train.run_dir", f"{run_dir} is also data.shards; give the run a folder of its own")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     try:

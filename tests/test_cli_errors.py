@@ -85,6 +85,12 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
                       "argument --max-side: must be >= 0; got -1"),
     "--timeout 0": (("doctor", "--timeout", "0"), "argument --timeout: must be > 0; got 0"),  # false FAILs, aborts
     "--reps 0": (("bench-kernels", "--reps", "0"), "argument --reps: must be >= 1; got 0"),
+    "run_dir a file": (("train", "train.run_dir={junk}"), "train.run_dir: {junk} is a file; give a folder for the run"),
+    "run_dir is shards": (("train", "train.run_dir={tmp}/d", "data.shards={tmp}/d"),
+                          "train.run_dir: {tmp}/d is also data.shards; give the run a folder of its own"),
+    "eval --out folder": (("eval-synthetic", "{gen}", "--out", "{empty}"), "--out: {empty} is a folder; give the JSON "
+                                                                           "file to write"),
+    "--cache-dir file": ((*FVD, "--fake", "{empty}", "--cache-dir", "{junk}"), "--cache-dir: {junk} is a file"),
     "key twice": (("info", "--config", "{twice}"), "{twice}:3: YAML syntax error: found the key 'train' twice"),
     "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt/--prompt-file: the model is conditioned on 'class', "
                                                         "not on text"),
