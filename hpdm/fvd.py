@@ -117,8 +117,14 @@ def mp4_clips(folder: str | Path, n: int, frames: int, size, rank: int, world: i
     files = sorted(Path(folder).glob("*.mp4"))[:n]
     if len(files) < n:
         raise UsageError(f"{folder}: {len(files)} mp4 files, {n} needed")
+    from data_pipeline.video import VideoError  # noqa: PLC0415
+
     for i in range(rank, n, world):
-        yield i, read_clip(files[i], frames, size)
+        try:
+            clip = read_clip(files[i], frames, size)
+        except VideoError as e:  # FVD over fewer or other videos than asked for would not be comparable
+            raise UsageError(f"{files[i]}: {e} (--frames {frames}); every video must decode to --frames frames") from None
+        yield i, clip
 
 
 def shard_clips(data_cfg, n: int, frames: int, size, rank: int, world: int, batch: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -89,6 +89,18 @@ def test_eval_fvd_end_to_end_with_stand_in_detectors(tmp_path):
     assert abs(json.loads((tmp_path / "r.json").read_text())["fvd"]) < 1e-6
 
 
+def test_a_short_or_corrupt_video_is_named(tmp_path):
+    """A video shorter than --frames (the tiny models' 8-frame samples under the default 16) or a corrupt one ends
+    the evaluation with its path, not a traceback from the decoder."""
+    folder = _videos(tmp_path / "v", 2, 0, frames=8, size=16)
+    says = r"v/v000.mp4: video has 8 frames; a clip needs 16 \(--frames 16\); every video must decode"
+    with pytest.raises(UsageError, match=says):
+        list(fvd.mp4_clips(folder, 2, 16, (16, 16), 0, 1))
+    (tmp_path / "v" / "v001.mp4").write_bytes(b"not an mp4")
+    with pytest.raises(UsageError, match=r"v/v001.mp4: cannot decode"):
+        list(fvd.mp4_clips(folder, 2, 8, (16, 16), 1, 2))
+
+
 def test_rank_shares_cover_the_videos_once(tmp_path):
     folder = _videos(tmp_path / "v", 5, 2, frames=4, size=16)
     seen = [i for rank in range(2) for i, _ in fvd.mp4_clips(folder, 5, 4, (16, 16), rank, 2)]
