@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
 import socket
@@ -10,7 +11,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from hpdm.errors import RankFailed, user_errors
+from hpdm.errors import RankFailed, UsageError, user_errors
+
+log = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -26,6 +29,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:  # a plain `hpdm train`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    missing = [v for v in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:  # DeepSpeed would go looking for MPI instead (a traceback about mpi4py)
+        raise UsageError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start "
+                         "with the deepspeed launcher or torchrun, or unset RANK and LOCAL_RANK left from another job")
+    if int(os.environ["WORLD_SIZE"]) > 1:  # says what a start that waits for missing processes is waiting for
+        log.info("rank %s joins a group of %s processes at %s:%s", os.environ["RANK"], os.environ["WORLD_SIZE"],
+                 os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
     cuda = torch.cuda.is_available()
     if not cuda:
         # DeepSpeed's CPU backend compiles a shared-memory all-reduce op with g++ the first time it starts in an

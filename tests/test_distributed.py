@@ -261,3 +261,17 @@ def test_a_finished_command_destroys_the_process_group_and_a_failed_one_keeps_it
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("after")]
     assert lines == ["after an error: 2 True", "after a finished command: 0 False"], proc.stdout
+
+
+def test_rank_without_the_other_launcher_variables_is_named(tmp_path):
+    """RANK left from another job, without WORLD_SIZE and MASTER_*: DeepSpeed went looking for MPI (a traceback
+    about mpi4py); now one line names what is missing, before anything is written."""
+    env = {**_env(), "RANK": "0"}
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml",
+                           f"train.run_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "hpdm train: error: RANK is set but WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not: start with the deepspeed "
+        "launcher or torchrun, or unset RANK and LOCAL_RANK left from another job"), proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
