@@ -33,10 +33,10 @@ def _worker_init(_):
     # Keep the garbage collector off the objects inherited at fork: touching them would copy their pages
     # (copy-on-write) into every worker and show up as host memory growth.
     gc.freeze()
-    # A scheduler's preemption signal goes to every process of the job; the trainer handles it, finishes its
-    # step and checkpoints, so a worker must not die of it first. Workers still end with their parent (PyTorch's
-    # watchdog), on the loader's shutdown, and at the parent's exit (_kill_workers_at_exit).
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    # A scheduler's preemption signal (and a terminal's Ctrl-C) goes to every process of the job; the trainer
+    # handles it, finishes its step and checkpoints, so a worker must not die of it first. Workers still end with
+    # their parent (PyTorch's watchdog), on the loader's shutdown, and at the parent's exit (_kill_workers_at_exit).
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -125,18 +125,29 @@ def on_rank0(fn, *, first=None, share: bool = False):
 
 
 class Preemption:
-    """Turns SIGTERM and SIGUSR1 into a request to checkpoint and exit at the end of the current step.
+    """Turns SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) into a request to checkpoint and exit at the end of the
+    current step; a second Ctrl-C stops at once. ``close`` gives the signals their previous handlers back.
 
     Every rank checks the request collectively, so that all of them stop after the same step even when the
     signal reached only some of them."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            if os.environ.get("RANK", "0") == "0":
+                log.warning("Ctrl-C: checkpointing after this step, then exiting (Ctrl-C again: stop at once, unsaved)")
         self.signal = signum
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def requested(self, device: torch.device) -> bool:
         """Whether any rank got a signal: a collective with several ranks (it waits for the GPU), else a flag."""

@@ -1,7 +1,7 @@
 """Training: wires the data pipeline, the pyramid, the model, EDM and a DeepSpeed engine into one loop.
 
 Progress is counted in samples (clips). A run resumes from its directory's latest checkpoint with no flag,
-and checkpoints and exits cleanly on SIGTERM or SIGUSR1 (preemption).
+and checkpoints and exits cleanly on SIGTERM, SIGUSR1 (preemption) or a first Ctrl-C.
 """
 from __future__ import annotations
 
@@ -223,16 +223,17 @@ def _skip_counts(loader, world: int) -> dict:
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the final progress and the last logged metrics."""
     rank, world, device = init_distributed()
-    preemption = Preemption()
     t = cfg.train
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     deepspeed_config(cfg, world)  # its errors before any work
     ckpt = Checkpointer(t.run_dir, t.keep_checkpoints, t.checkpoint_uri, Storage(cfg.data.endpoint_url))
     lock = on_rank0(lambda: _prepare(cfg, ckpt))
+    preemption = Preemption()
     try:
         return _train(cfg, ckpt, rank, world, device, preemption)
     finally:
+        preemption.close()
         if lock is not None:
             lock.release()
 

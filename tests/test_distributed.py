@@ -87,8 +87,10 @@ def test_kill9_resume_gives_identical_losses(tmp_path, data):
     assert after == {s: reference[s] for s in after}, "losses after resuming differ from the uninterrupted run"
 
 
-@pytest.mark.parametrize("procs", [1, 2])  # one process reads its own flag, two all-reduce theirs
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data, procs):
+@pytest.mark.parametrize("procs, sig", [(1, signal.SIGTERM), (2, signal.SIGTERM), (1, signal.SIGINT)])
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data, procs, sig):
+    """One process reads its own flag, two all-reduce theirs; a terminal's Ctrl-C (SIGINT to the process group, the
+    loader's worker included) checkpoints like a scheduler's SIGTERM (it ended in a traceback, unsaved)."""
     run = tmp_path / "run"
     proc = subprocess.Popen(_cmd(procs, run, data, "train.steps=200", "train.save_every=1000", "train.zero_stage=1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
@@ -96,7 +98,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data, procs):
     deadline = time.monotonic() + 300
     while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < deadline:
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGTERM)  # as a cluster scheduler does: every process of the job
+    os.killpg(proc.pid, sig)  # as a cluster scheduler (or a terminal) does: every process of the job
     out, _ = proc.communicate(timeout=120)
     assert "preempted: step" in out and "Traceback" not in out, out[-3000:]
     stopped = int(out.split("preempted: step ")[1].split(",")[0])
