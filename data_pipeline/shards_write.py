@@ -208,6 +208,10 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
     if all("max_label" in s for s in sides.values()):  # sidecars of older versions do not say
         index["max_label"] = max((s["max_label"] for s in sides.values()), default=-1)
     storage.write_bytes(join(dest, INDEX), json.dumps(index, indent=1).encode())
+    if index["skipped"] and not index["num_samples"]:  # a run on it would only fail later, with less to go on
+        first = index["skipped"][0]
+        raise DataError(f"none of the {len(index['skipped'])} videos of {src} could be read (each is listed with its "
+                        f"reason in {join(dest, INDEX)}; the first, {first['path']}: {first['reason']})")
     if index["skipped"]:
         log.warning("make-shards: %d videos could not be read and were left out (listed in index.json)", len(index["skipped"]))
     if embed:

@@ -183,7 +183,7 @@ class Checkpointer:
         for p in reversed(folders):
             wrong = named_wrong if p.name == named else problems(p)
             if not wrong:
-                log.warning("%s; resuming from %s, the newest intact checkpoint", "; ".join([why, *broken]), p.name)
+                log.warning("%s; using %s, the newest intact checkpoint", "; ".join([why, *broken]), p.name)
                 return p.name
             if p.name != named:  # already said in ``why``
                 broken.append("; ".join(wrong))

@@ -58,7 +58,7 @@ def _folder(run, step):
 def test_missing_latest_resumes_from_newest_intact(run, caplog):
     (run / "checkpoints" / "latest").unlink()
     assert Checkpointer(run).latest() == _folder(run, 6)
-    assert "latest is missing; resuming from step_00000006" in caplog.text
+    assert "latest is missing; using step_00000006" in caplog.text
 
 
 @pytest.mark.parametrize("broken", ["ema.safetensors", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "state.json"])
@@ -66,7 +66,7 @@ def test_broken_newest_falls_back_and_names_the_file(run, caplog, broken):
     f = _folder(run, 6) / broken
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated, as by a full disk
     assert Checkpointer(run).latest() == _folder(run, 3)
-    assert f"latest names step_00000006: {f}" in caplog.text and "resuming from step_00000003" in caplog.text
+    assert f"latest names step_00000006: {f}" in caplog.text and "using step_00000003, the newest intact" in caplog.text
 
 
 def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(run):

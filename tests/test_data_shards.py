@@ -158,6 +158,17 @@ def test_parallel_writers_and_unreadable_videos(tiny_manifest, tmp_path):
     assert sum(s["samples"] for s in index["shards"]) == 12
 
 
+def test_no_readable_video_is_an_error(tmp_path):
+    """Sources of which nothing decodes once gave an empty dataset and exit 0; the error names the first reason."""
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    for name in ("a.mp4", "b.avi"):
+        (tmp_path / "src" / "cat" / name).write_text("not a video\n")
+    with pytest.raises(DataError, match=r"none of the 2 videos of .*src could be read \(each is listed with its reason "
+                                         r"in .*index.json; the first, .*cat/a.mp4: cannot decode"):
+        make_shards(str(tmp_path / "src"), str(tmp_path / "ds"), progress=False)
+    assert len(json.loads((tmp_path / "ds" / "index.json").read_text())["skipped"]) == 2
+
+
 def test_cli_make_shards(tiny_manifest, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

@@ -187,6 +187,8 @@ def test_steps_must_match_the_levels():
     SampleOptions(steps=(8, 4, 2)).validate(3)
     with pytest.raises(UsageError, match=r"--steps: give 1 value or 3 \(one per level of the model\); got 8,4"):
         SampleOptions(steps=(8, 4)).validate(3)
+    with pytest.raises(UsageError, match=r"--steps: give 1 value \(the model has one level\); got 8,4"):
+        SampleOptions(steps=(8, 4)).validate(1)
 
 
 def test_hpdm_sample_writes_full_resolution_videos(tmp_path):
