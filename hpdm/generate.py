@@ -130,6 +130,8 @@ def load_text_emb(text_emb: str, text_dim: int | None = None) -> tuple[torch.Ten
     if "text" not in t:
         raise UsageError(f"--text-emb: {text_emb} has no tensor named 'text' ([S,D] or [N,S,D])")
     text = t["text"].float()
+    if not torch.isfinite(text).all():  # NaN through the network: black videos, exit 0
+        raise UsageError(f"--text-emb: {text_emb}: 'text' holds NaN or infinite values")
     text = text[None] if text.dim() == 2 else text
     mask = t.get("mask", torch.ones(text.shape[:2], dtype=torch.bool)).bool()
     mask = mask[None] if mask.dim() == 1 else mask

@@ -125,6 +125,9 @@ def test_precomputed_embeddings_with_prompts_take_one_row_per_prompt(tmp_path):
     assert video_rows(cond, [0, 1, 2, 3, 4]) == [0, 1, 0, 1, 0]  # video i: prompt i % 2
     with pytest.raises(UsageError, match=r"^--text-emb: .*two.safetensors holds 2 embeddings for 3 prompts"):
         conditions("text", 5, 5, seed=0, text_emb=str(tmp_path / "two.safetensors"), prompts=[A, B, C])
+    save_file({"text": torch.full((5, 32), float("nan"))}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(UsageError, match=r"^--text-emb: .*nan.safetensors: 'text' holds NaN or infinite values"):
+        conditions("text", 5, 5, seed=0, text_emb=str(tmp_path / "nan.safetensors"), text_dim=32)
 
 
 ERRORS = {  # name: (generator, arguments, what the error line says after `hpdm sample: error: `)
