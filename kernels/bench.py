@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ from typing import Callable
 import torch
 
 from data_pipeline.cli import number_at_least
+from hpdm.errors import UsageError
 from hpdm.pyramid import boxes_from_offsets, sample_offsets
 
 
@@ -244,16 +246,15 @@ def _plot(rows: list[dict], copy_gbs: float, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench-kernels needs a CUDA GPU (none found); `--device cpu` runs a smoke test via Triton's interpreter")
-        return 2
+        raise UsageError("--device: cuda, but no CUDA GPU was found; `--device cpu` runs a smoke test via Triton's "
+                         "interpreter")
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # kernel modules are imported lazily, after this
         args.no_compile = True
     wanted = args.kernels.split(",")
     if not set(wanted) <= {"gather", "fusion", "conv"}:
-        print(f"--kernels: unknown {', '.join(sorted(set(wanted) - {'gather', 'fusion', 'conv'}))}; "
-              "choose from gather, fusion, conv")
-        return 2
+        raise UsageError(f"--kernels: unknown {', '.join(sorted(set(wanted) - {'gather', 'fusion', 'conv'}))}; "
+                         "choose from gather, fusion, conv")
     copy_gbs = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.warmup, args.reps)
     rows = []
     plan = [(kernel, case, setup) for kernel, cases, setup in (("gather", gather_cases, _gather_setup),
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))
+if __name__ == "__main__":  # the same as `hpdm bench-kernels` (its errors printed as one line)
+    from hpdm.cli import main  # noqa: PLC0415
+
+    raise SystemExit(main(["bench-kernels", *sys.argv[1:]]))

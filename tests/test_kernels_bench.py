@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from hpdm.cli import main
 from kernels import bench
 
 
@@ -16,8 +17,8 @@ def _args(*argv):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_refuses_without_cuda(capsys):
-    assert bench.run(_args()) != 0
-    assert "CUDA" in capsys.readouterr().out
+    assert main(["bench-kernels"]) == 2
+    assert capsys.readouterr().err.startswith("hpdm bench-kernels: error: --device: cuda, but no CUDA GPU was found")
 
 
 def test_cpu_smoke_writes_json(tmp_path, monkeypatch):
@@ -31,8 +32,9 @@ def test_cpu_smoke_writes_json(tmp_path, monkeypatch):
 
 
 def test_an_unknown_kernel_is_refused(capsys):
-    assert bench.run(_args("--device", "cpu", "--kernels", "gather,convolution")) == 2
-    assert "unknown convolution" in capsys.readouterr().out
+    assert main(["bench-kernels", "--device", "cpu", "--kernels", "gather,convolution"]) == 2
+    assert capsys.readouterr().err == ("hpdm bench-kernels: error: --kernels: unknown convolution; choose from gather, "
+                                       "fusion, conv\n")
 
 
 @pytest.mark.parametrize("kernel,module,name", [("gather", "patch_gather", "gather_pyramid_reference"),
