@@ -18,7 +18,8 @@ def number_at_least(low: float, kind: type = int, strict: bool = False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}; got {text!r}") from None
+            kind_name = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind_name}; got {text!r}") from None
         if not (math.isfinite(value) and (value > low if strict else value >= low)):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}; got {text}")
         return value
@@ -29,12 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="folder of videos (Class/clip.avi gives labels) or a .jsonl/.csv manifest "
                                     "with path and caption or label")
     parser.add_argument("dest", help="local folder or s3://bucket/prefix")
-    parser.add_argument("--shard-size-mb", type=number_at_least(0, float, strict=True), default=256.0, help="target shard size (default 256)")
+    parser.add_argument("--shard-size-mb", type=number_at_least(0, float, strict=True), default=256.0,
+                        help="target shard size (default 256)")
     parser.add_argument("--workers", type=number_at_least(1), default=max(1, (os.cpu_count() or 2) // 2),
                         help="parallel shard writers (default: half the CPUs)")
     parser.add_argument("--reencode", choices=("none", "non-mp4", "all"), default="none",
                         help="re-encode to H.264 mp4: never (store original bytes, default), only non-mp4 inputs, or all")
-    parser.add_argument("--max-side", type=number_at_least(0), default=0, help="re-encode videos whose long side exceeds this (0: never)")
+    parser.add_argument("--max-side", type=number_at_least(0), default=0,
+                        help="re-encode videos whose long side exceeds this (0: never)")
     parser.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

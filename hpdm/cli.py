@@ -245,7 +245,7 @@ def cmd_embed_text(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `hpdm` command line: one subcommand per task (tests/test_readme.py checks the README against it)."""
+    """The `hpdm` command line: one subcommand per task (tests/test_docs.py checks the README and docs/ against it)."""
     parser = argparse.ArgumentParser(prog="hpdm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="print the traceback of every error, user errors included")
     # the `deepspeed` launcher passes --local_rank=N; the rank is read from the environment instead

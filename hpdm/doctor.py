@@ -29,7 +29,8 @@ LOCAL_TIMEOUT = 120.0  # imports and CUDA initialisation
 def add_arguments(p) -> None:
     p.add_argument("--config", default="configs/tiny.yaml", help="YAML run config (default: configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.run_dir=/shared/runs/x")
-    p.add_argument("--timeout", type=number_at_least(0, float, strict=True), default=20.0, help="seconds allowed to each network check (default 20)")
+    p.add_argument("--timeout", type=number_at_least(0, float, strict=True), default=20.0,
+                   help="seconds allowed to each network check (default 20)")
 
 
 def _limited(fn, timeout: float):

@@ -123,7 +123,8 @@ def mp4_clips(folder: str | Path, n: int, frames: int, size, rank: int, world: i
         try:
             clip = read_clip(files[i], frames, size)
         except VideoError as e:  # FVD over fewer or other videos than asked for would not be comparable
-            raise UsageError(f"{files[i]}: {e} (--frames {frames}); every video must decode to --frames frames") from None
+            raise UsageError(f"{files[i]}: {e} (--frames {frames}); every video must decode to --frames "
+                             "frames") from None
         yield i, clip
 
 

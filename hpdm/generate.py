@@ -182,7 +182,7 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
         raise UsageError(f"--seed: must be in [0, {SEED_LIMIT}); got {seed}")
     out = Path(out)
     rank, world = rank_world()
-    on_rank0(lambda: check_out(out))  # on every rank before any writes: one rank's videos are not another's old ones
+    on_rank0(lambda: check_out(out))  # rank 0 checks while the others wait: no rank has written a video yet
     device = default_device()
     cfg, net = load_generator(generator, raw=raw, device=device)
     m = cfg.model

@@ -74,7 +74,8 @@ class SampleOptions:
     def validate(self, levels: int) -> None:
         """The checks that need the model: one value of ``steps`` or one per level."""
         if len(self.steps) not in (0, 1, levels):
-            want = "1 value (the model has one level)" if levels == 1 else f"1 value or {levels} (one per level of the model)"
+            want = ("1 value (the model has one level)" if levels == 1
+                    else f"1 value or {levels} (one per level of the model)")
             raise UsageError(f"--steps: give {want}; got {','.join(map(str, self.steps))}")
 
 

@@ -83,8 +83,10 @@ def test_export_never_writes_into_a_checkpoint(run):
     anything is read; beside the checkpoints the file is written whole (through a temporary name)."""
     ema = _folder(run, 6) / "ema.safetensors"
     before = ema.read_bytes()
-    for out, step in ((ema, 6), (_folder(run, 3) / "model.safetensors", 3), (_folder(run, 6) / "new" / "m.safetensors", 6)):
-        with pytest.raises(UsageError, match=f"is inside the checkpoint {re.escape(str(_folder(run, step).resolve()))},"):
+    outs = {ema: 6, _folder(run, 3) / "model.safetensors": 3, _folder(run, 6) / "new" / "m.safetensors": 6}
+    for out, step in outs.items():
+        holder = re.escape(str(_folder(run, step).resolve()))
+        with pytest.raises(UsageError, match=f"is inside the checkpoint {holder},"):
             export(run, out)
     assert ema.read_bytes() == before and Checkpointer(run).latest() == _folder(run, 6)
     assert not (_folder(run, 3) / "model.safetensors").exists() and not (_folder(run, 6) / "new").exists()

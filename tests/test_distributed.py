@@ -255,10 +255,11 @@ def test_a_finished_command_destroys_the_process_group_and_a_failed_one_keeps_it
     """`hpdm` destroys the process groups after a command that returned (every rank got there; PyTorch asks for it
     at a normal exit, and NCCL warns without it), but not after a user error, where the ranks may be at different
     points."""
-    script = ("import torch.distributed as dist\nfrom hpdm.cli import main\nfrom hpdm.distributed import init_distributed\n"
-              "init_distributed()\n"
-              "print('after an error:', main(['info', '--config', 'configs/tiny.yaml', 'model.head_dim=7']), dist.is_initialized())\n"
-              "print('after a finished command:', main(['info', '--config', 'configs/tiny.yaml']), dist.is_initialized())")
+    script = ("import torch.distributed as dist\nfrom hpdm.cli import main\n"
+              "from hpdm.distributed import init_distributed\ninit_distributed()\n"
+              "info = ['info', '--config', 'configs/tiny.yaml']\n"
+              "print('after an error:', main([*info, 'model.head_dim=7']), dist.is_initialized())\n"
+              "print('after a finished command:', main(info), dist.is_initialized())")
     proc = _run_alone(script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("after")]

@@ -69,7 +69,8 @@ def hpdm_problems(snippet: str) -> list[str]:
 @cache
 def script_options(script: str) -> str:
     """The --help text of a benchmark script."""
-    return subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return proc.stdout
 
 
 def script_problems(snippet: str) -> list[str]:
@@ -125,7 +126,8 @@ def test_doc_agrees_with_the_code(doc):
 
 @pytest.mark.parametrize("wrong, why", [
     ("`hpdm sample GEN --outt DIR`", "hpdm sample has no option --outt"),
-    ("```\nhpdm eval-synthetic RUN -n 32 \\\n    --fine-strat 0\n```", "hpdm eval-synthetic has no option --fine-strat"),
+    ("```\nhpdm eval-synthetic RUN -n 32 \\\n    --fine-strat 0\n```",
+     "hpdm eval-synthetic has no option --fine-strat"),
     ("`deepspeed --num_gpus 8 -m hpdm.cli sampel x`", "hpdm has no command 'sampel'"),
     ("`hpdm train --config configs/tiny.yaml train.stepz=5`", "train.stepz is not a config key"),
     ("set `model.levels_per_blok` to", "model.levels_per_blok is not a config key"),
