@@ -19,6 +19,7 @@ FILE_SUFFIXES = {"py", "md", "json", "jsonl", "yaml", "safetensors", "lock", "mp
 FOLDERS = "configs|benchmarks|launchers|kernels|hpdm|data_pipeline|tests|docs"
 PARSER = build_parser()
 COMMANDS = PARSER._subparsers._group_actions[0].choices  # argparse keeps no public map of its subcommands
+MAKE_TARGETS = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
 
 
 def snippets(text: str) -> list[str]:
@@ -106,8 +107,7 @@ def make_problems(snippet: str) -> list[str]:
     words = _tokens(snippet)
     if len(words) < 2 or words[0] != "make":
         return []
-    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
-    return [] if words[1] in targets else [f"the Makefile has no target {words[1]}"]
+    return [] if words[1] in MAKE_TARGETS else [f"the Makefile has no target {words[1]}"]
 
 
 def problems(text: str) -> list[str]:
