@@ -22,7 +22,7 @@ from .config import DataConfig
 from .decode import ClipSpec
 from .shardlist import is_pattern, resolve_shards
 from .shards_write import TEXT_DIR
-from .storage import Storage, join
+from .storage import Storage, StorageError, join
 from .stream import DataError, ShardStream, add_stats, check_skips, fresh_cursor, new_stats
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,10 @@ class _WorkerDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w = ((info.id if info else 0) + self.first) % self.stream.workers
-        return self.stream.batches(w)
+        try:
+            yield from self.stream.batches(w)
+        except (DataError, StorageError) as exc:  # handed over as it is: DataLoader would wrap it in a traceback
+            yield {"_error": exc}
 
 
 class VideoLoader:
@@ -91,6 +94,8 @@ class VideoLoader:
         if not self.stream.spec.train:
             self._reset()
         for batch in self._raw():
+            if "_error" in batch:
+                raise batch["_error"]
             meta = batch.pop("_state")
             w = meta["worker"]
             self._states[w] = {"cursor": meta["cursor"], "stats": meta["stats"]}

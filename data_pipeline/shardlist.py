@@ -29,6 +29,13 @@ def load_index(storage: Storage, spec: str) -> dict | None:
         raise DataError(f"{url}: not a valid index ({exc}); rewrite it with `hpdm make-shards`") from exc
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise DataError(f"{url}: not a shard index (no list of shards); rewrite it with `hpdm make-shards`")
+    for i, entry in enumerate(index["shards"]):
+        name, n = (entry.get("name"), entry.get("samples", 0)) if isinstance(entry, dict) else (None, None)
+        if not isinstance(name, str) or not name or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise DataError(f"{url}: shard entry {i} is {json.dumps(entry)[:120]}, not {{\"name\": FILE, \"samples\": "
+                            "COUNT}; rewrite the index with `hpdm make-shards`")
+    if not index["shards"]:
+        raise DataError(f"{url}: the index lists no shards; write some with `hpdm make-shards`")
     return index
 
 
@@ -37,6 +44,8 @@ def resolve_shards(storage: Storage, spec: str) -> tuple[list[str], list[int | N
     if is_pattern(spec):
         urls = list(braceexpand(spec))
         return urls, [None] * len(urls)
+    if spec.rstrip("/").endswith("/" + INDEX) or spec == INDEX:
+        raise DataError(f"{spec}: data.shards names the index file; give the folder or prefix that holds it")
     index = load_index(storage, spec)
     if index is not None:
         return [join(spec, s["name"]) for s in index["shards"]], [s.get("samples") for s in index["shards"]]

@@ -3,7 +3,8 @@
 The plan (which video goes to which shard) is fixed up front from the sorted source list and the source file
 sizes, so shards can be written in parallel and a rerun knows what is done: each shard has a
 ``shard-NNNNNN.meta.json`` beside it, written before the tar (marked "writing") and again after it, and a rerun
-skips every finished shard whose sidecar lists the same videos with the same options. ``index.json`` is
+skips every finished shard whose sidecar lists the same videos with the same options, labels, captions, class
+names and source file sizes (a shard whose manifest rows or files changed is written again). ``index.json`` is
 written last. Sidecars list each video's caption (null for a video left out), so ``embed-text`` never reads
 video bytes for them; ``embed`` writes the captions' embeddings to ``DEST/text`` after all shards are written.
 
@@ -11,26 +12,29 @@ make-shards writes only where it finds nothing or its own work (these names, a s
 ``text/`` folder of embeddings): any other file at the destination stops it before it writes anything, so it never
 overwrites data it did not make.
 
-Videos are stored as their original bytes under their real extension (``.mp4``, ``.avi``, ...), since PyAV
-decodes them all; ``reencode`` ("non-mp4" or "all") or ``max_side`` turns them into H.264 ``.mp4``.
+Videos are stored as their original bytes under their real extension (``.mp4``, ``.avi``, ...: VIDEO_EXTS, which
+the loader reads), since PyAV decodes them all; other formats that PyAV reads (``.gif``, ``.ts``, ...) are
+re-encoded, and ``reencode`` ("non-mp4" or "all") or ``max_side`` turns any video into H.264 ``.mp4``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor, as_completed
 import multiprocessing as mp
 
 from tqdm import tqdm
 
 from .sources import Item, load_sources
-from .storage import Storage, join
+from .storage import Storage, is_s3, join
 from .stream import DataError
 from .tario import TarWriter
-from .video import IMAGE_EXTS, VideoError, probe, probe_image, reencode
+from .video import IMAGE_EXTS, VIDEO_EXTS, VideoError, probe, probe_image, reencode
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
@@ -70,7 +74,7 @@ def _sample(it: Item, options: dict, classes: list[str]) -> dict[str, bytes]:
     meta = probe_image(data) if image else probe(data)
     ext = "jpg" if ext == "jpeg" else ext
     mode, max_side = options["reencode"], options["max_side"]
-    if not image and (mode == "all" or (mode == "non-mp4" and ext != "mp4")
+    if not image and (mode == "all" or (mode == "non-mp4" and ext != "mp4") or ext not in VIDEO_EXTS
                       or (max_side and max(meta["width"], meta["height"]) > max_side)):
         data, ext = reencode(data, max_side), "mp4"
         meta = probe(data)
@@ -80,11 +84,21 @@ def _sample(it: Item, options: dict, classes: list[str]) -> dict[str, bytes]:
     return {ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
 
 
+def inputs_digest(items: list[Item], classes: list[str]) -> str:
+    """What a shard's contents depend on beyond keys and options: labels, captions, class names, source sizes."""
+    h = hashlib.sha256(json.dumps(classes).encode())
+    for it in items:
+        size = os.path.getsize(it.path) if os.path.exists(it.path) else -1
+        h.update(json.dumps([it.key, it.label, it.caption, size]).encode())
+    return h.hexdigest()[:32]
+
+
 def write_shard(storage: Storage, dest: str, i: int, items: list[Item], options: dict, classes: list[str], tmpdir: str) -> dict:
     """Write shard ``i`` and its sidecar; return the sidecar. Unreadable videos are skipped and listed."""
     name = shard_name(i)
     side_url = join(dest, name.replace(".tar", ".meta.json"))
-    side = {"name": name, "keys": [it.key for it in items], "options": options, "state": "writing"}
+    side = {"name": name, "keys": [it.key for it in items], "options": options, "inputs": inputs_digest(items, classes),
+            "state": "writing"}
     storage.write_bytes(side_url, json.dumps(side).encode())  # so a tar at dest always has a sidecar
     local = os.path.join(tmpdir, name)
     writer = TarWriter(local)
@@ -142,9 +156,13 @@ def existing_work(storage: Storage, dest: str) -> dict[str, dict]:
     return {n.replace(".meta.json", ".tar"): _sidecar(storage, u) for n, u in names.items() if n.endswith(".meta.json")}
 
 
-def _done(sides: dict[str, dict], i: int, items: list[Item], options: dict) -> dict | None:
+def _done(sides: dict[str, dict], i: int, items: list[Item], options: dict, classes: list[str]) -> dict | None:
     side = sides.get(shard_name(i))
     same = side and side["keys"] == [it.key for it in items] and side.get("options") == options
+    if same and side.get("state") != "writing" and side.get("inputs") != inputs_digest(items, classes):
+        log.info("make-shards: %s: labels, captions, class names or source files changed since it was written; "
+                 "writing it again", shard_name(i))
+        return None
     return side if same and side.get("state") != "writing" else None
 
 
@@ -161,6 +179,10 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
     if reencode not in ("none", "non-mp4", "all"):
         raise ValueError(f"reencode: must be none, non-mp4 or all; got {reencode!r}")
     storage = storage or Storage()
+    if not is_s3(dest):
+        blocking = next((p for p in (dest, *Path(dest).parents) if os.path.exists(p) and not os.path.isdir(p)), None)
+        if blocking is not None:
+            raise DataError(f"{dest}: {blocking} is a file; make-shards writes shards into a folder")
     items, classes = load_sources(src)
     classes = list(class_names) if class_names else classes
     existing = existing_work(storage, dest)
@@ -173,7 +195,7 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
     groups = plan_shards(items, int(shard_size_mb * (1 << 20)))
     sides: dict[int, dict] = {}
     for i, g in enumerate(groups):
-        side = _done(existing, i, g, options)
+        side = _done(existing, i, g, options, classes)
         if side is not None:
             sides[i] = side
     todo = [i for i in range(len(groups)) if i not in sides]

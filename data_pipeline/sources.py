@@ -1,14 +1,18 @@
 """What ``make-shards`` reads: a folder of videos or a JSONL/CSV manifest, as a sorted list of items.
 
 Folder: every video and image file below SRC (VIDEO_EXTS, IMAGE_EXTS). When all of them sit exactly one folder
-deep (UCF-101's ``Class/clip.avi``), the folder names are the classes (sorted) and give the labels; otherwise
-they are unlabelled.
+deep (UCF-101's ``Class/clip.avi``), the folder names are the classes (sorted) and give the labels; when none
+does, they are unlabelled; a mixture is refused (a stray file would silently unlabel the whole set).
 
 Manifest (``.jsonl`` or ``.csv``): one video or image per row with ``path`` (relative to the manifest's folder or
-absolute) and optionally ``caption`` and ``label``. Labels are integers (-1 or empty: none), or class names that
-are sorted and numbered, never both in one manifest; integer labels take their names from ``classes.txt`` beside
-the manifest if there is one (and must be below its number of lines). Every line is checked; an error names the
-manifest and the line.
+absolute) and optionally ``caption`` and ``label``. Labels are integers (-1 or empty: none), or class names, never
+both in one manifest. A ``classes.txt`` beside the manifest (one name per line) fixes the numbering: integer labels
+must be below its number of lines, class names must be among its lines and get their line's number, so every
+manifest of a dataset (train, val) numbers classes alike. Without one, class names are sorted and numbered. Every
+line is checked; an error names the manifest and the line.
+
+Sample keys are the relative paths without extension, with characters other than letters, digits, ``_``, ``-``
+and ``/`` replaced by ``_`` (letters and digits of any script are kept).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import csv
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from .stream import DataError
@@ -35,8 +40,8 @@ class SourceError(DataError, ValueError):
 
 
 def sample_key(rel: str) -> str:
-    stem = os.path.splitext(rel)[0].replace(os.sep, "/")
-    return re.sub(r"[^A-Za-z0-9_/\-]", "_", stem)
+    stem = unicodedata.normalize("NFC", os.path.splitext(os.path.normpath(rel))[0].replace(os.sep, "/"))
+    return re.sub(r"[^\w/\-]", "_", stem)
 
 
 def from_folder(src: str) -> tuple[list[Item], list[str]]:
@@ -47,7 +52,13 @@ def from_folder(src: str) -> tuple[list[Item], list[str]]:
     rels = sorted(os.path.relpath(p, src) for p in paths)
     if not rels:
         raise SourceError(f"{src}: no video or image files ({', '.join(VIDEO_EXTS + IMAGE_EXTS)}) found")
-    labelled = all(r.count(os.sep) == 1 for r in rels)
+    one_deep = [r.count(os.sep) == 1 for r in rels]
+    labelled = all(one_deep)
+    if any(one_deep) and not labelled:
+        stray = [r for r, d in zip(rels, one_deep) if not d]
+        raise SourceError(f"{src}: {sum(one_deep)} files sit one folder deep (a folder per class) but {len(stray)} do "
+                          f"not ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}), so the folders cannot "
+                          "name the classes: move those, or list the videos and their labels in a manifest")
     classes = sorted({r.split(os.sep)[0] for r in rels}) if labelled else []
     lookup = {c: i for i, c in enumerate(classes)}
     items = [Item(sample_key(r), os.path.join(src, r), lookup[r.split(os.sep)[0]] if labelled else -1) for r in rels]
@@ -61,7 +72,7 @@ def from_folder(src: str) -> tuple[list[Item], list[str]]:
 
 def _rows(path: str):
     """(line number, row dict) of each record of a CSV or JSONL manifest."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel's CSV) is not text
         if path.endswith(".csv"):
             yield from enumerate(csv.DictReader(f), start=2)
             return
@@ -110,24 +121,37 @@ def from_manifest(path: str) -> tuple[list[Item], list[str]]:
                                   f"line {m} has {other!r}; use class names on every line, or integers on every "
                                   "line (named by classes.txt)")
             first.setdefault(named, (n, label))
-        rows.append((n, p, label, str(row.get("caption") or "")))
+        caption = row.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            raise SourceError(f"{path}:{n}: caption {caption!r} is not a string")
+        rows.append((n, p, label, caption or ""))
     classes = sorted({lab for _, _, lab, _ in rows if isinstance(lab, str)})
     names_file = os.path.join(base, "classes.txt")
-    if not classes and os.path.exists(names_file):
-        with open(names_file) as f:
-            classes = [line.strip() for line in f if line.strip()]
+    if os.path.exists(names_file):
+        with open(names_file, encoding="utf-8-sig") as f:
+            listed = [line.strip() for line in f if line.strip()]
+        twice = sorted({c for c in listed if listed.count(c) > 1})
+        if twice:
+            raise SourceError(f"{names_file}: {', '.join(map(repr, twice))} listed more than once")
         for n, _, label, _ in rows:
-            if label >= len(classes):
-                raise SourceError(f"{path}:{n}: label {label} but {names_file} names only {len(classes)} classes "
-                                  f"(labels 0..{len(classes) - 1})")
+            if isinstance(label, str) and label not in listed:
+                raise SourceError(f"{path}:{n}: class {label!r} is not in {names_file}, which fixes the classes' "
+                                  f"numbers ({len(listed)} lines); add it there")
+            if isinstance(label, int) and label >= len(listed):
+                raise SourceError(f"{path}:{n}: label {label} but {names_file} names only {len(listed)} classes "
+                                  f"(labels 0..{len(listed) - 1})")
+        classes = listed if any(lab != -1 for _, _, lab, _ in rows) else []
     lookup = {c: i for i, c in enumerate(classes)}
-    items, seen = [], set()
+    items, seen = [], {}
     for n, p, label, caption in rows:
         full = p if os.path.isabs(p) else os.path.join(base, p)
         key = sample_key(p if not os.path.isabs(p) else os.path.relpath(p, base))
         if key in seen:
-            raise SourceError(f"{path}:{n}: duplicate video {p!r}")
-        seen.add(key)
+            m, other, other_full = seen[key]
+            same = os.path.normpath(full) == os.path.normpath(other_full)
+            raise SourceError(f"{path}:{n}: {p!r} is line {m}'s video again" if same else
+                              f"{path}:{n}: {p!r} and line {m}'s {other!r} map to the same sample key {key!r}; rename one")
+        seen[key] = (n, p, full)
         items.append(Item(key, full, lookup[label] if isinstance(label, str) else label, caption))
     if not items:
         raise SourceError(f"{path}: manifest lists no videos")

@@ -97,10 +97,10 @@ class ShardStream:
         return (order[g::total], False) if len(order) >= total else (order, True)
 
     # -- reading ------------------------------------------------------------------------------------------
-    def _skip(self, stats: dict, reason: str, url: str, key: str, detail: str) -> None:
-        stats["seen"] += 1
-        stats["skipped"] += 1
-        stats["reasons"][reason] = stats["reasons"].get(reason, 0) + 1
+    def _skip(self, stats: dict, reason: str, url: str, key: str, detail: str, n: int = 1) -> None:
+        stats["seen"] += n
+        stats["skipped"] += n
+        stats["reasons"][reason] = stats["reasons"].get(reason, 0) + n
         log.warning("skipped sample %r in %s: %s (%s)", key, url, reason, detail)
 
     def _text_reader(self, s: int, offset: int):
@@ -133,12 +133,15 @@ class ShardStream:
             s = mine[cur["pos"]]
             url, idx0 = self.urls[s], cur["index"]
             keep = (lambda i, s=s, idx0=idx0: (s + idx0 + i) % total == g) if by_sample else None
+            expected = self.counts[s] if self.counts else None
             try:
                 reader = self.storage.open(url, cur["offset"])
             except StorageError as exc:
                 if not isinstance(exc.__cause__, FileNotFoundError) or "bucket" in str(exc):
                     raise
-                self._skip(stats, "missing_shard", url, "*", str(exc))
+                # counted as the samples the index promised this worker, so that data.max_skip_fraction sees them
+                owed = sum(1 for i in range(idx0, expected) if not by_sample or (s + i) % total == g) if expected else 1
+                self._skip(stats, "missing_shard", url, "*", f"{exc}; counted as {owed} samples", owed)
                 reader = None
             n = idx0
             if reader is not None:
@@ -161,7 +164,6 @@ class ShardStream:
                             self._skip(stats, "truncated_tar", url, rec.key, rec.error)
                             continue
                         yield s, rec, tstart
-                    expected = self.counts[s] if self.counts else None
                     for i in range(n, expected or 0):  # the tar ended early at a member boundary
                         if not by_sample or (s + i) % total == g:
                             self._skip(stats, "truncated_tar", url, f"#{i}", f"shard ended after {n} of {expected} samples")
@@ -197,11 +199,18 @@ class ShardStream:
             meta = json.loads(rec.fields["json"]) if "json" in rec.fields else None
         except ValueError:
             meta = None
-        missing = [n for n, ok in (("video", video is not None), ("json", meta is not None)) if not ok]
+        missing = [n for n, ok in (("video", video is not None), ("json", isinstance(meta, dict))) if not ok]
         if not missing and not image and not all(k in meta for k in ("fps", "frames")):
             missing = ["json fps/frames"]
         if missing:
-            self._skip(stats, "missing_field", url, rec.key, f"no {' and '.join(missing)}")
+            found = ", ".join(sorted(rec.fields)) or "nothing"
+            self._skip(stats, "missing_field", url, rec.key, f"no {' and '.join(missing)} (found {found}; "
+                       f"videos are {', '.join(VIDEO_EXTS)}, images {', '.join(IMAGE_EXTS)})")
+            return None
+        label, caption = meta.get("label", -1), meta.get("caption", "")
+        if not isinstance(label, int) or isinstance(label, bool) or not isinstance(caption, str):
+            self._skip(stats, "bad_metadata", url, rec.key, f"label {label!r}, caption {caption!r}: a label is an "
+                       "integer (-1: none), a caption a string")
             return None
         return video, meta, image
 
@@ -272,8 +281,8 @@ class ShardStream:
                     continue
                 cur["good"] += 1
                 videos.append(clip)
-                labels.append(int(meta.get("label", -1)))
-                captions.append(str(meta.get("caption", "")))
+                labels.append(meta.get("label", -1))
+                captions.append(meta.get("caption", ""))
                 keys.append(rec.key)
                 texts.append(text)
                 if len(videos) == self.batch_size:

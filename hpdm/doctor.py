@@ -141,13 +141,12 @@ def _bucket_exists(storage, url: str) -> None:
 
 
 def check_data(cfg: Config) -> list:
-    import json  # noqa: PLC0415
-
     from braceexpand import braceexpand  # noqa: PLC0415
 
+    from data_pipeline.shardlist import load_index  # noqa: PLC0415
     from data_pipeline.storage import StorageError, is_s3, join  # noqa: PLC0415
     from data_pipeline.stream import DataError  # noqa: PLC0415
-    from data_pipeline.synthetic import check_empty, synthetic_frames, synthetic_origin  # noqa: PLC0415
+    from data_pipeline.synthetic import check_empty, check_labels, synthetic_frames, synthetic_origin  # noqa: PLC0415
 
     spec, storage = cfg.data.shards, _storage(cfg)
     try:
@@ -168,10 +167,15 @@ def check_data(cfg: Config) -> list:
                                        f"{cfg.data.synthetic_videos} synthetic videos there at start")]
             what = "is not a folder" if os.path.exists(spec) else "does not exist"
             return [("data", FAIL, f"data.shards {spec} {what}")]
-        index = join(spec, "index.json")
-        if storage.exists(index):
-            info = json.loads(storage.read_bytes(index))
-            return [("data", OK, f"{index}: {len(info.get('shards', []))} shards, {info.get('num_samples')} samples")]
+        index = load_index(storage, spec)  # the checks training makes: a valid index, labels that fit the model
+        if index is not None:
+            check_labels(index, cfg.model.num_classes, spec)
+            listed, names = set(storage.contents(spec)), [s["name"] for s in index["shards"]]
+            missing = [n for n in names if join(spec, n) not in listed and not storage.exists(join(spec, n))]
+            if missing:
+                return [("data", FAIL, f"{spec}: {len(missing)} of the {len(names)} shards its index.json lists are "
+                                       f"missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")]
+            return [("data", OK, f"{join(spec, 'index.json')}: {len(names)} shards, {index.get('num_samples')} samples")]
         tars = storage.list(spec, ".tar")
         if tars:
             return [("data", WARN, f"{spec} has no index.json; {len(tars)} .tar shards listed (sample counts unknown)")]

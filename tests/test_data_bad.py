@@ -22,7 +22,8 @@ def _sample(n, frames=24):
 @pytest.fixture(scope="module")
 def bad_shards(tmp_path_factory):
     """Shard 0: good samples mixed with every kind of bad sample. Shard 1: a tar cut inside its second sample.
-    Shard 2: a tar cut at a member boundary (the index still promises 3 samples). Shard 3: listed, missing."""
+    Shard 2: a tar cut at a member boundary (the index still promises 3 samples). Shard 3: listed with 2 samples,
+    missing."""
     root = tmp_path_factory.mktemp("bad")
     good = {k: _sample(i) for i, k in enumerate(GOOD)}
     w = TarWriter(str(root / "shard-000000.tar"))
@@ -33,6 +34,8 @@ def bad_shards(tmp_path_factory):
     w.write("no_json", {"mp4": good["good2"]["mp4"]})
     w.write("no_video", {"json": good["good2"]["json"]})
     w.write("short", _sample(9, frames=4))
+    w.write("named_label", {"mp4": good["good2"]["mp4"], "json": json.dumps({**json.loads(good["good2"]["json"]),
+                                                                           "label": "B"}).encode()})
     w.write("good2", good["good2"])
     w.close()
     for name, keys in (("shard-000001.tar", ["good3", "cut", "lost"]), ("shard-000002.tar", ["good4", "good5", "gone"])):
@@ -44,8 +47,8 @@ def bad_shards(tmp_path_factory):
     (root / "shard-000001.tar").write_bytes(data[: data.index(b"cut.mp4") + 512 + 100])  # inside cut.mp4's bytes
     data = (root / "shard-000002.tar").read_bytes()
     (root / "shard-000002.tar").write_bytes(data[: data.index(b"gone.json")])  # the name opens its header
-    index = {"format": "hpdm-shards/1", "class_names": [], "num_samples": 14,
-             "shards": [{"name": "shard-000000.tar", "samples": 8}, {"name": "shard-000001.tar", "samples": 3},
+    index = {"format": "hpdm-shards/1", "class_names": [], "num_samples": 15,
+             "shards": [{"name": "shard-000000.tar", "samples": 9}, {"name": "shard-000001.tar", "samples": 3},
                         {"name": "shard-000002.tar", "samples": 3}, {"name": "shard-000003.tar", "samples": 2}]}
     (root / "index.json").write_text(json.dumps(index))
     return str(root)
@@ -58,9 +61,11 @@ def test_each_kind_of_bad_sample_is_skipped_counted_and_logged(bad_shards, caplo
         keys = [k for b in loader for k in b["key"]]
     assert sorted(keys) == sorted(GOOD)
     reasons = loader.stats["reasons"]
-    assert reasons == {"corrupt_video": 2, "missing_field": 2, "short_video": 1, "truncated_tar": 3, "missing_shard": 1}
-    assert loader.stats["skipped"] == 9 and loader.stats["seen"] == 15
-    for key in ("'corrupt'", "'truncated_mp4'", "'no_json'", "'no_video'", "'short'"):
+    # a missing shard counts as the samples its index entry promised: 2, so that data.max_skip_fraction sees them
+    assert reasons == {"corrupt_video": 2, "missing_field": 2, "short_video": 1, "truncated_tar": 3, "missing_shard": 2,
+                       "bad_metadata": 1}
+    assert loader.stats["skipped"] == 11 and loader.stats["seen"] == 17
+    for key in ("'corrupt'", "'truncated_mp4'", "'no_json'", "'no_video'", "'short'", "'named_label'"):
         assert f"{key} in {bad_shards}/shard-000000.tar" in caplog.text
     assert f"in {bad_shards}/shard-000001.tar: truncated_tar" in caplog.text
     assert "shard ended after 2 of 3 samples" in caplog.text
@@ -74,11 +79,15 @@ def test_training_goes_on_through_bad_data(bad_shards):
     assert set(keys) == set(GOOD)
 
 
-def test_skip_ceiling_stops_the_job_with_a_clear_message(bad_shards):
-    cfg = DataConfig(shards=bad_shards, num_workers=0, max_skip_fraction=0.2, skip_check_after=4)
-    with pytest.raises(DataError, match=r"max_skip_fraction = 20.0%.*reasons: .*corrupt_video"):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skip_ceiling_stops_the_job_with_a_clear_message(bad_shards, workers):
+    """Also from a loader worker process: the message as the worker raised it, not inside DataLoader's report
+    of the worker's traceback (which made the CLI's one-line error 750 characters long)."""
+    cfg = DataConfig(shards=bad_shards, num_workers=workers, max_skip_fraction=0.2, skip_check_after=4)
+    with pytest.raises(DataError, match=r"^loader worker 0: .*max_skip_fraction = 20.0%.*reasons: .*corrupt_video") as e:
         for _ in build_loader(cfg, frames=8, size=(16, 16), batch_size=2, train=False):
             pass
+    assert "Traceback" not in str(e.value)
 
 
 def test_skip_ceiling_waits_for_the_minimum_sample_count(bad_shards):

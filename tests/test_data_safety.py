@@ -129,6 +129,26 @@ def test_labels_beyond_num_classes_are_refused_when_the_index_is_read(tiny_shard
         prepare_dataset(DataConfig(shards=str(old), num_workers=0), (4, 16, 16), num_classes=3)
 
 
+@pytest.mark.parametrize("shards, error", [
+    ([{"name": "shard-000000.tar", "samples": "12"}], r"shard entry 0 is .*\"12\".*not \{\"name\": FILE"),
+    (["shard-000000.tar"], r"shard entry 0 is \"shard-000000.tar\", not"),
+    ([{"samples": 12}], r"shard entry 0 is"),
+    ([], r"the index lists no shards"),
+])
+def test_an_index_that_does_not_say_what_it_must_is_refused(tiny_shards, tmp_path, shards, error):
+    """Entries of the wrong type once surfaced as a TypeError in a loader worker, in the middle of training."""
+    shutil.copytree(tiny_shards["one"], tmp_path / "d")
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    (tmp_path / "d" / "index.json").write_text(json.dumps(index | {"shards": shards}))
+    with pytest.raises(DataError, match=rf"{tmp_path}/d/index.json: {error}"):
+        prepare_dataset(DataConfig(shards=str(tmp_path / "d"), num_workers=0), (4, 16, 16), num_classes=4)
+
+
+def test_data_shards_naming_the_index_file_says_to_name_its_folder(tiny_shards):
+    with pytest.raises(DataError, match=r"index.json: data.shards names the index file; give the folder"):
+        prepare_dataset(DataConfig(shards=f"{tiny_shards['one']}/index.json", num_workers=0), (4, 16, 16), 4)
+
+
 def test_storage_errors_at_training_start_name_the_url(s3_server, monkeypatch):
     s3_server.env(monkeypatch)
     prefix = f"s3://{s3_server.bucket}/nothing-here"

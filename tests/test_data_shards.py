@@ -17,8 +17,8 @@ from data_pipeline.sources import SourceError, load_sources
 from data_pipeline.synthetic import render
 
 
-def _write_avi(path, frames=12, h=24, w=32):
-    with av.open(str(path), "w", format="avi") as c:
+def _write_avi(path, frames=12, h=24, w=32, container="avi"):
+    with av.open(str(path), "w", format=container) as c:
         s = c.add_stream("mpeg4", rate=Fraction(25))
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         for f in render(1, frames, h, w, seed=5):
@@ -111,6 +111,11 @@ def test_manifests_csv_and_jsonl(tmp_path, tiny_manifest):
      r"m.csv:4: label 0 is an integer but line 2 has 'cat'"),
     ("m.csv", "path,label\na.mp4,-2\n", r"m.csv:2: label -2 is negative; use -1 or leave it empty"),
     ("m.csv", "path,label\na.mp4,1\nb.mp4,2\n", r"m.csv:3: label 2 but .*classes.txt names only 2 classes"),
+    ("m.jsonl", '{"path": "a.mp4", "label": "fish"}\n', r"m.jsonl:1: class 'fish' is not in .*classes.txt"),
+    ("m.jsonl", '{"path": "a.mp4", "caption": ["x"]}\n', r"m.jsonl:1: caption \['x'\] is not a string"),
+    ("m.jsonl", '{"path": "a.mp4"}\n{"path": "./a.mp4"}\n', r"m.jsonl:2: './a.mp4' is line 1's video again"),
+    ("m.jsonl", '{"path": "a b.mp4"}\n{"path": "a_b.mp4"}\n',
+     r"m.jsonl:2: 'a_b.mp4' and line 1's 'a b.mp4' map to the same sample key 'a_b'; rename one"),
 ])
 def test_manifests_are_checked_line_by_line(tmp_path, name, text, error):
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
@@ -124,6 +129,40 @@ def test_integer_labels_named_by_classes_txt(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\na.mp4,1\nb.mp4,\nc.mp4,-1\nd.mp4, 0\n")
     items, classes = load_sources(str(tmp_path / "m.csv"))
     assert classes == ["cat", "dog"] and [i.label for i in items] == [1, -1, -1, 0]
+
+
+def test_classes_txt_numbers_class_names_alike_in_every_manifest(tmp_path):
+    """Without classes.txt a val manifest without 'dog' numbered 'fish' 1 where train had 2."""
+    (tmp_path / "classes.txt").write_text("dog\ncat\nfish\n")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"path": f"{c}.mp4", "label": c}) + "\n"
+                                                 for c in ("cat", "dog", "fish")))
+    (tmp_path / "val.jsonl").write_text('{"path": "c.mp4", "label": "cat"}\n{"path": "f.mp4", "label": "fish"}\n')
+    train, classes = load_sources(str(tmp_path / "train.jsonl"))
+    val, val_classes = load_sources(str(tmp_path / "val.jsonl"))
+    assert classes == val_classes == ["dog", "cat", "fish"]
+    assert [(i.key, i.label) for i in train] == [("cat", 1), ("dog", 0), ("fish", 2)]
+    assert [(i.key, i.label) for i in val] == [("c", 1), ("f", 2)]
+    (tmp_path / "none.jsonl").write_text('{"path": "n.mp4"}\n')  # unlabelled: no class names from classes.txt
+    assert load_sources(str(tmp_path / "none.jsonl"))[1] == []
+
+
+def test_csv_from_excel_and_names_in_other_scripts(tmp_path):
+    """A byte-order mark before 'path' (Excel's UTF-8 CSV) once read as a missing column; names of only
+    non-ASCII letters all became the sample key '_'."""
+    (tmp_path / "m.csv").write_bytes("\ufeffpath,caption\nè.mp4,a\né.mp4,b\nвидео.mp4,c\n".encode())
+    items, _ = load_sources(str(tmp_path / "m.csv"))
+    assert [i.key for i in items] == ["è", "é", "видео"]
+
+
+def test_a_stray_file_beside_class_folders_is_refused(tmp_path):
+    """One video at the top of a folder of class folders once unlabelled the whole set without a word."""
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "a.mp4").write_bytes(b"not decoded here")
+    (tmp_path / "stray.mp4").write_bytes(b"not decoded here")
+    with pytest.raises(SourceError, match=r"2 files sit one folder deep \(a folder per class\) but 1 do not "
+                                          r"\(stray.mp4\).*manifest"):
+        load_sources(str(tmp_path))
 
 
 def test_rerun_resumes_instead_of_starting_over(tiny_manifest, tmp_path, monkeypatch):
@@ -144,6 +183,41 @@ def test_rerun_resumes_instead_of_starting_over(tiny_manifest, tmp_path, monkeyp
     calls.clear()
     make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, reencode="all", progress=False)  # other options: redo
     assert len(calls) == 12
+
+
+def test_rerun_after_the_manifest_changed_writes_the_changed_shards_again(tiny_manifest, tmp_path):
+    """A relabelled video, a new caption and a source that appeared: a rerun once kept the old shards."""
+    rows = [json.loads(line) for line in open(tiny_manifest)][:3]
+    manifest, dest = tmp_path / "m.jsonl", tmp_path / "ds"
+
+    def write(rows):
+        manifest.write_text("".join(json.dumps({**r, "path": str(tiny_manifest.parent / r["path"])}) + "\n" for r in rows)
+                            + json.dumps({"path": str(tmp_path / "late.mp4")}) + "\n")
+        return make_shards(str(manifest), str(dest), shard_size_mb=1e-6, progress=False)
+
+    first = write(rows)
+    assert first["num_samples"] == 3 and [os.path.basename(s["path"]) for s in first["skipped"]] == ["late.mp4"]
+    rows[1] |= {"label": 3, "caption": "relabelled"}
+    os.link(tiny_manifest.parent / rows[0]["path"], tmp_path / "late.mp4")
+    index = write(rows)
+    assert index["num_samples"] == 4 and index["skipped"] == []
+    batch = next(iter(build_loader(DataConfig(shards=str(dest), num_workers=0), frames=4, size=(16, 16),
+                                   batch_size=4, train=False)))
+    by_key = {k.rsplit("/", 1)[-1]: v for k, v in zip(batch["key"], zip(batch["label"].tolist(), batch["caption"]))}
+    assert by_key[rows[1]["path"][:-4]] == (3, "relabelled") and "late" in by_key
+
+
+def test_formats_the_loader_does_not_read_are_reencoded(tmp_path):
+    """An MPEG-TS video was stored as .ts, which the loader skipped as a sample without video."""
+    (tmp_path / "src").mkdir()
+    _write_avi(tmp_path / "src" / "clip.ts", container="mpegts")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "src/clip.ts"}) + "\n")
+    make_shards(str(manifest), str(tmp_path / "ds"), progress=False)
+    assert sorted(_members(tmp_path / "ds" / "shard-000000.tar")) == ["src/clip.json", "src/clip.mp4"]
+    batch = next(iter(build_loader(DataConfig(shards=str(tmp_path / "ds"), num_workers=0), frames=8, size=(16, 16),
+                                   batch_size=1, train=False)))
+    assert batch["key"] == ["src/clip"]
 
 
 def test_parallel_writers_and_unreadable_videos(tiny_manifest, tmp_path):
@@ -221,3 +295,12 @@ def test_folder_videos_with_the_same_key_are_refused(tmp_path):
         (tmp_path / name).write_bytes(b"not decoded here")
     with pytest.raises(SourceError, match="a.avi.*a.mp4"):
         load_sources(str(tmp_path))
+
+
+@pytest.mark.parametrize("dest", ["afile", "afile/sub"])
+def test_a_destination_under_a_file_is_refused(tiny_manifest, tmp_path, dest):
+    """DEST below a file once ended in a NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("the user's file")
+    with pytest.raises(DataError, match=rf"{dest}: .*afile is a file; make-shards writes shards into a folder"):
+        make_shards(str(tiny_manifest), str(tmp_path / dest), progress=False)
+    assert (tmp_path / "afile").read_text() == "the user's file"

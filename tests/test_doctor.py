@@ -1,5 +1,7 @@
 """`hpdm doctor`: a good local config passes; missing data, unwritable run folders and missing buckets FAIL."""
+import json
 import os
+import shutil
 import socket
 import time
 
@@ -53,6 +55,21 @@ def test_missing_shards_and_unwritable_run_dir_fail(capsys, tmp_path):
     assert code == 1 and rows["run_dir"][0] == "FAIL" and "is not writable" in rows["run_dir"][1], out
 
 
+def test_an_index_training_would_refuse_fails(capsys, tiny_shards, tmp_path):
+    """doctor once passed an index whose shards were missing or whose labels did not fit the model."""
+    data = tmp_path / "d"
+    shutil.copytree(tiny_shards["one"], data)
+    index = json.loads((data / "index.json").read_text())
+    cases = [({"shards": index["shards"] + [{"name": "shard-000007.tar", "samples": 5}]},
+              f"{data}: 1 of the 2 shards its index.json lists are missing (shard-000007.tar)"),
+             ({"max_label": 20}, f"data.shards {data}: labels go up to 20 but model.num_classes is 8"),
+             ({"shards": ["shard-000000.tar"]}, f"{data}/index.json: shard entry 0 is \"shard-000000.tar\"")]
+    for change, error in cases:
+        (data / "index.json").write_text(json.dumps(index | change))
+        code, rows, out = _doctor(capsys, f"data.shards={data}", f"train.run_dir={tmp_path / 'r'}")
+        assert code == 1 and rows["data"][0] == "FAIL" and rows["data"][1].startswith(error), out
+
+
 def test_synthetic_data_still_to_be_written_is_a_warning(capsys, tmp_path):
     code, rows, _ = _doctor(capsys, "data.synthetic=true", f"data.shards={tmp_path / 'syn'}", f"train.run_dir={tmp_path / 'r'}")
     assert code == 0 and rows["data"][0] == "warn" and "rank 0 writes" in rows["data"][1]
@@ -68,7 +85,9 @@ def test_synthetic_over_the_users_shards_fails(capsys, tmp_path):
 
 def test_s3_bucket_checks_and_no_secret_printed(capsys, s3_server, monkeypatch, tmp_path):
     s3_server.env(monkeypatch)
-    Storage().write_bytes(f"s3://{s3_server.bucket}/doctor/index.json", b'{"shards": [], "num_samples": 0}')
+    Storage().write_bytes(f"s3://{s3_server.bucket}/doctor/index.json",
+                          b'{"shards": [{"name": "shard-000000.tar", "samples": 1}], "num_samples": 1}')
+    Storage().write_bytes(f"s3://{s3_server.bucket}/doctor/shard-000000.tar", b"not read by doctor")
     code, rows, out = _doctor(capsys, f"data.shards=s3://{s3_server.bucket}/doctor", f"train.run_dir={tmp_path / 'r'}",
                               f"train.checkpoint_uri=s3://{s3_server.bucket}/ckpt")
     assert code == 0, out
