@@ -109,8 +109,9 @@ def synthetic_frames(cfg: DataConfig, clip_frames: int) -> int:
     return math.ceil(1.5 * ((clip_frames - 1) * step + 1))
 
 
-def prepare_dataset(cfg: DataConfig, resolution: tuple[int, int, int], num_classes: int) -> dict:
-    """Make sure ``cfg.shards`` holds a dataset whose labels fit ``num_classes`` and return its index. With
+def prepare_dataset(cfg: DataConfig, resolution: tuple[int, int, int], num_classes: int, labelled: bool = False) -> dict:
+    """Make sure ``cfg.shards`` holds a dataset whose labels fit ``num_classes`` (and that has labels at all where
+    ``labelled``: a class-conditional model) and return its index. With
     ``cfg.synthetic`` and nothing at that location yet, writes the synthetic dataset there first (or finishes
     an interrupted write of the same set); a location holding anything else is never written to.
     Call on rank 0 only, with the other ranks at a barrier."""
@@ -130,7 +131,7 @@ def prepare_dataset(cfg: DataConfig, resolution: tuple[int, int, int], num_class
             raise StorageError(f"data.shards {cfg.shards}: its first shard {urls[0]} does not exist")
         index = {"shards": [{"name": u.rsplit("/", 1)[-1], "samples": c} for u, c in zip(urls, counts)],
                  "num_samples": None, "class_names": []}
-    check_labels(index, num_classes, cfg.shards)
+    check_labels(index, num_classes, cfg.shards, labelled)
     return index
 
 
@@ -153,9 +154,14 @@ def check_empty(storage: Storage, spec: str, origin: str) -> None:
                         f"writes only where nothing exists, so these files are left alone: {todo} to train on them")
 
 
-def check_labels(index: dict, num_classes: int, spec: str) -> None:
-    """Raise a DataError when the index shows labels or class names beyond ``num_classes``."""
+def check_labels(index: dict, num_classes: int, spec: str, labelled: bool = False) -> None:
+    """Raise a DataError when the index shows labels or class names beyond ``num_classes``, or, where ``labelled``,
+    no label at all."""
     top, names = index.get("max_label"), len(index.get("class_names") or [])
+    if labelled and top == -1:
+        raise DataError(f"data.shards {spec}: no video has a label, but model.cond is class, which would train "
+                        "every clip unconditionally; label the videos (a folder per class, or a manifest's label "
+                        "column), or set model.cond=none")
     if isinstance(top, int) and top >= num_classes:
         raise DataError(f"data.shards {spec}: labels go up to {top} but model.num_classes is {num_classes}; "
                         f"set model.num_classes to at least {top + 1}")

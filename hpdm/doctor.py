@@ -169,7 +169,7 @@ def check_data(cfg: Config) -> list:
             return [("data", FAIL, f"data.shards {spec} {what}")]
         index = load_index(storage, spec)  # the checks training makes: a valid index, labels that fit the model
         if index is not None:
-            check_labels(index, cfg.model.num_classes, spec)
+            check_labels(index, cfg.model.num_classes, spec, cfg.model.cond == "class")
             listed, names = set(storage.contents(spec)), [s["name"] for s in index["shards"]]
             missing = [n for n in names if join(spec, n) not in listed and not storage.exists(join(spec, n))]
             if missing:

@@ -188,7 +188,8 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
     try:
         if cfg.train.checkpoint_uri:
             ckpt.storage.check_writable(cfg.train.checkpoint_uri)
-        prepare_dataset(cfg.data, resolution=cfg.model.resolution, num_classes=cfg.model.num_classes)
+        prepare_dataset(cfg.data, resolution=cfg.model.resolution, num_classes=cfg.model.num_classes,
+                        labelled=cfg.model.cond == "class")
     except BaseException:
         lock.release()
         raise

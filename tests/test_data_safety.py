@@ -124,6 +124,11 @@ def test_labels_beyond_num_classes_are_refused_when_the_index_is_read(tiny_shard
     (old / "index.json").write_text(json.dumps(index | {"class_names": list("abcde")}))
     with pytest.raises(DataError, match="the index names 5 classes but model.num_classes is 3"):
         prepare_dataset(DataConfig(shards=str(old), num_workers=0), (4, 16, 16), num_classes=3)
+    (old / "index.json").write_text(json.dumps(index | {"max_label": -1, "class_names": []}))  # unlabelled videos
+    assert prepare_dataset(DataConfig(shards=str(old), num_workers=0), (4, 16, 16), num_classes=3)["max_label"] == -1
+    with pytest.raises(DataError, match="no video has a label, but model.cond is class, which would train every clip "
+                                        "unconditionally; label the videos .* or set model.cond=none"):
+        prepare_dataset(DataConfig(shards=str(old), num_workers=0), (4, 16, 16), num_classes=3, labelled=True)
     (old / "index.json").write_text('{"shards": [')
     with pytest.raises(DataError, match=rf"{old}/index.json: not a valid index"):
         prepare_dataset(DataConfig(shards=str(old), num_workers=0), (4, 16, 16), num_classes=3)
