@@ -95,16 +95,29 @@ class TokenConv(nn.Module):
 
     def __init__(self, dim: int, grid: tuple[int, int, int], kernel: int, cond_dim: int, impl: str = "auto"):
         super().__init__()
-        self.grid, self.impl = grid, impl  # impl: kernels.token_conv's (model.kernels)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.conv = nn.Conv3d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.conv = GridConv(dim, grid, kernel, impl)
         self.proj = nn.Linear(dim, dim)
         self.mod = Modulation(cond_dim, dim, branches=1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         (shift, scale, gate), = self.mod(c)
-        y = token_conv(modulate(self.norm, x, shift, scale), self.grid, self.conv.weight, self.conv.bias, self.impl)
+        y = self.conv(modulate(self.norm, x, shift, scale))
         return torch.addcmul(x, gate, self.proj(nn.functional.gelu(y, approximate="tanh")))
+
+
+class GridConv(nn.Conv3d):
+    """Depthwise convolution over the token grid of [B, N, C] tokens (kernels.token_conv; ``impl``: model.kernels).
+
+    Called as a module of its own: ZeRO-3 gathers a module's weights when it runs, and weights read from a module
+    that never runs broke its prefetch trace on the first resume."""
+
+    def __init__(self, dim: int, grid: tuple[int, int, int], kernel: int, impl: str = "auto"):
+        super().__init__(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.grid, self.impl = grid, impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return token_conv(x, self.grid, self.weight, self.bias, self.impl)
 
 
 class PixelHead(nn.Module):

@@ -1,6 +1,7 @@
 """Distributed training on CPU with real DeepSpeed engines, 2 processes started by the `deepspeed` launcher."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,10 +199,19 @@ def test_zero3_ema_equals_single_process(tmp_path):
     assert moved > len(a) // 2, "the EMA barely moved: the comparison would prove nothing"
 
 
-def test_raw_weights_of_a_zero3_run_before_and_after_conversion(tmp_path, data):
-    """ZeRO-3 partitions DeepSpeed's own model state; `hpdm export --raw` still gives the whole raw weights."""
-    run = tmp_path / "run"
-    _run(2, run, data, "train.steps=2", "train.save_every=2", "train.optimizer=adamw", "train.zero_stage=3")
+def test_zero3_resumes_and_its_raw_weights_before_and_after_conversion(tmp_path, data):
+    """A ZeRO-3 run resumes with the losses of an uninterrupted one (the token convolution's weights, read from a
+    module that never ran, broke ZeRO-3's prefetch trace at the second step after a resume), and again after
+    conversion at another world size; ZeRO-3 partitions DeepSpeed's own model state, and `hpdm export --raw`
+    still gives the whole raw weights."""
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    zero3 = ("train.save_every=2", "train.optimizer=adamw", "train.zero_stage=3")
+    _run(2, whole, data, "train.steps=4", *zero3)
+    _run(2, run, data, "train.steps=2", *zero3)
+    _run(2, run, data, "train.steps=4", *zero3)
+    assert _losses(run) == _losses(whole) and len(_losses(run)) == 4
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "checkpoints" / "latest").write_text("step_00000002")
     exported = {}
     for when in ("before", "after"):
         if when == "after":
@@ -218,6 +228,7 @@ def test_raw_weights_of_a_zero3_run_before_and_after_conversion(tmp_path, data):
     assert raw.keys() == ema.keys() and all(raw[k].shape == ema[k].shape and raw[k].numel() > 0 for k in raw)
     assert any(not torch.equal(raw[k], ema[k]) for k in raw), "the raw weights equal the EMA"
     assert all(torch.equal(v, exported["after"][k]) for k, v in exported["before"].items())
+    assert "done: step 4" in _run(1, run, data, "train.steps=4", *zero3)  # the universal checkpoint, 2 -> 1 process
 
 
 def _run_alone(script: str, **env) -> subprocess.CompletedProcess:
