@@ -34,6 +34,11 @@ class StorageError(RuntimeError):
     """A permanent storage failure, phrased for the person who has to fix it."""
 
 
+def without_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it removed: never logged, printed or saved."""
+    return re.sub(r"//[^/@\s]*@", "//", text)
+
+
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
@@ -110,7 +115,7 @@ class Storage:
     # -- errors and retries -------------------------------------------------------------------------------
     def explain(self, exc: BaseException, url: str, action: str) -> StorageError:
         """Turn a low-level exception into a StorageError naming the URL and the likely fix."""
-        where = f"{action} {re.sub(r'//[^/@]*@', '//', url)}"  # never show user:password@ of a URL
+        where = f"{action} {without_userinfo(url)}"
         name = type(exc).__name__
         text = str(exc)
         if name in ("NoCredentialsError", "PartialCredentialsError"):

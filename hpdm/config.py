@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from data_pipeline.config import DataConfig
+from data_pipeline.storage import without_userinfo
 from hpdm.errors import UserError
 
 
@@ -221,7 +222,11 @@ class Config:
             getattr(self, f.name).validate()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """As plain data for config.yaml, checkpoints, exports and wandb: without the ``user:password@`` of a URL."""
+        def public(v):
+            return without_userinfo(v) if isinstance(v, str) else [public(x) for x in v] if isinstance(v, list) else v
+
+        return {section: {k: public(v) for k, v in values.items()} for section, values in dataclasses.asdict(self).items()}
 
 
 def _coerce(value, tp, key: str):

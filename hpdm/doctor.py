@@ -11,7 +11,6 @@ import importlib
 import importlib.metadata
 import os
 import platform
-import re
 import shutil
 import socket
 import sys
@@ -19,6 +18,7 @@ import threading
 from pathlib import Path
 
 from data_pipeline.cli import number_at_least
+from data_pipeline.storage import without_userinfo
 from hpdm.config import Config, load_config
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -279,7 +279,7 @@ def check_credentials(cfg: Config) -> list:
     uses_s3 = any(u.startswith("s3://") for u in (cfg.data.shards, cfg.train.checkpoint_uri))
     set_ = [k for k in CREDENTIAL_VARS if os.environ.get(k)]
     endpoint = cfg.data.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-    endpoint = re.sub(r"//[^/@]*@", "//", endpoint)  # never show user:password@ in a URL
+    endpoint = without_userinfo(endpoint)
     detail = f"set: {', '.join(set_) or 'none'}; endpoint {endpoint}"
     files = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser().is_file()
     if uses_s3 and not set_ and not files:
@@ -380,7 +380,7 @@ def format_table(rows) -> str:
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     rows = run_checks(cfg, args.timeout)
-    shown = re.sub(r"//[^/@\s]*@", "//", " ".join([args.config, *args.overrides]))  # no user:password@ of a URL
+    shown = without_userinfo(" ".join([args.config, *args.overrides]))
     print(f"hpdm doctor on {socket.gethostname()}, config {shown}")
     print(format_table(rows))
     fails, warns = sum(r[1] == FAIL for r in rows), sum(r[1] == WARN for r in rows)

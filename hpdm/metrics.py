@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import uuid
 from pathlib import Path
 
 import torch
+
+from data_pipeline.storage import without_userinfo
 
 # Dense peak TFLOP/s per GPU: (bf16, tf32). fp32 runs use TF32 matmuls on these GPUs.
 PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183), "A10": (125, 62)}
@@ -67,6 +70,7 @@ class Metrics:
             id_file = run_dir / "wandb_run_id"  # a resumed job continues the same wandb run
             if not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:12])
+            sys.argv[1:] = [without_userinfo(a) for a in sys.argv[1:]]  # wandb records the command line
             self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
                                   id=id_file.read_text().strip(), resume="allow")
 
