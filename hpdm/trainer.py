@@ -200,12 +200,30 @@ def _check_resume(cfg: Config, ckpt: Checkpointer, latest: Path | None) -> None:
     """Rank 0: refuse a checkpoint made for another model or diffusion config, then move newer checkpoint
     folders out of the way (they are kept, never overwritten)."""
     if latest is not None:
-        differ = config_differences(read_state(latest)["config"], cfg.to_dict())
+        saved = read_state(latest)["config"]
+        differ = config_differences(saved, cfg.to_dict())
+        old, t = saved.get("train", {}), cfg.train
+        # the optimizer state in the checkpoint is laid out for these; ZeRO 1 and 2 load each other's
+        differ += [f"train.{k}: {old[k]} -> {getattr(t, k)}" for k in ("optimizer", "precision", "zero_stage")
+                   if k in old and old[k] != getattr(t, k) and {old[k], getattr(t, k)} != {1, 2}]
         if differ:
             raise CheckpointError(f"cannot resume {latest} with this config; these settings differ from the "
                                   f"checkpoint's: {'; '.join(differ)}. Restore them, or train in another "
                                   "train.run_dir (train.init_from starts from a generator's weights)")
     ckpt.set_aside_newer(latest.name if latest else "")
+
+
+def _apply_optimizer_settings(engine, schedule, t, saved: dict, rank: int) -> None:
+    """After a resume: train.lr, betas and weight_decay as configured, not as the checkpoint's optimizer and
+    schedule restored them (a changed lr was silently ignored); the optimizer's moments are kept."""
+    changed = [f"train.{k}: {saved[k]} -> {getattr(t, k)}" for k in ("lr", "betas", "weight_decay")
+               if k in saved and saved[k] != json.loads(json.dumps(getattr(t, k)))]
+    schedule.base_lrs = [t.lr] * len(schedule.base_lrs)
+    factor = lr_factor(schedule.last_epoch, t.warmup_steps, t.steps, t.decay)
+    for i, group in enumerate(engine.optimizer.param_groups):  # in param_groups' order: decayed matrices first
+        group.update(lr=t.lr * factor, betas=tuple(t.betas), weight_decay=t.weight_decay if i == 0 else 0.0)
+    if changed and rank == 0:
+        log.info("resuming with %s (the optimizer's moments are kept)", "; ".join(changed))
 
 
 def _skip_counts(loader, world: int) -> dict:
@@ -251,6 +269,8 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     model.checkpoint_blocks = t.activation_checkpointing  # recompute blocks in backward (hpdm/model.py)
     if t.init_from and latest is None:  # fine-tuning from a lower-resolution generator (not when resuming)
         init_from_generator(model, t.init_from)
+    elif t.init_from and rank == 0:
+        log.info("train.init_from is not used: this run resumes from its checkpoint %s", latest.name)
     ema = EMA(model, t.ema_halflife)  # before ZeRO-3 partitions the parameters
     if t.compile:  # in place, so parameter names (checkpoints, EMA) stay as they are; compiled at the first step
         model.compile(mode=t.compile_mode)
@@ -275,6 +295,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
         t0 = time.perf_counter()
         state, loader_state, rng = ckpt.load(engine, ema, latest)
         step, samples = state["step"], state["samples"]
+        _apply_optimizer_settings(engine, schedule, t, state["config"].get("train", {}), rank)
         loader.load_state_dict(loader_state)
         if rng is not None and not restore_generator(gen, rng) and rank == 0:
             log.warning("the checkpoint's random state is from a %s generator; this run draws on %s from a seed "

@@ -120,13 +120,31 @@ def test_resume_after_lost_latest_and_truncated_newest(run, template):
     assert steps == list(range(1, 8)), steps
 
 
-def test_incompatible_resume_is_refused_before_anything_is_written(run, template):
+@pytest.mark.parametrize("change, said", [
+    ("model.latent_dim=128", "model.latent_dim: 64 -> 128"),
+    # the checkpoint's optimizer state is laid out for these: DeepSpeed's load failed deep inside (a KeyError, an
+    # AttributeError, a missing file)
+    ("train.optimizer=lamb", "train.optimizer: adamw -> lamb"),
+    ("train.precision=bf16", "train.precision: fp32 -> bf16"),
+    ("train.zero_stage=3", "train.zero_stage: 1 -> 3"),
+])
+def test_incompatible_resume_is_refused_before_anything_is_written(run, template, change, said):
     config = (run / "config.yaml").read_bytes()
-    proc = _train(run, template / "data", "train.steps=9", "model.latent_dim=128", check=False)
+    proc = _train(run, template / "data", "train.steps=9", change, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "model.latent_dim: 64 -> 128" in proc.stderr and "Traceback" not in proc.stderr
+    assert said in proc.stderr and "Traceback" not in proc.stderr
     assert (run / "config.yaml").read_bytes() == config
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+
+
+def test_a_resume_takes_the_configured_lr_and_zero_stage_2(run, template):
+    """A changed train.lr was silently ignored on resume: the checkpoint's optimizer and schedule restored the old
+    one. ZeRO-2 loads a ZeRO-1 checkpoint (same optimizer partitions); init_from is said to be unused."""
+    out = _train(run, template / "data", "train.steps=8", "train.lr=0.0005", "train.zero_stage=2",
+                 f"train.init_from={_folder(run, 3)}").stderr
+    assert "resuming with train.lr: 0.002 -> 0.0005" in out and "train.init_from is not used" in out
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    assert lrs[6] == pytest.approx(0.002) and lrs[7] == lrs[8] == pytest.approx(0.0005)
 
 
 def test_no_pickle_runs_code_on_any_path(template, tmp_path):
