@@ -174,11 +174,16 @@ class Checkpointer:
 
         Raises CheckpointError when checkpoints exist but none is intact: starting afresh would overwrite them."""
         f = self.root / "latest"
-        named = f.read_text().strip() if f.is_file() else ""
-        named_wrong = problems(self.root / named) if named else []
+        try:
+            named = f.read_bytes().decode().strip() if f.is_file() else ""
+            named_wrong = (problems(self.root / named) if _TAG.match(named) else ["not a checkpoint folder of this run"]
+                           ) if named else []
+        except (OSError, UnicodeDecodeError) as exc:  # garbled: fall back like any other broken pointer
+            named, named_wrong = "?", [f"unreadable ({exc})"]
         if named and not named_wrong:
             return named
-        why = f"{f} names {named}: {'; '.join(named_wrong)}" if named else f"{f} is missing"
+        why = (f"{f} names {named[:80]}: {'; '.join(named_wrong)}" if named else
+               f"{f} is {'empty' if f.is_file() else 'missing'}")
         folders, broken = self.folders(), []
         for p in reversed(folders):
             wrong = named_wrong if p.name == named else problems(p)

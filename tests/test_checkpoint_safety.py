@@ -61,6 +61,18 @@ def test_missing_latest_resumes_from_newest_intact(run, caplog):
     assert "latest is missing; using step_00000006" in caplog.text
 
 
+@pytest.mark.parametrize("pointer, said", [
+    (b"x" * 300, "names xxx"), (b"\xff\xfe\xfa", "names ?: unreadable"), (b"", "latest is empty"),
+    (b"/elsewhere/run/checkpoints/step_00000009", "names /elsewhere/run/checkpoints/step_00000009: not a checkpoint folder"),
+])
+def test_a_garbled_latest_falls_back_to_the_newest_intact(run, caplog, pointer, said):
+    """A long or undecodable `latest` was an OSError or UnicodeDecodeError traceback; an absolute path to another
+    run's checkpoint was followed without a word."""
+    (run / "checkpoints" / "latest").write_bytes(pointer)
+    assert Checkpointer(run).latest() == _folder(run, 6)
+    assert said in caplog.text and "using step_00000006" in caplog.text
+
+
 @pytest.mark.parametrize("broken", ["ema.safetensors", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "state.json"])
 def test_broken_newest_falls_back_and_names_the_file(run, caplog, broken):
     f = _folder(run, 6) / broken
