@@ -293,9 +293,13 @@ class ShardStream:
                 yield batch if videos else {"_state": batch["_state"]}  # a state-only item carries the final counts
                 return
             if cur["good"] == 0:
-                why = (f"skipped: {stats['reasons']}" if stats["skipped"] else
-                       f"the dataset ({len(self.urls)} shards) has fewer samples than world_size x workers "
-                       f"({self.world_size * self.workers})")
+                why = f"skipped: {stats['reasons']}"
+                if not stats["skipped"]:
+                    why = (f"the dataset ({len(self.urls)} shards) has fewer samples than world_size x workers "
+                           f"({self.world_size * self.workers})")
+                elif set(stats["reasons"]) == {"short_video"}:
+                    why += (" (every video is shorter than one clip, see the warnings: use longer videos, or fewer "
+                            "frames per clip (model.patch, model.levels), a smaller data.frame_stride or data.fps)")
                 raise DataError(f"loader worker {g}: epoch {cur['epoch']} produced no usable sample; {why}")
             cur.update(fresh_cursor(cur["epoch"] + 1))
 

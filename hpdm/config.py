@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +181,9 @@ class TrainConfig:
     level0_steps: int = 0
 
     def validate(self) -> None:
+        if not self.run_dir.strip():
+            raise ConfigError("train.run_dir", "is empty; give the run a folder of its own")
+        self.run_dir, self.init_from = os.path.expanduser(self.run_dir), os.path.expanduser(self.init_from)
         _choice("train.optimizer", self.optimizer, ("lamb", "adamw"))
         _choice("train.decay", self.decay, ("none", "cosine"))
         _choice("train.precision", self.precision, ("fp32", "bf16"))
@@ -208,6 +213,9 @@ class TrainConfig:
         if not 0 <= self.profile_steps[0] <= self.profile_steps[1]:
             raise ConfigError("train.profile_steps",
                               f"must be [start, end) with 0 <= start <= end; got {list(self.profile_steps)}")
+        if self.profile_steps[1] > self.steps:
+            raise ConfigError("train.profile_steps", f"ends at step {self.profile_steps[1]}, after train.steps="
+                                                     f"{self.steps}: the trace would never be written")
 
 
 @dataclass
@@ -276,6 +284,8 @@ def _coerce(value, tp, key: str):
 
 def from_dict(cls, data: dict | None, prefix: str = ""):
     """Build dataclass ``cls`` from a mapping; unknown keys and bad values raise ConfigError."""
+    if data is None and prefix:  # `model:` with nothing under it, or a `model=` override
+        raise ConfigError(prefix.rstrip("."), "is empty; give its keys, or leave the section out for the defaults")
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(prefix.rstrip("."), f"must be a mapping; got {data!r}")
@@ -292,7 +302,7 @@ def parse_overrides(overrides: list[str]) -> dict:
     out: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or "." not in key.strip("."):
             raise ConfigError(item, "overrides must look like section.key=value")
         node = out
         *parents, leaf = key.split(".")
@@ -340,6 +350,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2's numbers, not PyYAML's YAML 1.1 ones: 010 is ten (1.1: octal 8), 1:30 is a string (1.1: 90)
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    c: [(tag, rx) for tag, rx in rules if tag not in (_INT, _FLOAT)] for c, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                       list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _yaml_int(loader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text, 0 if text[:2] in ("0o", "0x") else 10)
+
+
+_UniqueKeyLoader.add_constructor(_INT, _yaml_int)
+
+
 def load_yaml(text: str):
     """A YAML document without Python objects, duplicate keys refused."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
@@ -365,7 +393,8 @@ def _read_yaml(path: Path) -> dict:
             detail += f"; {e.context} that starts on line {context.line + 1}"
         raise ConfigError(f"{path}:{mark.line + 1}", f"YAML syntax error: {_yaml_problem(e)} ({detail})") from None
     if data is None:
-        return {}
+        raise ConfigError(str(path), "is empty; give sections (model, diffusion, data, train), or leave --config out "
+                                     "for configs/tiny.yaml")
     if not isinstance(data, dict):
         raise ConfigError(str(path), f"must hold a mapping of sections (model, diffusion, data, train); got a "
                                      f"{type(data).__name__}")

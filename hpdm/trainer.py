@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import deepspeed
+import pydantic
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -36,6 +37,7 @@ from hpdm.run_lock import RunLock
 from hpdm.step_rng import draw_step_randomness, restore_generator, step_generator
 from hpdm.video_io import to_uint8, write_mp4
 from kernels import gather_pyramid
+from kernels._triton import interpreting
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +185,10 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
         raise ConfigError("train.run_dir", f"{run_dir} is a file; give a folder for the run")
     if run_dir.resolve() == Path(cfg.data.shards).resolve():
         raise ConfigError("train.run_dir", f"{run_dir} is also data.shards; give the run a folder of its own")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("train.run_dir", f"cannot create {run_dir}: {exc.strerror or exc}") from None
     lock = RunLock(run_dir)
     try:
         if cfg.train.checkpoint_uri:
@@ -245,6 +250,8 @@ def train(cfg: Config) -> dict:
     t = cfg.train
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif cfg.model.kernels == "fused" and not interpreting():
+        raise ConfigError("model.kernels", "fused needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or reference")
     deepspeed_config(cfg, world)  # its errors before any work
     ckpt = Checkpointer(t.run_dir, t.keep_checkpoints, t.checkpoint_uri, Storage(cfg.data.endpoint_url))
     lock = on_rank0(lambda: _prepare(cfg, ckpt))
@@ -276,7 +283,11 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
         model.compile(mode=t.compile_mode)
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.betas, t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.decay))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    except pydantic.ValidationError as exc:  # DeepSpeed's own checks of what train.deepspeed adds
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError("train.deepspeed", f"DeepSpeed refuses {exc.title}: {errors}") from None
     attach_partitions(engine)  # LAMB's per-parameter trust ratio over ZeRO's flat partitions
     if type(engine.optimizer).__name__ == "FP16_UnfusedOptimizer":  # what DeepSpeed 0.19 gives bf16 at ZeRO-0
         log.warning("bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer checks each of the %d gradient tensors with "

@@ -21,7 +21,7 @@ def load(module: str, tensor: torch.Tensor):
     if not tensor.is_cuda and not interpreting():
         raise RuntimeError(f"the fused kernel in kernels.{module} runs on CUDA tensors, or on CPU tensors only "
                            "under Triton's interpreter (set TRITON_INTERPRET=1 before the first fused call); "
-                           "use impl='reference' on CPU")
+                           "use impl='reference' (model.kernels=reference or auto) on CPU")
     try:
         return importlib.import_module(f"kernels.{module}")
     except ImportError as exc:

@@ -78,13 +78,33 @@ def test_file_errors_name_the_file_and_line(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["model.patch=[1,2"], "model.patch: override 'model.patch=[1,2' is not valid YAML: expected ',' or ']'"),
     (["train.deepspeed={a: 1"], "train.deepspeed: override 'train.deepspeed={a: 1' is not valid YAML"),
-    (["train=3", "train.lr=1"], "train: set to a value by one override and to keys by 'train.lr=1'"),
+    (["train.deepspeed=3", "train.deepspeed.x=1"],
+     "train.deepspeed: set to a value by one override and to keys by 'train.deepspeed.x=1'"),
     (["train.lr"], "train.lr: overrides must look like section.key=value"),
+    # a whole section from an override: `model=` once reset the model to the defaults without a word
+    (["model="], "model=: overrides must look like section.key=value"),
+    (["train.steps=1:30"], "train.steps: must be an integer; got '1:30'"),  # YAML 1.1's 90
+    (['train.run_dir=""'], "train.run_dir: is empty; give the run a folder of its own"),  # was the current folder
+    (["train.profile_steps=[2,500]"], "train.profile_steps: ends at step 500, after train.steps=300"),
 ])
 def test_override_errors_name_the_override(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config("configs/tiny.yaml", overrides)
     assert str(err.value).startswith(message)
+
+
+def test_yaml_numbers_and_paths_read_as_written(tmp_path, monkeypatch):
+    """YAML 1.1 (PyYAML's) reads 010 as octal 8; `~` in a path made a folder named `~`; an empty section or file
+    gave the default config (an 11 GiB model) without a word."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("configs/tiny.yaml", ["train.steps=010", "train.seed=0o17", "train.run_dir=~/runs/x"])
+    assert cfg.train.steps == 10 and cfg.train.seed == 15 and cfg.train.run_dir == f"{tmp_path}/runs/x"
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml: is empty; give sections"):
+        load_config(tmp_path / "empty.yaml")
+    (tmp_path / "section.yaml").write_text("model:\n  # levels: 2\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="^model: is empty; give its keys, or leave the section out"):
+        load_config(tmp_path / "section.yaml")
 
 
 # Numeric fields where 0 or -1 is a legitimate value, and what it means. Every other 0 and -1 must be refused.

@@ -1,12 +1,17 @@
-"""Guards of the training loop that need no engine: divergence, labels outside the model's classes."""
+"""Guards of the training loop: divergence, labels outside the model's classes, settings it cannot use."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from data_pipeline import DataError
-from hpdm.config import load_config
+from hpdm.checkpoint import Checkpointer
+from hpdm.config import ConfigError, load_config
 from hpdm.divergence import DivergenceGuard
 from hpdm.errors import DivergenceError
-from hpdm.trainer import _cond
+from hpdm.trainer import _cond, _prepare
 
 
 def test_nonfinite_loss_is_reported_at_the_next_check_with_the_last_finite_loss():
@@ -36,3 +41,28 @@ def test_labels_beyond_num_classes_name_both_numbers():
     assert _cond(cfg, {"label": torch.tensor([0, 4, -1])}, "cpu").labels.tolist() == [0, 4, -1]  # -1: unlabelled
     with pytest.raises(DataError, match=r"label 7 but model.num_classes is 5"):
         _cond(cfg, {"label": torch.tensor([1, 7])}, "cpu")
+
+
+def test_a_run_dir_that_cannot_be_made_names_the_key(tmp_path):
+    """A run_dir under a file was a NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("the user's file")
+    cfg = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path / 'afile' / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^train.run_dir: cannot create .*afile/run: Not a directory"):
+        _prepare(cfg, Checkpointer(cfg.train.run_dir))
+    assert (tmp_path / "afile").read_text() == "the user's file"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, said", [
+    ("model.kernels=fused", "model.kernels: fused needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or reference"),
+    # a typo inside train.deepspeed ended in pydantic's traceback
+    ("train.deepspeed={zero_optimization: {stagee: 2}}", "train.deepspeed: DeepSpeed refuses DeepSpeedZeroConfig: stagee: "),
+])
+def test_settings_training_cannot_use_are_one_line_errors(tmp_path, override, said):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny_1level.yaml",
+                           f"train.run_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'data'}",
+                           "data.synthetic_videos=8", "train.steps=1", override], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2 and f"hpdm train: error: {said}" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
