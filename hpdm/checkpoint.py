@@ -72,8 +72,8 @@ def no_pickle():
         try:
             return original(f, *args, **kwargs)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{f}: refused, it holds objects other than tensors and plain data, and loading "
-                                  "them could run code (hpdm never writes such files)") from exc
+            raise CheckpointError(f"{f}: refused: it is corrupt, or holds objects other than tensors and plain data, "
+                                  "which loading could run as code (hpdm never writes such files)") from exc
         except Exception as exc:  # noqa: BLE001 (any unreadable file is a checkpoint error naming it)
             raise CheckpointError(f"{f}: cannot be read ({type(exc).__name__}: {exc})") from exc
 
@@ -127,6 +127,8 @@ def read_state(path: Path) -> dict:
 
 def problems(path: Path) -> list[str]:
     """What makes a checkpoint folder unusable, each naming its file; empty when it is complete and intact."""
+    if not path.is_dir():
+        return [f"{path} does not exist"]
     if not is_complete(path):
         return [f"{path} has no state.json (its save did not finish)"]
     try:

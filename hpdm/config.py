@@ -90,8 +90,10 @@ class ModelConfig:
         for key in ("patch", "levels", "patchify", "token_dim", "latent_dim", "num_latents", "blocks", "latent_layers",
                     "head_dim", "num_classes", "text_dim", "text_tokens"):
             check_range(f"model.{key}", getattr(self, key), 1)
-        for key in ("mlp_ratio", "data_mlp_ratio"):
+        for key, width in (("mlp_ratio", self.latent_dim), ("data_mlp_ratio", self.token_dim)):
             check_range(f"model.{key}", getattr(self, key), 0, strict=True)
+            if int(width * getattr(self, key)) < 1:  # MLPs are int(width * ratio) wide
+                raise ConfigError(f"model.{key}", f"{getattr(self, key)} x {width} leaves the MLP no hidden unit")
         for i, (p, q) in enumerate(zip(self.patch, self.patchify)):
             if p % q:
                 raise ConfigError("model.patchify", f"dimension {i} ({q}) must divide model.patch ({p})")

@@ -183,8 +183,9 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
     run_dir = Path(cfg.train.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("train.run_dir", f"{run_dir} is a file; give a folder for the run")
-    if run_dir.resolve() == Path(cfg.data.shards).resolve():
-        raise ConfigError("train.run_dir", f"{run_dir} is also data.shards; give the run a folder of its own")
+    shards = Path(cfg.data.shards).resolve()
+    if run_dir.resolve() == shards or shards in run_dir.resolve().parents:
+        raise ConfigError("train.run_dir", f"{run_dir} is data.shards or inside it; give the run a folder of its own")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -63,6 +63,7 @@ def test_missing_latest_resumes_from_newest_intact(run, caplog):
 
 @pytest.mark.parametrize("pointer, said", [
     (b"x" * 300, "names xxx"), (b"\xff\xfe\xfa", "names ?: unreadable"), (b"", "latest is empty"),
+    (b"step_00000009", "step_00000009 does not exist"),
     (b"/elsewhere/run/checkpoints/step_00000009", "names /elsewhere/run/checkpoints/step_00000009: not a checkpoint folder"),
 ])
 def test_a_garbled_latest_falls_back_to_the_newest_intact(run, caplog, pointer, said):

@@ -87,7 +87,10 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "--reps 0": (("bench-kernels", "--reps", "0"), "argument --reps: must be >= 1; got 0"),
     "run_dir a file": (("train", "train.run_dir={junk}"), "train.run_dir: {junk} is a file; give a folder for the run"),
     "run_dir is shards": (("train", "train.run_dir={tmp}/d", "data.shards={tmp}/d"),
-                          "train.run_dir: {tmp}/d is also data.shards; give the run a folder of its own"),
+                          "train.run_dir: {tmp}/d is data.shards or inside it; give the run a folder of its own"),
+    "run_dir in shards": (("train", "train.run_dir={tmp}/d/run", "data.shards={tmp}/d"),  # wrote into the dataset
+                          "train.run_dir: {tmp}/d/run is data.shards or inside it; give the run a folder of its own"),
+    "mlp_ratio": (("info", "model.mlp_ratio=0.001"), "model.mlp_ratio: 0.001 x 64 leaves the MLP no hidden unit"),
     "eval --out folder": (("eval-synthetic", "{gen}", "--out", "{empty}"), "--out: {empty} is a folder; give the JSON "
                                                                            "file to write"),
     "--cache-dir file": ((*FVD, "--fake", "{empty}", "--cache-dir", "{junk}"), "--cache-dir: {junk} is a file"),
