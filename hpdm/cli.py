@@ -149,7 +149,12 @@ def cmd_sample(args) -> int:
 
 def _check_json_out(out: str | None) -> None:
     """``--out`` of the evaluations, checked before the sampling and feature extraction that precede its writing."""
-    if out and Path(out).is_dir():
+    if not out:
+        return
+    from hpdm.export import check_output  # noqa: PLC0415
+
+    check_output("--out", Path(out), "result.json")
+    if Path(out).is_dir():
         raise UsageError(f"--out: {out} is a folder; give the JSON file to write, e.g. {Path(out) / 'result.json'}")
 
 

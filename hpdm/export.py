@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,9 +20,36 @@ from hpdm.errors import CheckpointError, UsageError
 from hpdm.model import HPDM
 
 RAW_PREFIX = "raw."
+log = logging.getLogger(__name__)
+
+
+def _in_checkpoints(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder (it holds state.json) or a run's checkpoints/ folder."""
+    return is_complete(path) or path.name == "checkpoints" and ((path / "latest").is_file() or any(path.glob("step_*")))
+
+
+def check_output(option: str, path: Path, suggest: str) -> None:
+    """Before any loading or sampling: a UsageError naming ``option`` when the output ``path`` lies in a checkpoint
+    folder or a run's checkpoints/ folder (symlinks resolved), which it would change or destroy, or when it cannot
+    be created (a file in the way, or no permission). ``suggest``: a name to offer beside the run instead."""
+    real = path.resolve()
+    guarded = [p for p in (real, *real.parents) if _in_checkpoints(p)]
+    if guarded:
+        where = "is" if guarded[0] == real else "is inside"
+        what = "the checkpoint" if is_complete(guarded[0]) else "the checkpoints folder"
+        raise UsageError(f"{option}: {path} {where} {what} {guarded[0]}, which it would change; write elsewhere, "
+                         f"e.g. {guarded[-1].parent / suggest}")
+    parent = path.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{option}: {existing} is a file, so {path} cannot be created under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: cannot create {path}: {existing} is not writable")
 
 
 def _checkpoint_folder(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
     if is_complete(path):
         if wrong := problems(path):
             raise CheckpointError("; ".join(wrong))
@@ -32,9 +60,29 @@ def _checkpoint_folder(path: Path) -> Path:
     return latest
 
 
+def _checked_config(data, source: Path, what: str) -> Config:
+    """The config ``data`` stored in ``source``, with the checks of the sections that sampling uses (model,
+    diffusion; train.init_from, say, names a file of the training machine), or a CheckpointError naming the file
+    and the key: a config edited or written by hand gave grey videos (diffusion.steps 0) or a TypeError."""
+    try:
+        cfg = from_dict(Config, data)
+        cfg.model.validate()
+        cfg.diffusion.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {what} is not a valid hpdm config ({e})") from None
+    return cfg
+
+
 def _run_config(ckpt: Path) -> Config:
     """The config the checkpoint was trained with (saved in its state.json)."""
-    return from_dict(Config, read_state(ckpt)["config"])
+    return _checked_config(read_state(ckpt)["config"], ckpt / "state.json", "its config")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """A CheckpointError naming ``source`` and the first tensor with NaN or infinite values (black videos)."""
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: tensor {bad!r} holds NaN or infinite values (did the run diverge?)")
 
 
 def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -55,11 +103,9 @@ def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
     """Write the EMA weights of a checkpoint (or a run's latest) and its config to ``out`` (safetensors)."""
     out = Path(out)
+    check_output("out", out, "model.safetensors")
     if out.is_dir():
         raise UsageError(f"{out} is a folder: give the file to write, e.g. {out / 'model.safetensors'}")
-    inside = next((p for p in out.resolve().parents if is_complete(p)), None)
-    if inside is not None:
-        raise UsageError(f"{out} is inside the checkpoint {inside}, which it would change: export to another folder")
     ckpt = _checkpoint_folder(Path(src))
     cfg = _run_config(ckpt)
     tensors = load_safetensors(ckpt / "ema.safetensors")
@@ -72,7 +118,8 @@ def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
                   metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)})
         os.replace(part, out)
     except OSError as e:
-        part.unlink(missing_ok=True)
+        if part.parent.is_dir():
+            part.unlink(missing_ok=True)
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
@@ -90,10 +137,12 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
         if "config" not in meta:
             raise CheckpointError(f"{path} carries no config metadata: was it written by `hpdm export`?")
         try:
-            cfg = from_dict(Config, yaml.safe_load(meta["config"]))
-        except (yaml.YAMLError, ConfigError) as e:
+            data = yaml.safe_load(meta["config"])
+        except yaml.YAMLError as e:
             raise CheckpointError(f"{path}: its config metadata is not an hpdm config ({e}); was it written by "
                                   "`hpdm export`?") from None
+        cfg = _checked_config(data, path, "its config metadata")
+        source = path
         tensors = load_file(str(path))
         if raw:
             tensors = {k[len(RAW_PREFIX):]: v for k, v in tensors.items() if k.startswith(RAW_PREFIX)}
@@ -104,7 +153,14 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
     else:
         ckpt = _checkpoint_folder(path)
         cfg = _run_config(ckpt)
-        tensors = _raw_weights(ckpt) if raw else load_safetensors(ckpt / "ema.safetensors")
+        if not raw:
+            source = ckpt / "ema.safetensors"
+        else:  # older checkpoints hold them in the DeepSpeed model state (_raw_weights)
+            source = ckpt / (RAW_FILE if (ckpt / RAW_FILE).is_file() else "mp_rank_00_model_states.pt")
+        tensors = _raw_weights(ckpt) if raw else load_safetensors(source)
+    _check_finite(tensors, source)
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("loading the %s weights of %s", "raw" if raw else "EMA", source)
     model = HPDM(cfg.model)
     try:
         model.load_state_dict(tensors)

@@ -19,14 +19,24 @@ from hpdm.diffusion import Condition
 from hpdm.distributed import on_rank0
 from hpdm.errors import UsageError
 from hpdm.prompts import CAPTION_HEIGHT, caption_strip, encode_prompts, video_name
-from hpdm.sampling import SampleOptions, TiledSampler, cost_table
+from hpdm.sampling import SampleOptions, TiledSampler, check_finite, cost_table
 from hpdm.video_io import to_uint8, write_mp4
 
+MAX_VIDEOS = 10_000_000  # -n: a condition, a seed and a name are made per video up front
 
-def at_least(option: str, value: float, low: float = 1) -> None:
-    """A UsageError naming ``option`` unless ``value >= low``."""
+
+def at_least(option: str, value: float, low: float = 1, high: float | None = None) -> None:
+    """A UsageError naming ``option`` unless ``value >= low`` (and, given ``high``, ``value <= high``)."""
     if value < low:
         raise UsageError(f"{option}: must be >= {low}; got {value}")
+    if high is not None and value > high:
+        raise UsageError(f"{option}: must be <= {high:,}; got {value:,}")
+
+
+def check_seed(seed: int) -> None:
+    """``--seed`` fits SEED_LIMIT: video seeds are ``seed * 1000003 + i`` and must stay within int64."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"--seed: must be in [0, {SEED_LIMIT}); got {seed}")
 
 
 def rank_world() -> tuple[int, int]:
@@ -42,7 +52,11 @@ def rank_world() -> tuple[int, int]:
 
 
 def check_out(out: Path) -> None:
-    """``--out`` is a new or an empty folder: videos of an earlier run left beside new ones would mix in a metric."""
+    """``--out`` is a new or an empty folder outside any checkpoint: videos of an earlier run left beside new ones
+    would mix in a metric."""
+    from hpdm.export import check_output  # noqa: PLC0415
+
+    check_output("--out", out, "samples")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is a file; give a folder for the videos")
     old = sorted(p.name for p in out.glob("*.mp4")) if out.is_dir() else []
@@ -174,12 +188,11 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
     from hpdm.export import load_generator  # noqa: PLC0415
 
     num = (len(prompts) if prompts else 4) if num is None else num
-    at_least("-n", num)
+    at_least("-n", num, high=MAX_VIDEOS)
     at_least("--batch", batch)
     if not 0.01 <= fps <= 1000:  # mp4 stores the rate as a fraction with a denominator up to 1001
         raise UsageError(f"--fps: must be in [0.01, 1000]; got {fps}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise UsageError(f"--seed: must be in [0, {SEED_LIMIT}); got {seed}")
+    check_seed(seed)
     out = Path(out)
     rank, world = rank_world()
     on_rank0(lambda: check_out(out))  # rank 0 checks while the others wait: no rank has written a video yet
@@ -203,6 +216,7 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
         ids = mine[start:start + batch]
         c = cond.rows(video_rows(cond, ids), device)
         levels, st = sampler.sample(c, [video_seed(seed, i) for i in ids], progress=progress and rank == 0)
+        check_finite(levels, sampler.guidance)
         stats = st if stats is None else [a.add(b) for a, b in zip(stats, st)]
         for i, x in zip(ids, levels[-1]):
             video = to_uint8(x)

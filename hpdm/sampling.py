@@ -35,8 +35,10 @@ from tqdm import tqdm
 
 from hpdm.config import Config
 from hpdm.diffusion import EDM, Condition
-from hpdm.errors import UsageError
+from hpdm.errors import UsageError, UserError
 from hpdm.pyramid import boxes_from_offsets, level_resolution
+
+MAX_GUIDANCE = 100.0  # --guidance: far beyond any useful scale, and the guided estimate overflows long before 1e30
 
 
 @dataclass
@@ -62,6 +64,8 @@ class SampleOptions:
                                     ("--fine-start", self.fine_start, " (0: finer levels start from noise)")):
             if value is not None and not (math.isfinite(value) and value >= 0):  # NaN fails every comparison
                 raise UsageError(f"{option}: must be a finite number >= 0{hint}; got {value}")
+        if self.guidance is not None and self.guidance > MAX_GUIDANCE:
+            raise UsageError(f"--guidance: must be <= {MAX_GUIDANCE:g}; got {self.guidance:g}")
         if self.coarse not in ("renoise", "clean"):
             raise UsageError(f"--coarse: must be renoise or clean; got {self.coarse!r}")
         for option, order in (("--level0-order", self.level0_order), ("--fine-order", self.fine_order)):
@@ -177,6 +181,10 @@ class TiledSampler:
         self.steps = list(steps) if len(steps) == self.m.levels else level_steps(steps[0], self.m.levels)
         self.guidance = cfg.diffusion.guidance if opts.guidance is None else opts.guidance
         self.fine_start = cfg.diffusion.fine_start if opts.fine_start is None else opts.fine_start
+        if self.fine_start > cfg.diffusion.sigma_max:  # the schedule would start above any trained noise level
+            option = "diffusion.fine_start" if opts.fine_start is None else "--fine-start"
+            raise UsageError(f"{option}: must be <= the model's diffusion.sigma_max ({cfg.diffusion.sigma_max:g}); "
+                             f"got {self.fine_start:g}")
         self.geometry = [self._geometry(l) for l in range(self.m.levels)]
 
     # ---- geometry ------------------------------------------------------------------------------------------
@@ -329,6 +337,15 @@ class TiledSampler:
             stats.append(st)
         bar.close()
         return [x.float() for x in levels], stats
+
+
+def check_finite(levels: list[torch.Tensor], guidance: float) -> None:
+    """A UserError when sampled canvases hold NaN or infinite values, before they are written (as black or grey
+    videos) or measured."""
+    bad = next((l for l, x in enumerate(levels) if not torch.isfinite(x).all()), None)
+    if bad is not None:
+        raise UserError(f"the network produced non-finite values at level {bad} with guidance {guidance:g}; stopped "
+                        "before writing or measuring them (try a lower --guidance, or another checkpoint)")
 
 
 def cost_table(stats: list[LevelStats]) -> str:

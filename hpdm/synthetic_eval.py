@@ -20,6 +20,7 @@ whose colour, kind and direction of motion are the class's. Real clips score clo
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from data_pipeline.synthetic import COLOURS, SHAPES, class_name, shape_mask
 from hpdm.errors import UsageError
+from hpdm.pyramid import level_resolution
 
 # Shape half-size r is drawn from [0.1, 0.18] x the short side (at least 3 pixels); areas run from a small triangle
 # (2 r^2) to a big square ((2 r + 1)^2). A frame's blob must lie within these bounds, widened for blur and compression.
@@ -189,17 +191,26 @@ def evaluate_generator(generator: str, num: int, opts, seed: int = 0, batch: int
     """Sample ``num`` videos from a generator (classes in turn; unconditional models judged by consistency) and
     measure every level."""
     from hpdm.export import load_generator  # noqa: PLC0415
-    from hpdm.generate import at_least, default_device  # noqa: PLC0415
+    from hpdm.generate import MAX_VIDEOS, at_least, check_seed, default_device  # noqa: PLC0415
     from hpdm.monitor import sample_levels  # noqa: PLC0415
+    from hpdm.sampling import check_finite  # noqa: PLC0415
 
-    at_least("-n", num)
+    at_least("-n", num, high=MAX_VIDEOS)
     at_least("--batch", batch)
+    check_seed(seed)
     device = default_device()
     cfg, net = load_generator(generator, raw=raw, device=device)
     if cfg.model.cond == "text":
         raise UsageError(f"{generator} is text-conditioned; the synthetic measure takes class-conditional or "
                          "unconditional models")
+    m = cfg.model
+    held = num * 4 * 3 * sum(math.prod(level_resolution(l, m.patch)) for l in range(m.levels))  # every level, fp32
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if held > memory:
+        raise UsageError(f"-n: {num:,} videos keep {held / 2**30:,.0f} GiB of canvases in memory for the measure, more "
+                         f"than this machine's {memory / 2**30:,.0f} GiB; give fewer")
     levels, labels = sample_levels(net, cfg, num, seed, device, opts, batch, progress)
+    check_finite(levels, cfg.diffusion.guidance if opts.guidance is None else opts.guidance)
     return level_reports(levels, labels)
 
 

@@ -55,7 +55,7 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "sigma_data 0": (("info", "diffusion.sigma_data=0"), "diffusion.sigma_data: must be > 0; got 0.0"),
     "patchify 0": (("info", "model.patchify=[0,4,4]"), "model.patchify: every entry must be >= 1; got [0, 4, 4]"),
     "no generator": (("sample", "{tmp}/nothing", "--out", "{tmp}/out"),
-                     "{tmp}/nothing is neither a checkpoint folder (with ema.safetensors) nor a run with checkpoints"),
+                     "{tmp}/nothing does not exist"),
     "not safetensors": (("sample", "{junk}", "--out", "{tmp}/out"), "{junk} is not a safetensors file"),
     "-n -3": ((*SAMPLE, "-n", "-3"), "-n: must be >= 1; got -3"),
     "--steps 0": ((*SAMPLE, "--steps", "0"), "--steps: every entry must be >= 1; got 0"),
@@ -98,7 +98,7 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt/--prompt-file: the model is conditioned on 'class', "
                                                         "not on text"),
     "eval-synthetic -n 0": (("eval-synthetic", "{gen}", "-n", "0"), "-n: must be >= 1; got 0"),
-    "export missing": (("export", "{tmp}/nothing", "{tmp}/g.safetensors"), "{tmp}/nothing is neither a checkpoint"),
+    "export missing": (("export", "{tmp}/nothing", "{tmp}/g.safetensors"), "{tmp}/nothing does not exist"),
     "--i3d missing": (("eval-fvd", "--i3d", "{tmp}/i3d.pt", "--fake", "{empty}", "--real", "{empty}"),
                       "--i3d: detector file not found: {tmp}/i3d.pt"),
     "--i3d-sha256": ((*FVD, "--fake", "{empty}", "--i3d-sha256", "00ff"), "--i3d-sha256: {junk} has SHA-256 "),
