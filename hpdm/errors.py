@@ -6,6 +6,14 @@ class UserError(Exception):
     """A mistake in a config, an option, the data, storage or a checkpoint; the message says what and where."""
 
 
+class ConfigError(UserError, ValueError):
+    """A bad config key or value; the message starts with the dotted key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, incomplete, corrupt, unsafe or made for another config."""
 

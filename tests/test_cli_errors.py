@@ -121,7 +121,7 @@ def test_debug_shows_the_traceback(where):
     args = ["--debug", "info", "model.blocks=0"] if where == "before" else ["info", "--debug", "model.blocks=0"]
     proc = hpdm_cli(*args)
     assert proc.returncode == 2
-    assert "Traceback (most recent call last)" in proc.stderr and "hpdm.config.ConfigError" in proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and "hpdm.errors.ConfigError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "hpdm info: error: model.blocks: must be >= 1; got 0"
 
 
