@@ -27,7 +27,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -365,47 +364,3 @@ def load_safetensors(f: Path) -> dict[str, torch.Tensor]:
         return load_file(str(f))
     except Exception as exc:  # noqa: BLE001 (missing, truncated or not safetensors)
         raise CheckpointError(f"{f}: cannot be read ({exc})") from exc
-
-
-def convert_to_universal(src: str | Path) -> Path:
-    """Convert a checkpoint (or a run's latest) with DeepSpeed's ``ds_to_universal`` so that it loads at any
-    world size; the result sits beside it as ``<name>_universal`` and becomes the run's latest."""
-    from deepspeed.checkpoint import ds_to_universal  # noqa: PLC0415
-
-    src = Path(src)
-    ckpt = src if is_complete(src) else Checkpointer(src).latest()
-    if ckpt is None:
-        raise CheckpointError(f"{src} is neither a checkpoint folder nor a run with checkpoints")
-    if wrong := problems(ckpt):
-        raise CheckpointError("; ".join(wrong))
-    if is_universal(ckpt):
-        raise CheckpointError(f"{ckpt} is already universal")
-    if is_whole(ckpt):
-        raise CheckpointError(f"{ckpt} needs no conversion: it holds the whole optimizer state (ZeRO-0), which any "
-                              "number of processes resumes from")
-    out = ckpt.parent / f"{ckpt.name}_universal"
-    tmp = ckpt.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    argv = sys.argv
-    try:
-        sys.argv = ["ds_to_universal", "--input_folder", str(ckpt), "--output_folder", str(tmp)]
-        args = ds_to_universal.parse_arguments()
-    finally:
-        sys.argv = argv
-    with no_pickle():  # its worker processes are forked and inherit the restriction
-        ds_to_universal.main(args)
-    for f in ckpt.glob("rank_*.safetensors"):
-        shutil.copy2(f, tmp / f.name)
-    for name in ("ema.safetensors", RAW_FILE):
-        if (ckpt / name).is_file():
-            shutil.copy2(ckpt / name, tmp / name)
-    (tmp / UNIVERSAL_MARK).write_text(f"converted from {ckpt.name}\n")
-    state = read_state(ckpt)
-    state["files"] = file_sizes(tmp)
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    (ckpt.parent / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal inside tmp's parent
-    Checkpointer(ckpt.parent.parent).set_latest(out.name)
-    return out
-

@@ -194,7 +194,7 @@ def cmd_eval_synthetic(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from hpdm.checkpoint import convert_to_universal  # noqa: PLC0415
+    from hpdm.convert import convert_to_universal  # noqa: PLC0415
 
     out = convert_to_universal(args.checkpoint)
     print(f"wrote {out}; it is now the run's latest checkpoint and resumes at any number of processes")

@@ -10,8 +10,9 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from hpdm.checkpoint import Checkpointer, convert_to_universal, read_state
+from hpdm.checkpoint import Checkpointer, read_state
 from hpdm.config import Config, from_dict
+from hpdm.convert import convert_to_universal
 from hpdm.distributed import init_distributed
 from hpdm.ds_config import deepspeed_config
 from hpdm.ema import EMA
