@@ -24,9 +24,9 @@ import logging
 import os
 import re
 import shutil
-from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor, as_completed
 import multiprocessing as mp
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -158,12 +158,14 @@ def existing_work(storage: Storage, dest: str) -> dict[str, dict]:
 
 def _done(sides: dict[str, dict], i: int, items: list[Item], options: dict, classes: list[str]) -> dict | None:
     side = sides.get(shard_name(i))
-    same = side and side["keys"] == [it.key for it in items] and side.get("options") == options
-    if same and side.get("state") != "writing" and side.get("inputs") != inputs_digest(items, classes):
+    if (not side or side["keys"] != [it.key for it in items] or side.get("options") != options
+            or side.get("state") == "writing"):
+        return None
+    if side.get("inputs") != inputs_digest(items, classes):
         log.info("make-shards: %s: labels, captions, class names or source files changed since it was written; "
                  "writing it again", shard_name(i))
         return None
-    return side if same and side.get("state") != "writing" else None
+    return side
 
 
 def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: int = 1, reencode: str = "none",
