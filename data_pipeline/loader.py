@@ -170,8 +170,10 @@ def text_location(cfg: DataConfig) -> str:
 
 
 def matching_text_urls(cfg: DataConfig, storage: Storage, urls: list[str], tokens: int, dim: int) -> list[str]:
-    """The embedding shard of each video shard, after checking the embeddings fit the model."""
-    from .text_shards import read_text_index, text_shard_urls  # noqa: PLC0415
+    """The embedding shard of each video shard, after checking the embeddings fit the model and were made from
+    these video shards as they are now (``text_shards.check_made_from``)."""
+    from .shardlist import load_index  # noqa: PLC0415
+    from .text_shards import check_made_from, read_text_index, text_shard_urls  # noqa: PLC0415
 
     where = text_location(cfg)
     index = read_text_index(storage, where)
@@ -181,7 +183,14 @@ def matching_text_urls(cfg: DataConfig, storage: Storage, urls: list[str], token
     if index["max_tokens"] > tokens:
         raise DataError(f"{where}: the embeddings have up to {index['max_tokens']} tokens but model.text_tokens is "
                         f"{tokens}: embed again with --max-tokens {tokens} or raise model.text_tokens")
-    return text_shard_urls(urls, where)
+    if index["max_tokens"] < tokens:
+        log.warning("%s: the embeddings have up to %d tokens but model.text_tokens is %d: prompts at sampling are "
+                    "encoded to %d tokens, longer than any caption in training (embed again with --max-tokens %d)",
+                    where, index["max_tokens"], tokens, tokens, tokens)
+    text_urls = text_shard_urls(urls, where)
+    videos = None if is_pattern(cfg.shards) else load_index(storage, cfg.shards)
+    check_made_from(storage, where, index, cfg.shards, urls, videos)
+    return text_urls
 
 
 def build_loader(cfg: DataConfig, *, frames: int, size: tuple[int, int], batch_size: int, rank: int = 0,

@@ -35,8 +35,9 @@ class StorageError(RuntimeError):
 
 
 def without_userinfo(text: str) -> str:
-    """``text`` with the ``user:password@`` of every URL in it removed: never logged, printed or saved."""
-    return re.sub(r"//[^/@\s]*@", "//", text)
+    """``text`` with the ``user:password@`` of every URL in it removed: never logged, printed or saved. A password
+    may hold ``/`` and ``@`` (AWS secret keys do), so it runs to the last ``@`` of the word."""
+    return re.sub(r"//[^/@\s:]*:\S*@|//[^/@\s]*@", "//", text)
 
 
 def is_s3(url: str) -> bool:
@@ -132,7 +133,7 @@ class Storage:
                    "endpoint URL (data.endpoint_url, --endpoint-url or AWS_ENDPOINT_URL) and that the server is up")
         else:
             msg = f"{name}: {text}"
-        return StorageError(f"{where}: {msg}")
+        return StorageError(without_userinfo(f"{where}: {msg}"))
 
     def retry(self, fn, url: str, action: str):
         """Call ``fn()``; retry transient errors with exponential backoff, explain permanent ones.

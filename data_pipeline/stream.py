@@ -87,6 +87,16 @@ class ShardStream:
     text_tokens: int = 0
     states: list = field(default_factory=list)  # per logical worker: {"cursor", "stats"} or None
 
+    def __post_init__(self):
+        total = self.world_size * self.workers
+        if self.spec.train and self.counts and len(self.urls) < total:  # split by sample: see shards_for
+            reached = {(s + i) % total for s, n in enumerate(self.counts) for i in range(min(n or 0, total))}
+            if len(reached) < total:  # found up front on every rank, not as one rank's error mid-start
+                raise DataError(f"the dataset ({sum(n or 0 for n in self.counts)} samples in {len(self.urls)} shards) "
+                                f"gives {total - len(reached)} of the {total} loader workers ({self.world_size} "
+                                f"processes x {self.workers} per process, data.num_workers) no sample: lower "
+                                "data.num_workers or the number of processes, or use more data")
+
     # -- the split ------------------------------------------------------------------------------------------
     def shards_for(self, epoch: int, g: int) -> tuple[list[int], bool]:
         """Global shard ids this worker reads in ``epoch``, and whether it splits them by sample."""

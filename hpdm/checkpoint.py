@@ -207,6 +207,8 @@ class Checkpointer:
             tag = self.newest_local()
             if self.remote and self.storage.exists(join(self.remote, "latest")):
                 remote = self.storage.read_bytes(join(self.remote, "latest")).decode().strip()
+                if order(remote) > order(tag or "none"):
+                    self._check_remote_owner(remote)
                 tag = max(tag, remote, key=order)  # a converted local copy (step_N_universal) beats step_N
             return tag
 
@@ -214,6 +216,19 @@ class Checkpointer:
         if tag and self.remote and not is_complete(self.root / tag):
             self._download(tag)
         return self.root / tag if tag else None
+
+    def _check_remote_owner(self, tag: str) -> None:
+        """Refuse to continue from a remote checkpoint of another run folder: two runs given one checkpoint_uri
+        silently took over each other's weights, optimizer and data position."""
+        url = join(self.remote, tag, "state.json")
+        if not self.storage.exists(url):
+            return
+        owner = json.loads(self.storage.read_bytes(url))["config"]["train"]["run_dir"]
+        here = self.root.parent
+        if os.path.abspath(os.path.expanduser(owner)) != os.path.abspath(here):
+            raise CheckpointError(f"train.checkpoint_uri {self.remote} holds the checkpoints of the run in {owner} "
+                                  f"(latest {tag}), not of train.run_dir {here}: give this run a checkpoint_uri of its "
+                                  f"own, or train.run_dir={owner} to continue that run")
 
     def set_aside_newer(self, tag: str) -> None:
         """Rank 0: move checkpoint folders newer than ``tag`` (the one resumed from) to ``set-aside/``, so that

@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
 
     result = train(cfg)
     if result["rank"] == 0:
-        if not result["trained_steps"]:
+        if not result["trained_steps"] and not result["preempted"]:
             print(f"already complete: step {result['step']}, {result['samples']} clips (raise train.steps to train on)")
         else:
             what = "preempted" if result["preempted"] else "done"
@@ -54,45 +54,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch  # noqa: PLC0415
+    from hpdm.info import print_info  # noqa: PLC0415
 
-    from hpdm.flops import activation_bytes, forward_flops_per_level, parameter_counts, state_bytes  # noqa: PLC0415
-    from hpdm.model import HPDM  # noqa: PLC0415
-
-    if args.micro_batch < 0:
-        raise UsageError(f"--micro-batch: must be >= 0; got {args.micro_batch}")
-    cfg = load_config(args.config, args.overrides)
-    m = cfg.model
-    with torch.device("meta"):
-        model = HPDM(m)
-    counts = parameter_counts(model)
-    print(f"model: {m.levels} levels of {'x'.join(map(str, m.patch))} patches, video {'x'.join(map(str, m.resolution))}, "
-          f"{m.blocks} blocks, levels per block {list(m.levels_per_block)}")
-    print(f"\n{'component':<22}{'parameters':>16}")
-    for name, n in counts.items():
-        print(f"{name:<22}{n:>16,}")
-    print(f"\n{'level':<8}{'resolution':>16}{'blocks':>8}{'fwd GFLOP/sample':>20}")
-    for level, fl in enumerate(forward_flops_per_level(m)):
-        res = "x".join(str(p * 2 ** level) for p in m.patch)
-        blocks = sum(n > level for n in m.levels_per_block)
-        print(f"{level:<8}{res:>16}{blocks:>8}{fl / 1e9:>20.2f}")
-    total = sum(forward_flops_per_level(m))
-    print(f"{'all':<8}{'':>16}{'':>8}{total / 1e9:>20.2f}   (training: {3 * total / 1e9:.2f} GFLOP/sample)")
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    micro = args.micro_batch or cfg.train.micro_batch or 1
-    act, ckpt = activation_bytes(m, micro, dtype), activation_bytes(m, micro, dtype, checkpointed=True)
-    state = state_bytes(counts["total"], cfg.train.precision)
-    gib = lambda n: f"{n / 2**30:>9.2f} GiB"  # noqa: E731
-    print(f"\nmemory estimate per process, micro-batch {micro}, {cfg.train.precision} (no ZeRO partitioning; "
-          "no allocator overhead, workspaces or backward temporaries):")
-    print(f"  {'activation memory, micro-batch ' + str(micro):<52}{gib(act)}   (tensors saved for backward, fused attention)")
-    print(f"  {'  with train.activation_checkpointing':<52}{gib(ckpt)}   (block inputs + one block recomputed)")
-    print(f"  {'weights':<52}{gib(state['weights'])}")
-    print(f"  {'gradients':<52}{gib(state['gradients'])}")
-    master = " + fp32 master weights" if cfg.train.precision == "bf16" else ""
-    print(f"  {'optimizer state':<52}{gib(state['optimizer'])}   (two fp32 moments{master})")
-    fixed = sum(state.values())
-    print(f"  {'total':<52}{gib(fixed + act)}   ({(fixed + ckpt) / 2**30:.2f} GiB with activation checkpointing)")
+    print_info(load_config(args.config, args.overrides), args.micro_batch, args.processes)
     return 0
 
 
@@ -213,7 +177,7 @@ def _text_encoder(source: str, max_tokens: int, text_dim: int | None = None):
     enc = TextEncoder(source, max_tokens, "cuda" if torch.cuda.is_available() else "cpu", text_dim=text_dim)
     path = os.path.expanduser(source)
     name = os.path.abspath(path) if os.path.exists(path) else enc.name
-    return enc, {"encoder": name, "width": enc.width, "max_tokens": max_tokens}
+    return enc, {"encoder": name, "width": enc.width, "max_tokens": max_tokens, "digest": enc.digest}
 
 
 def cmd_make_shards(args) -> int:
@@ -234,6 +198,8 @@ def cmd_embed_text(args) -> int:
     if args.batch < 1:
         raise UsageError(f"--batch: must be >= 1; got {args.batch}")
     cfg = load_config(args.config) if args.config else None
+    if cfg and cfg.model.cond != "text":
+        raise UsageError(f"--config: {args.config} is not a text model (model.cond is {cfg.model.cond}, not text)")
     max_tokens = args.max_tokens if args.max_tokens is not None else cfg.model.text_tokens if cfg else 128
     if cfg and max_tokens != cfg.model.text_tokens:
         raise UsageError(f"--max-tokens: {max_tokens}, but model.text_tokens is {cfg.model.text_tokens} in "
@@ -261,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("info", help="parameters, FLOPs per level and activation memory of a config")
     _add_config_args(p)
-    p.add_argument("--micro-batch", type=int, default=0, help="micro-batch for the memory estimate")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch for the memory estimate (default: "
+                                                                  "train.micro_batch, or from --processes)")
+    p.add_argument("--processes", type=int, default=None, help="processes of the run: the micro-batch is then "
+                                                                "train.batch_size / processes, as training takes it")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("export", help="write a checkpoint's EMA weights and config to one safetensors file")
     p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
@@ -272,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("generator", help="exported .safetensors, checkpoint folder or run folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("-n", "--num", type=int, default=None, help="number of videos, shared among processes (default: one "
-                   "per prompt, else 4); with P prompts video i gets prompt i %% P")
+                   "per prompt, else 4); with P prompts at least P, and video i gets prompt i %% P")
     p.add_argument("--label", type=int, default=None, help="class of every video (default: random classes)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt (repeatable); videos "
                    "are named after their prompts and the grid is captioned with them")
@@ -360,8 +329,23 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
     except user_errors() as e:
         return _report(args, e)
+    except RuntimeError as e:
+        if not _peer_lost(e):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"hpdm {args.command}: error: rank {os.environ.get('RANK', '?')}: another process of the job stopped "
+              f"({first[:200]}); its own error, printed by it, says why", file=sys.stderr)
+        return 2
     close_distributed()
     return status
+
+
+def _peer_lost(exc: RuntimeError) -> bool:
+    """A collective failed because another process of a multi-process job exited (which reports its own error)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(
+        s in str(exc) for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted"))
 
 
 def _report(args, exc: BaseException) -> int:

@@ -301,8 +301,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+RECORD_HEADER = "# written by `hpdm train` at every start: the resolved config of this run (edits here are overwritten)\n"
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(RECORD_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def is_recorded_config(path: Path) -> bool:
+    """Whether ``path`` is a config that ``save_config`` wrote (and may overwrite), not a user's own: it starts
+    with the header, or (written before the header existed) holds the four sections and no comment."""
+    text = path.read_text(errors="replace")
+    if text.startswith(RECORD_HEADER):
+        return True
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    sections = {f.name for f in dataclasses.fields(Config)}
+    return isinstance(loaded, dict) and set(loaded) == sections and not any(
+        line.lstrip().startswith("#") for line in text.splitlines())
 
 
 SAMPLING_ONLY = {"diffusion.steps", "diffusion.guidance", "diffusion.s_churn", "diffusion.fine_start", "model.kernels"}
@@ -313,6 +331,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
+
+
+def resume_differences(saved: dict, cfg: Config) -> list[str]:
+    """What keeps a checkpoint saved with config ``saved`` from resuming under ``cfg``: model and diffusion
+    settings, and the optimizer state's layout (optimizer, precision, ZeRO stage; stages 1 and 2 load each other's)."""
+    old, t = saved.get("train", {}), cfg.train
+    return config_differences(saved, cfg.to_dict()) + [
+        f"train.{k}: {old[k]} -> {getattr(t, k)}" for k in ("optimizer", "precision", "zero_stage")
+        if k in old and old[k] != getattr(t, k) and {old[k], getattr(t, k)} != {1, 2}]
 
 
 def config_differences(saved: dict, now: dict, sections=("model", "diffusion")) -> list[str]:

@@ -29,8 +29,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:  # a plain `hpdm train`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    missing = [v for v in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
-    if missing:  # DeepSpeed would go looking for MPI instead (a traceback about mpi4py)
+    missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:  # DeepSpeed would go looking for MPI instead (a traceback about mpi4py); Kubeflow sets no LOCAL_RANK
         raise UsageError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start "
                          "with the deepspeed launcher or torchrun, or unset RANK and LOCAL_RANK left from another job")
     if int(os.environ["WORLD_SIZE"]) > 1:  # says what a start that waits for missing processes is waiting for

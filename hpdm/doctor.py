@@ -247,6 +247,34 @@ def check_checkpoint_uri(cfg: Config) -> list:
     return [("checkpoint_uri", OK, f"{uri}: bucket reachable, probe object written and deleted")]
 
 
+def check_resume(cfg: Config) -> list:
+    """Whether the run folder's newest intact checkpoint resumes under this config (as `hpdm train` checks)."""
+    from data_pipeline.storage import StorageError  # noqa: PLC0415
+    from data_pipeline.stream import DataError  # noqa: PLC0415
+    from hpdm.checkpoint import Checkpointer, read_state  # noqa: PLC0415
+    from hpdm.config import resume_differences  # noqa: PLC0415
+    from hpdm.errors import CheckpointError, UserError  # noqa: PLC0415
+    from hpdm.text_encoder import encoder_change, text_identity  # noqa: PLC0415
+
+    ckpt = Checkpointer(cfg.train.run_dir)
+    try:
+        tag = ckpt.newest_local()
+    except CheckpointError as exc:
+        return [("resume", FAIL, str(exc))]
+    remote = "; train.checkpoint_uri may hold a newer one (not read here)" if cfg.train.checkpoint_uri else ""
+    if not tag:
+        return [("resume", OK, f"no checkpoint in {ckpt.root}: the run starts at step 0{remote}")]
+    state = read_state(ckpt.root / tag)
+    try:
+        changed = encoder_change(state.get("text_encoder"), text_identity(cfg))
+    except (UserError, DataError, StorageError):  # no embeddings or encoder: the text row says why
+        changed = None
+    differ = resume_differences(state["config"], cfg) + ([changed] if changed else [])
+    if differ:
+        return [("resume", FAIL, f"cannot resume {tag} with this config: {'; '.join(differ)}")]
+    return [("resume", OK, f"resumes from {tag} (step {state['step']}){remote}")]
+
+
 def _checkpoint_bytes(cfg: Config) -> int:
     """Rough size of one checkpoint: fp32 weights, two optimizer moments and the EMA (16 bytes a parameter)."""
     import torch  # noqa: PLC0415
@@ -328,13 +356,13 @@ def check_text(cfg: Config) -> list:
     if m.cond != "text":
         return [("text", OK, "not a text-conditioned model")]
     if d.text_encoder:
-        try:
-            import transformers  # noqa: PLC0415
+        from hpdm.text_encoder import TextEncoderError, encoder_config  # noqa: PLC0415
 
-            path = os.path.expanduser(d.text_encoder)
-            width = transformers.AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
-            width = width.get("d_model") or width.get("hidden_size")
-        except (ImportError, OSError, ValueError) as exc:
+        try:
+            width = encoder_config(d.text_encoder, "data.text_encoder")[3]  # refused as training would refuse it
+        except TextEncoderError as exc:
+            return [("text", FAIL, str(exc))]
+        except ImportError as exc:
             return [("text", FAIL, f"data.text_encoder {d.text_encoder}: {str(exc).splitlines()[0]}")]
         ok = width == m.text_dim
         return [("text", OK if ok else FAIL, f"data.text_encoder {d.text_encoder}: {width} wide, model.text_dim "
@@ -361,7 +389,7 @@ def run_checks(cfg: Config, timeout: float) -> list[tuple[str, str, str]]:
     plan = [(lambda: check_software(gpu), LOCAL_TIMEOUT, "software"), (check_gpus, LOCAL_TIMEOUT, "gpus"),
             (lambda: check_attention(gpu), LOCAL_TIMEOUT, "attention"), (check_nccl_env, 5, "nccl-env"),
             (lambda: check_data(cfg), timeout, "data"), (lambda: check_text(cfg), timeout, "text"),
-            (lambda: check_run_dir(cfg), timeout, "run_dir"),
+            (lambda: check_run_dir(cfg), timeout, "run_dir"), (lambda: check_resume(cfg), timeout, "resume"),
             (lambda: check_checkpoint_uri(cfg), timeout, "checkpoint_uri"), (lambda: check_disk(cfg), timeout, "disk"),
             (lambda: check_credentials(cfg), 5, "aws-credentials"), (lambda: check_launcher(min(timeout, 5)), timeout, "launcher")]
     rows = []

@@ -15,9 +15,15 @@ OWNED = {  # DeepSpeed key -> the hpdm field that sets it
     "zero_optimization.stage": "train.zero_stage",
     "bf16": "train.precision",
     "fp16": "train.precision (fp16 is not supported: use bf16)",
+    "torch_autocast": "train.precision",
+    "amp": "train.precision",
     "optimizer": "train.optimizer, train.lr, train.betas and train.weight_decay",
     "scheduler": "train.warmup_steps and train.decay",
     "checkpoint.load_universal": "nothing (hpdm sets it when resuming a converted checkpoint)",
+}
+UNSUPPORTED = {  # DeepSpeed key -> why a run cannot use it
+    "zero_optimization.offload_optimizer": "ZeRO-Offload of the optimizer steps DeepSpeed's own CPU optimizer, "
+                                           "and hpdm builds its own (train.optimizer)",
 }
 
 
@@ -26,6 +32,10 @@ def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
         key = prefix + str(k)
         if key in OWNED:
             raise ConfigError(f"train.deepspeed.{key}", f"set by hpdm from {OWNED[key]}; set that instead")
+        if key in UNSUPPORTED:
+            raise ConfigError(f"train.deepspeed.{key}", f"not supported: {UNSUPPORTED[key]}")
+        if isinstance(base.get(k), dict) and not isinstance(v, dict):  # `zero_optimization: true` would replace ours
+            raise ConfigError(f"train.deepspeed.{key}", f"must be a mapping of DeepSpeed's {key} keys; got {v!r}")
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             _merge(base[k], v, key + ".")
         else:
@@ -38,7 +48,9 @@ def deepspeed_config(cfg: Config, world: int, load_universal: bool = False) -> d
     t = cfg.train
     micro = t.micro_batch or t.batch_size // world
     if micro < 1 or t.batch_size % (micro * world):
-        raise ConfigError("train.batch_size", f"{t.batch_size} is not a multiple of micro_batch ({micro}) x processes ({world})")
+        split = (f"micro_batch ({micro}) x processes ({world})" if t.micro_batch else
+                 f"the {world} processes (train.micro_batch is unset: each process takes batch_size / processes)")
+        raise ConfigError("train.batch_size", f"{t.batch_size} is not a multiple of {split}")
     ds = {
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": micro,

@@ -7,6 +7,7 @@ of mp4s and/or the project's shards; their statistics are cached.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
@@ -20,18 +21,30 @@ from hpdm.generate import at_least, conditions, default_device, rank_world, shar
 from hpdm.sampling import SampleOptions, TiledSampler
 from hpdm.video_io import to_uint8
 
+log = logging.getLogger(__name__)
+PROTOCOL_VIDEOS = 2048  # StyleGAN-V's FVD_2048 (and IS) use 2,048 videos of each set
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpdm" / "fvd"
 
 
-def generated_clips(generator: str, n: int, frames: int, seed: int, opts: SampleOptions, batch: int, rank: int,
-                    world: int, device) -> tuple[Iterator[tuple[int, np.ndarray]], tuple[int, int]]:
+def load_checked_generator(generator: str, frames: int, device):
+    """(config, model) of a generator eval-fvd can sample: not text-conditioned, with at least ``frames`` frames."""
     from hpdm.export import load_generator  # noqa: PLC0415
 
     cfg, net = load_generator(generator, device=device)
+    if cfg.model.cond == "text":
+        raise UsageError(f"--generator: {generator} is text-conditioned and eval-fvd has no prompts: sample the videos "
+                         f"first with `hpdm sample {generator} --prompt-file FILE --encoder ENC -n N --out DIR`, then "
+                         "evaluate them with `hpdm eval-fvd --fake DIR ...`")
     if cfg.model.resolution[0] < frames:
         raise UsageError(f"--frames: {generator} makes {cfg.model.resolution[0]}-frame videos; {frames} asked for")
+    return cfg, net
+
+
+def generated_clips(cfg, net, n: int, frames: int, seed: int, opts: SampleOptions, batch: int, rank: int,
+                    world: int, device) -> tuple[Iterator[tuple[int, np.ndarray]], tuple[int, int]]:
     cond = conditions(cfg.model.cond, cfg.model.num_classes, n, seed)
     sampler = TiledSampler(net, cfg, opts, device=device)
 
@@ -68,18 +81,28 @@ def evaluate(i3d: str, fake: str | None = None, generator: str | None = None, re
     num_real = num_fake if num_real is None else num_real
     for option, value in (("--num-fake", num_fake), ("--num-real", num_real), ("--frames", frames), ("--batch", batch)):
         at_least(option, value)
+    for option, value in (("--num-fake", num_fake), ("--num-real", num_real)):
+        if value < 2:
+            raise UsageError(f"{option}: FVD needs 2 videos or more (it compares covariances); got {value}")
+    if c3d and num_fake < 2 * is_splits:
+        raise UsageError(f"--num-fake: IS (--c3d) averages {is_splits} splits of 2 videos or more, so needs "
+                         f"{2 * is_splits} or more; got {num_fake}")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise UsageError(f"--size: must be HxW with positive sizes, e.g. 128x128; got {'x'.join(map(str, size))}")
     for option, folder in (("--fake", fake), ("--real", real)):
         if folder is not None and not Path(folder).is_dir():
             raise UsageError(f"{option}: no such folder: {folder}")
     rank, world = rank_world()
+    if rank == 0 and min(num_fake, num_real) < PROTOCOL_VIDEOS:
+        log.warning("FVD%s of %d generated and %d real videos is not comparable with published numbers, which use "
+                    "%d of each (StyleGAN-V's protocol)", "/IS" if c3d else "", num_fake, num_real, PROTOCOL_VIDEOS)
     device = default_device()
+    model = load_checked_generator(generator, frames, device) if generator is not None else None
     detector = fvd.Detector(i3d, device, "i3d", layout, i3d_sha256)
     detectors = [detector] + ([fvd.Detector(c3d, device, "c3d", layout, c3d_sha256)] if c3d else [])
 
-    if generator is not None:
-        clips, gen_size = generated_clips(generator, num_fake, frames, seed, opts, batch, rank, world, device)
+    if model is not None:
+        clips, gen_size = generated_clips(*model, num_fake, frames, seed, opts, batch, rank, world, device)
     else:
         files = sorted(Path(fake).glob("*.mp4"))
         if not files:
@@ -92,7 +115,8 @@ def evaluate(i3d: str, fake: str | None = None, generator: str | None = None, re
     probs = fvd.gather(*outs[1]) if c3d else None
 
     source = str(Path(real or real_shards).resolve()) if not str(real_shards or "").startswith("s3://") else real_shards
-    key = fvd.cache_key(source=source, n=num_real, frames=frames, size=size, detector=detector.sha256, layout=layout)
+    key = fvd.cache_key(source=source, n=num_real, frames=frames, size=size, detector=detector.sha256, layout=layout,
+                        files=fvd.fingerprint(real, real_shards, num_real))
     cache = Path(cache_dir or default_cache_dir()) / f"real_{key}.npz"
     cached = _agree(fvd.load_stats(cache) if rank == 0 else None)
     if cached is None:

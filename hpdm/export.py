@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -100,12 +101,25 @@ def _raw_weights(ckpt: Path) -> dict[str, torch.Tensor]:
                             "state is partitioned (ZeRO-3)")
 
 
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file written by ``export`` (its metadata has export's keys)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {"config", "source"} <= (f.metadata() or {}).keys()
+    except (SafetensorError, OSError):
+        return False
+
+
 def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
-    """Write the EMA weights of a checkpoint (or a run's latest) and its config to ``out`` (safetensors)."""
+    """Write the EMA weights of a checkpoint (or a run's latest) and its config to ``out`` (safetensors). An existing
+    ``out`` is replaced only if it is itself an export."""
     out = Path(out)
     check_output("out", out, "model.safetensors")
     if out.is_dir():
         raise UsageError(f"{out} is a folder: give the file to write, e.g. {out / 'model.safetensors'}")
+    if out.exists() and not _is_export(out):
+        raise UsageError(f"out: {out} exists and was not written by `hpdm export`; give a new file name (or remove "
+                         "it first)")
     ckpt = _checkpoint_folder(Path(src))
     cfg = _run_config(ckpt)
     tensors = load_safetensors(ckpt / "ema.safetensors")
@@ -114,14 +128,27 @@ def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
     part = out.with_name(out.name + ".part")  # renamed when whole: a failed write leaves no truncated file at out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        text = read_state(ckpt).get("text_encoder")  # which encoder prompts must go through (hpdm sample checks)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(part),
-                  metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)})
+                  metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)}
+                  | ({"text_encoder": json.dumps(text)} if text else {}))
         os.replace(part, out)
     except OSError as e:
         if part.parent.is_dir():
             part.unlink(missing_ok=True)
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     return out
+
+
+def generator_text_encoder(path: str | Path) -> dict | None:
+    """The text encoder a generator (export, checkpoint or run folder) was trained with, {"encoder", "digest"},
+    where its checkpoint recorded one."""
+    path = Path(path)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("text_encoder")
+        return json.loads(text) if text else None
+    return read_state(_checkpoint_folder(path)).get("text_encoder")
 
 
 def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[Config, HPDM]:

@@ -7,8 +7,8 @@
   detector rescales to [-1, 1] and resizes to 224 itself. ``layout="bthwc"`` calls a custom detector as
   ``detector(videos uint8 [B,T,H,W,3])`` instead.
 - Statistics: mean and biased covariance (as StyleGAN-V's FeatureStats) in float64; Fréchet distance in float64
-  through a symmetric eigen-decomposition. Real statistics are cached (a .npz keyed by source, clip shape,
-  count and the detector's SHA-256).
+  through a symmetric eigen-decomposition, clamped at 0. Real statistics are cached (a .npz keyed by source,
+  clip shape, count, the detector's SHA-256 and a fingerprint of the real files); an unreadable cache is rebuilt.
 - IS: a C3D TorchScript (StyleGAN-V's ``c3d_ucf101.pt``), ``detector(videos uint8 [B,3,T,H,W])`` -> class
   probabilities (a softmax is applied when the rows are not distributions), exp(E KL(p(y|x) || p(y))) over splits.
 - Several processes: rank r extracts the features of items i % world == r; rank 0 gathers them.
@@ -18,6 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import os
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +31,16 @@ import torch.distributed as dist
 
 from hpdm.errors import UsageError
 
+log = logging.getLogger(__name__)
 FRAMES = 16
+# What StyleGAN-V's files are, for the hint of a detector that does not take their calling convention
+EXPECTED = {"i3d": "StyleGAN-V's i3d_torchscript.pt", "c3d": "StyleGAN-V's c3d_ucf101.pt"}
+
+
+def _reason(e: Exception) -> str:
+    """The gist of an error: its first sentence, or the last line of a TorchScript interpreter's traceback."""
+    lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]).split(". ")[0][:300]
 
 
 def sha256(path: str | Path) -> str:
@@ -54,18 +67,35 @@ class Detector:
             self.net = torch.jit.load(str(path), map_location=device).eval()
         except RuntimeError as e:
             raise UsageError(f"--{kind}: {path} is not a TorchScript model ({str(e).split('. ')[0]})") from None
-        self.device, self.kind, self.layout = device, kind, layout
+        self.path, self.device, self.kind, self.layout = path, device, kind, layout
 
     @torch.no_grad()
     def __call__(self, videos: torch.Tensor) -> np.ndarray:
-        x = videos.to(self.device)
-        if self.layout == "bthwc":
-            out = self.net(x)
-        elif self.kind == "i3d":
-            out = self.net(x.permute(0, 4, 1, 2, 3).contiguous(), rescale=True, resize=True, return_features=True)
-        else:
-            out = self.net(x.permute(0, 4, 1, 2, 3).contiguous())
-        return out.double().cpu().numpy()
+        """Float64 outputs [B, features] of uint8 clips [B,T,H,W,3]; one-line errors for a wrong call or output."""
+        x, kw = videos.to(self.device), {}
+        if self.layout != "bthwc":
+            x = x.permute(0, 4, 1, 2, 3).contiguous()
+            kw = dict(rescale=True, resize=True, return_features=True) if self.kind == "i3d" else {}
+        what = f"--{self.kind}: {self.path}"
+        try:
+            out = self.net(x, **kw)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (any failure of the user's network is reported as one line)
+            given = "[B,T,H,W,3] (--layout bthwc)" if self.layout == "bthwc" else "[B,3,T,H,W] (--layout stylegan-v)"
+            raise UsageError(f"{what} failed on uint8 clips {given} of shape {list(x.shape)}: {_reason(e)}; is it "
+                             f"{EXPECTED[self.kind]}? (a custom detector taking [B,T,H,W,3] needs --layout bthwc)"
+                             ) from None
+        if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.is_floating_point() and len(out) == len(x)):
+            got = (f"a {out.dtype} tensor of shape {list(out.shape)}" if isinstance(out, torch.Tensor)
+                   else f"a {type(out).__name__}")
+            raise UsageError(f"{what} returned {got}, not a 2-D float tensor of {len(x)} rows (one per video); is it "
+                             f"{EXPECTED[self.kind]}?")
+        out = out.double().cpu().numpy()
+        if not np.isfinite(out).all():
+            bad = int((~np.isfinite(out)).any(1).sum())
+            raise UsageError(f"{what} returned NaN or infinite outputs for {bad} of {len(out)} videos")
+        return out
 
 
 # ---- statistics ------------------------------------------------------------------------------------------------
@@ -83,17 +113,20 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     r1 = (v * np.sqrt(w.clip(min=0))) @ v.T
     m = r1 @ s2 @ r1
     tr_sqrt = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    # clamped: identical statistics give -1e-8 or so from rounding
+    return max(0.0, float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt))
 
 
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) per split; (mean, std) over splits."""
+    """exp(E_x KL(p(y|x) || p(y))) per split; (mean, std) over splits, each of 2 videos or more."""
     p = np.asarray(probs, dtype=np.float64)
+    if len(p) < 2 * splits:
+        raise ValueError(f"inception_score: {len(p)} videos, {2 * splits} needed for {splits} splits")
     if (p < 0).any() or not np.allclose(p.sum(1), 1, atol=1e-3):
         p = np.exp(p - p.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
     scores = []
-    for part in np.array_split(p, max(1, min(splits, len(p)))):
+    for part in np.array_split(p, splits):
         kl = part * (np.log(part + 1e-12) - np.log(part.mean(0, keepdims=True) + 1e-12))
         scores.append(np.exp(kl.sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))
@@ -183,17 +216,49 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _stat(path: str) -> tuple[int, int] | None:
+    st = os.stat(path) if os.path.isfile(path) else None
+    return (st.st_size, st.st_mtime_ns) if st else None
+
+
+def fingerprint(real: str | None, real_shards: str | None, n: int) -> list:
+    """What identifies the real videos for the cache: the first ``n`` mp4s' names, sizes and mtimes, or the shards'
+    URLs, indexed sample counts and (local ones) sizes and mtimes; an S3 shard counts by URL and count only."""
+    if real is not None:
+        return [(f.name, _stat(str(f))) for f in sorted(Path(real).glob("*.mp4"))[:n]]
+    from data_pipeline.shardlist import resolve_shards  # noqa: PLC0415
+    from data_pipeline.storage import Storage, is_s3  # noqa: PLC0415
+
+    urls, counts = resolve_shards(Storage(), real_shards)
+    return [(u, c, None if is_s3(u) else _stat(u)) for u, c in zip(urls, counts)]
+
+
 def load_stats(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (mu, sigma), or None when missing; an unreadable or invalid file is ignored (it is rebuilt)."""
     if not path.is_file():
         return None
-    with np.load(path) as z:
-        return z["mu"], z["sigma"]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = z["mu"], z["sigma"]
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not np.isfinite(np.append(mu, sigma)).all():
+            raise ValueError(f"mu {mu.shape} and sigma {sigma.shape} are not finite statistics")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("ignoring the unreadable real statistics cache %s (%s); recomputing it", path, _reason(e))
+        return None
+    return mu, sigma
 
 
 def save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, **meta) -> None:
+    """Writes the .npz through a temporary file of its own, so concurrent savers of one key do not collide."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, mu=mu, sigma=sigma, meta=json.dumps(meta, default=str))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.chmod(tmp, 0o644)  # as a plain write would leave it (mkstemp's file is private)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

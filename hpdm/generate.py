@@ -23,6 +23,7 @@ from hpdm.sampling import SampleOptions, TiledSampler, check_finite, cost_table
 from hpdm.video_io import to_uint8, write_mp4
 
 MAX_VIDEOS = 10_000_000  # -n: a condition, a seed and a name are made per video up front
+OUTPUTS = ("*.mp4", "grid.png", "grid_rank*.png", "cost.json", "cost_rank*.json", "prompts.json")  # what sample writes
 
 
 def at_least(option: str, value: float, low: float = 1, high: float | None = None) -> None:
@@ -52,16 +53,17 @@ def rank_world() -> tuple[int, int]:
 
 
 def check_out(out: Path) -> None:
-    """``--out`` is a new or an empty folder outside any checkpoint: videos of an earlier run left beside new ones
-    would mix in a metric."""
+    """``--out`` is a new folder, or one without any file that sample writes (OUTPUTS), outside any checkpoint:
+    videos of an earlier run left beside new ones would mix in a metric, its grid or prompts.json be replaced."""
     from hpdm.export import check_output  # noqa: PLC0415
 
     check_output("--out", out, "samples")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is a file; give a folder for the videos")
-    old = sorted(p.name for p in out.glob("*.mp4")) if out.is_dir() else []
+    old = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
     if old:
-        raise UsageError(f"--out: {out} already holds videos ({', '.join(old[:2])}{', ...' if old[2:] else ''}), "
+        what = "videos" if all(name.endswith(".mp4") for name in old) else "the output of a sample"
+        raise UsageError(f"--out: {out} already holds {what} ({', '.join(old[:2])}{', ...' if old[2:] else ''}), "
                          "which new ones would join or replace; give an empty or new folder")
 
 
@@ -84,11 +86,13 @@ def video_seed(seed: int, i: int) -> int:
 
 def conditions(cond_kind: str, num_classes: int, n: int, seed: int, label: int | None = None,
                text_emb: str | None = None, prompts: list[str] | None = None, encoder: str | None = None,
-               text_dim: int | None = None, text_tokens: int = 128, device: torch.device | None = None) -> Condition:
+               text_dim: int | None = None, text_tokens: int = 128, device: torch.device | None = None,
+               trained_with: dict | None = None) -> Condition:
     """The condition of every video: a class (``label``, or uniform random from ``seed`` as in the FVD protocol),
     text (``prompts`` encoded by ``encoder``, or ``text_emb``: safetensors with "text" [S,D] or [N,S,D] and
     optional boolean "mask"; with prompts it holds theirs), or none. Text holds one row per prompt (or 1, or ``n``):
-    video i takes row i % rows (``video_rows``), so thousands of videos of a few prompts share their embeddings."""
+    video i takes row i % rows (``video_rows``), so thousands of videos of a few prompts share their embeddings.
+    ``trained_with``: the generator's recorded text encoder, which ``encoder`` must be."""
     if label is not None and cond_kind != "class":
         raise UsageError(f"--label: the model is conditioned on {cond_kind!r}, not on a class")
     if cond_kind != "text" and (prompts or encoder or text_emb):
@@ -114,9 +118,10 @@ def conditions(cond_kind: str, num_classes: int, n: int, seed: int, label: int |
             raise UsageError("--prompt: the model is text-conditioned: give --prompt TEXT (or --prompt-file FILE) with "
                              "--encoder MODEL, or precomputed embeddings with --text-emb FILE")
         if encoder:
-            text, mask = encode_prompts(prompts, encoder, text_tokens, text_dim or 0, device or torch.device("cpu"))
+            text, mask = encode_prompts(prompts, encoder, text_tokens, text_dim or 0, device or torch.device("cpu"),
+                                        trained_with)
         else:
-            text, mask = load_text_emb(text_emb, text_dim)
+            text, mask = load_text_emb(text_emb, text_dim, text_tokens)
         count = len(prompts) if prompts else n
         if text.shape[0] not in (1, count):
             raise UsageError(f"--text-emb: {text_emb} holds {text.shape[0]} embeddings for {count} "
@@ -130,8 +135,11 @@ def video_rows(cond: Condition, ids: list[int]) -> list[int]:
     return [i % len(cond.text) for i in ids] if cond.text is not None else ids
 
 
-def load_text_emb(text_emb: str, text_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Precomputed embeddings (``--text-emb``): fp32 [N,S,D] and bool mask [N,S]."""
+def load_text_emb(text_emb: str, text_dim: int | None = None, text_tokens: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precomputed embeddings (``--text-emb``): fp32 [N,S,D] and bool mask [N,S], with 1 <= S <= ``text_tokens``
+    (the model's, as training cut its captions) and at least one token per embedding in the mask (all False is the
+    unconditional branch)."""
     if not Path(text_emb).is_file():
         raise UsageError(f"--text-emb: no such file: {text_emb}")
     from safetensors import SafetensorError  # noqa: PLC0415
@@ -144,13 +152,25 @@ def load_text_emb(text_emb: str, text_dim: int | None = None) -> tuple[torch.Ten
     if "text" not in t:
         raise UsageError(f"--text-emb: {text_emb} has no tensor named 'text' ([S,D] or [N,S,D])")
     text = t["text"].float()
+    if text.dim() not in (2, 3):
+        raise UsageError(f"--text-emb: {text_emb}: 'text' is {list(text.shape)}; it must be [tokens, dim] or "
+                         "[n, tokens, dim]")
     if not torch.isfinite(text).all():  # NaN through the network: black videos, exit 0
         raise UsageError(f"--text-emb: {text_emb}: 'text' holds NaN or infinite values")
     text = text[None] if text.dim() == 2 else text
+    if text.shape[1] == 0:
+        raise UsageError(f"--text-emb: {text_emb}: 'text' {list(text.shape)} holds no tokens")
+    if text_tokens is not None and text.shape[1] > text_tokens:
+        raise UsageError(f"--text-emb: {text_emb} holds {text.shape[1]} tokens per embedding but the generator's "
+                         f"model.text_tokens is {text_tokens}; give at most {text_tokens}")
     mask = t.get("mask", torch.ones(text.shape[:2], dtype=torch.bool)).bool()
     mask = mask[None] if mask.dim() == 1 else mask
     if mask.shape[1:] != text.shape[1:2] or mask.shape[0] not in (1, text.shape[0]):
         raise UsageError(f"--text-emb: {text_emb}: 'mask' {list(mask.shape)} does not fit 'text' {list(text.shape)}")
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise UsageError(f"--text-emb: {text_emb}: 'mask' row {empty[0]} is all False, which would sample "
+                         "unconditionally; mark its tokens True")
     if text_dim is not None and text.shape[-1] != text_dim:
         raise UsageError(f"--text-emb: {text_emb} holds {text.shape[-1]}-wide embeddings but the generator's "
                          f"model.text_dim is {text_dim}")
@@ -183,12 +203,15 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
              text_emb: str | None = None, prompts: list[str] | None = None, encoder: str | None = None, seed: int = 0,
              opts: SampleOptions = SampleOptions(), batch: int = 1, fps: float = 8.0, raw: bool = False,
              progress: bool = True, hook=None) -> dict:
-    """Sample this rank's share of ``num`` videos (default: one per prompt, else 4) into ``out``; returns
+    """Sample this rank's share of ``num`` videos (default and least: one per prompt; else 4) into ``out``; returns
     {"files", "grid", "cost", "resolution", "prompts" (file name -> prompt), "rank", "world"}."""
-    from hpdm.export import load_generator  # noqa: PLC0415
+    from hpdm.export import generator_text_encoder, load_generator  # noqa: PLC0415
 
     num = (len(prompts) if prompts else 4) if num is None else num
     at_least("-n", num, high=MAX_VIDEOS)
+    if prompts and num < len(prompts):
+        raise UsageError(f"-n: {num} is fewer than the {len(prompts)} prompts, so some would get no video; give "
+                         f"-n >= {len(prompts)}, or leave it out for one video per prompt")
     at_least("--batch", batch)
     if not 0.01 <= fps <= 1000:  # mp4 stores the rate as a fraction with a denominator up to 1001
         raise UsageError(f"--fps: must be in [0.01, 1000]; got {fps}")
@@ -201,7 +224,7 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
     m = cfg.model
     sampler = TiledSampler(net, cfg, opts, device=device, hook=hook)  # checks the options before the encoder loads
     cond = conditions(m.cond, m.num_classes, num, seed, label, text_emb, prompts, encoder, m.text_dim, m.text_tokens,
-                      device)
+                      device, generator_text_encoder(generator) if encoder else None)
     prompt_of = [prompts[i % len(prompts)] if prompts else None for i in range(num)]
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ ENCODE_BATCH = 32  # captions per encoder call: a prompt file of thousands must 
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
-    """The ``--prompt`` values, then the lines of ``--prompt-file`` (blank lines and ``#`` comments skipped)."""
+    """The ``--prompt`` values, then the lines of ``--prompt-file`` (UTF-8, with or without the byte-order mark that
+    Notepad and Excel write; blank lines and ``#`` comments skipped)."""
     out = [p.strip() for p in prompts or []]
     if any(not p for p in out):
         raise UsageError("--prompt: a prompt is empty")
@@ -25,7 +26,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
         if not path.is_file():
             raise UsageError(f"--prompt-file: no such file: {prompt_file}")
         try:
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
         except UnicodeDecodeError as e:
             raise UsageError(f"--prompt-file: {prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         found = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -48,12 +49,16 @@ def video_name(i: int, prompt: str | None) -> str:
 
 
 def encode_prompts(prompts: list[str], source: str, max_tokens: int, text_dim: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                   device: torch.device, trained_with: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompts through the frozen encoder (bf16 on CUDA, else fp32): fp32 embeddings [P, max_tokens, text_dim]
-    and the bool mask [P, max_tokens], on the CPU. The encoder is freed before sampling starts."""
-    from hpdm.text_encoder import TextEncoder  # noqa: PLC0415 (imports transformers)
+    and the bool mask [P, max_tokens], on the CPU. The encoder is freed before sampling starts. ``trained_with``:
+    the generator's recorded encoder ({"encoder", "digest"}); another one is refused."""
+    from hpdm.text_encoder import TextEncoder, encoder_change  # noqa: PLC0415 (imports transformers)
 
     enc = TextEncoder(source, max_tokens, device, option="--encoder", text_dim=text_dim)
+    if encoder_change(trained_with, {"encoder": source, "digest": enc.digest}):
+        raise UsageError(f"--encoder: {source} (digest {enc.digest}) is not the encoder the generator was trained "
+                         f"with, {trained_with['encoder']} (digest {trained_with['digest']}): give that one")
     parts = [enc.encode(prompts[i:i + ENCODE_BATCH]) for i in range(0, len(prompts), ENCODE_BATCH)]
     text = torch.cat([e for e, _ in parts]).float().cpu()
     mask = torch.cat([m for _, m in parts]).cpu()

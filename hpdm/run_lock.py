@@ -9,13 +9,16 @@ import os
 import socket
 from pathlib import Path
 
-from hpdm.errors import UserError
+from hpdm.errors import ConfigError, UserError
 
 
 class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / "train.lock"
-        self.file = open(self.path, "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
+        try:
+            self.file = open(self.path, "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
+        except OSError as exc:  # a read-only or foreign folder
+            raise ConfigError("train.run_dir", f"cannot write {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -25,7 +25,9 @@ Design (see docs/sampling.md):
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +40,7 @@ from hpdm.diffusion import EDM, Condition
 from hpdm.errors import UsageError, UserError
 from hpdm.pyramid import boxes_from_offsets, level_resolution
 
+log = logging.getLogger(__name__)
 MAX_GUIDANCE = 100.0  # --guidance: far beyond any useful scale, and the guided estimate overflows long before 1e30
 
 
@@ -180,6 +183,11 @@ class TiledSampler:
         steps = opts.steps or (cfg.diffusion.steps,)
         self.steps = list(steps) if len(steps) == self.m.levels else level_steps(steps[0], self.m.levels)
         self.guidance = cfg.diffusion.guidance if opts.guidance is None else opts.guidance
+        untrained = self.m.cond != "none" and self.m.cond_dropout == 0  # guidance's unconditional branch
+        if self.guidance != 1 and untrained and os.environ.get("RANK", "0") == "0":
+            log.warning("guidance %g (%s) needs a model trained with model.cond_dropout > 0, and this one's is 0: its "
+                        "unconditional branch was not trained, so the videos may be meaningless; use --guidance 1",
+                        self.guidance, "diffusion.guidance" if opts.guidance is None else "--guidance")
         self.fine_start = cfg.diffusion.fine_start if opts.fine_start is None else opts.fine_start
         if self.fine_start > cfg.diffusion.sigma_max:  # the schedule would start above any trained noise level
             option = "diffusion.fine_start" if opts.fine_start is None else "--fine-start"

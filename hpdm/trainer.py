@@ -19,7 +19,7 @@ from tqdm import tqdm
 from data_pipeline import DataError, build_train_loader, prepare_dataset
 from data_pipeline.storage import Storage
 from hpdm.checkpoint import Checkpointer, is_universal, read_state
-from hpdm.config import Config, ConfigError, config_differences, save_config
+from hpdm.config import Config, ConfigError, is_recorded_config, resume_differences, save_config
 from hpdm.diffusion import EDM, Condition
 from hpdm.distributed import Preemption, init_distributed, on_rank0
 from hpdm.divergence import DivergenceGuard
@@ -35,6 +35,7 @@ from hpdm.optim import attach_partitions, build_optimizer, lr_factor
 from hpdm.pyramid import boxes_from_offsets
 from hpdm.run_lock import RunLock
 from hpdm.step_rng import draw_step_randomness, restore_generator, step_generator
+from hpdm.text_encoder import TextEncoder, encoder_change, text_identity
 from hpdm.video_io import to_uint8, write_mp4
 from kernels import gather_pyramid
 from kernels._triton import interpreting
@@ -69,8 +70,6 @@ def _text_encoder(cfg: Config, device):
     """The frozen encoder of ``data.text_encoder`` (captions encoded on the fly), or None (precomputed)."""
     if cfg.model.cond != "text" or not cfg.data.text_encoder:
         return None
-    from hpdm.text_encoder import TextEncoder  # noqa: PLC0415
-
     return TextEncoder(cfg.data.text_encoder, cfg.model.text_tokens, device, option="data.text_encoder",
                        text_dim=cfg.model.text_dim)
 
@@ -192,6 +191,11 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
         raise ConfigError("train.run_dir", f"cannot create {run_dir}: {exc.strerror or exc}") from None
     lock = RunLock(run_dir)
     try:
+        recorded = run_dir / "config.yaml"
+        if recorded.is_file() and not is_recorded_config(recorded):  # e.g. the --config given: it would be replaced
+            raise ConfigError("train.run_dir", f"{recorded} was not written by `hpdm train`, which records the run's "
+                              "resolved config there: move your file out of the run folder (and give --config its "
+                              "new path)")
         if cfg.train.checkpoint_uri:
             ckpt.storage.check_writable(cfg.train.checkpoint_uri)
         prepare_dataset(cfg.data, resolution=cfg.model.resolution, num_classes=cfg.model.num_classes,
@@ -202,16 +206,13 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
     return lock
 
 
-def _check_resume(cfg: Config, ckpt: Checkpointer, latest: Path | None) -> None:
-    """Rank 0: refuse a checkpoint made for another model or diffusion config, then move newer checkpoint
-    folders out of the way (they are kept, never overwritten)."""
+def _check_resume(cfg: Config, ckpt: Checkpointer, latest: Path | None, text_id: dict | None) -> None:
+    """Rank 0: refuse a checkpoint made for another model or diffusion config or text encoder (``text_id``), then
+    move newer checkpoint folders out of the way (they are kept, never overwritten)."""
     if latest is not None:
-        saved = read_state(latest)["config"]
-        differ = config_differences(saved, cfg.to_dict())
-        old, t = saved.get("train", {}), cfg.train
-        # the optimizer state in the checkpoint is laid out for these; ZeRO 1 and 2 load each other's
-        differ += [f"train.{k}: {old[k]} -> {getattr(t, k)}" for k in ("optimizer", "precision", "zero_stage")
-                   if k in old and old[k] != getattr(t, k) and {old[k], getattr(t, k)} != {1, 2}]
+        state = read_state(latest)
+        changed = encoder_change(state.get("text_encoder"), text_id)  # embeddings of another encoder: a silent mix
+        differ = resume_differences(state["config"], cfg) + ([changed] if changed else [])
         if differ:
             raise CheckpointError(f"cannot resume {latest} with this config; these settings differ from the "
                                   f"checkpoint's: {'; '.join(differ)}. Restore them, or train in another "
@@ -247,17 +248,17 @@ def _skip_counts(loader, world: int) -> dict:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the final progress and the last logged metrics."""
-    rank, world, device = init_distributed()
-    t = cfg.train
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif cfg.model.kernels == "fused" and not interpreting():
-        raise ConfigError("model.kernels", "fused needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or reference")
-    deepspeed_config(cfg, world)  # its errors before any work
-    ckpt = Checkpointer(t.run_dir, t.keep_checkpoints, t.checkpoint_uri, Storage(cfg.data.endpoint_url))
-    lock = on_rank0(lambda: _prepare(cfg, ckpt))
-    preemption = Preemption()
+    preemption, lock = Preemption(), None  # first: a signal while starting stops the run before its first step
     try:
+        rank, world, device = init_distributed()
+        t = cfg.train
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        elif cfg.model.kernels == "fused" and not interpreting():
+            raise ConfigError("model.kernels", "fused needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or reference")
+        deepspeed_config(cfg, world)  # its errors before any work
+        ckpt = Checkpointer(t.run_dir, t.keep_checkpoints, t.checkpoint_uri, Storage(cfg.data.endpoint_url))
+        lock = on_rank0(lambda: _prepare(cfg, ckpt))
         return _train(cfg, ckpt, rank, world, device, preemption)
     finally:
         preemption.close()
@@ -269,7 +270,8 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     t, m = cfg.train, cfg.model
     run_dir = Path(t.run_dir)
     latest = ckpt.latest()
-    on_rank0(lambda: _check_resume(cfg, ckpt, latest))
+    text_id = text_identity(cfg)
+    on_rank0(lambda: _check_resume(cfg, ckpt, latest, text_id))
     ds_config = deepspeed_config(cfg, world, load_universal=latest is not None and is_universal(latest))
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -325,14 +327,16 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     peak = peak_flops(device, t.precision)
     profiler = _Profiler(t.profile_steps, run_dir / "profile", rank, device)
     guard = DivergenceGuard(t.max_skipped_steps, device, engine.skipped_steps)
-    record = {"config": cfg.to_dict(), "deepspeed": ds_config}
+    record = {"config": cfg.to_dict(), "deepspeed": ds_config, "text_encoder": text_id}
     batches = iter(loader)
     bar = tqdm(total=t.steps * t.batch_size, initial=samples, unit="clip", disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
-    preempted, first_step, monitor = False, step, None
+    preempted, first_step, monitor = preemption.requested(device), step, None
+    if preempted and rank == 0:
+        log.warning("preempted (signal %s) while starting: exiting before the first step", preemption.signal)
     try:
         try:
-            while step < t.steps:
+            while step < t.steps and not preempted:
                 profiler.at(step)
                 timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
                 t0 = time.perf_counter()

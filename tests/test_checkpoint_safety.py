@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from hpdm.checkpoint import Checkpointer
-from hpdm.config import config_differences
+from hpdm.config import config_differences, load_config
+from hpdm.doctor import check_resume
 from hpdm.errors import CheckpointError, UsageError
 from hpdm.export import export, load_generator
 
@@ -148,6 +149,10 @@ def test_incompatible_resume_is_refused_before_anything_is_written(run, template
     assert said in proc.stderr and "Traceback" not in proc.stderr
     assert (run / "config.yaml").read_bytes() == config
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+    # doctor says the same beforehand (it passed such a run folder)
+    cfg = load_config("configs/tiny.yaml", [*BASE[2:], f"train.run_dir={run}", change])
+    assert check_resume(cfg) == [("resume", "FAIL", f"cannot resume step_00000006 with this config: {said}")]
+    assert check_resume(load_config("configs/tiny.yaml", [*BASE[2:], f"train.run_dir={run}"]))[0][:2] == ("resume", "ok")
 
 
 def test_a_resume_takes_the_configured_lr_and_zero_stage_2(run, template):

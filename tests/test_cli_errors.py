@@ -97,6 +97,7 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "key twice": (("info", "--config", "{twice}"), "{twice}:3: YAML syntax error: found the key 'train' twice"),
     "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt/--prompt-file: the model is conditioned on 'class', "
                                                         "not on text"),
+    "info --micro-batch 0": (("info", "--micro-batch", "0"), "--micro-batch: must be >= 1; got 0"),  # was taken as 1
     "eval-synthetic -n 0": (("eval-synthetic", "{gen}", "-n", "0"), "-n: must be >= 1; got 0"),
     "export missing": (("export", "{tmp}/nothing", "{tmp}/g.safetensors"), "{tmp}/nothing does not exist"),
     "--i3d missing": (("eval-fvd", "--i3d", "{tmp}/i3d.pt", "--fake", "{empty}", "--real", "{empty}"),
@@ -136,4 +137,22 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
     monkeypatch.setattr(hpdm.cli, "cmd_info", bug)
     with pytest.raises(ZeroDivisionError):
+        hpdm.cli.main(["info"])
+
+
+def test_a_collective_broken_by_another_rank_is_one_line(monkeypatch, capsys):
+    """When one process of a job stops with its error, the others' next collective fails; they printed gloo's
+    traceback, which buried the one line that said why."""
+    def collective(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:41877")
+
+    monkeypatch.setattr(hpdm.cli, "cmd_info", collective)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert hpdm.cli.main(["info"]) == 2
+    assert capsys.readouterr().err == ("hpdm info: error: rank 0: another process of the job stopped ([../third_party/gloo/"
+                                       "gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:41877); "
+                                       "its own error, printed by it, says why\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no peer to blame, the traceback stays
+    with pytest.raises(RuntimeError):
         hpdm.cli.main(["info"])

@@ -208,6 +208,12 @@ def test_info_prints_counts_and_flops(capsys):
     total = int(next(line for line in out.splitlines() if line.startswith("total")).split()[-1].replace(",", ""))
     assert 160e6 < total < 196e6
     assert "GFLOP/sample" in out and "activation memory" in out
+    # memory at the micro-batch a run takes (was micro-batch 1 whatever the config said)
+    assert "memory estimate per process, micro-batch 4 (train.micro_batch)" in out
+    assert main(["info", "--config", "configs/ucf101_hpdm_s.yaml", "train.micro_batch=0", "--processes", "64"]) == 0
+    assert "micro-batch 12 (64 processes)" in capsys.readouterr().out
+    assert main(["info", "--config", "configs/ucf101_hpdm_s.yaml", "train.micro_batch=0"]) == 0
+    assert "micro-batch 1 (train.micro_batch is unset, so a run takes train.batch_size / processes (768 / P)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))

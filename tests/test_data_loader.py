@@ -106,3 +106,24 @@ def test_clip_indices_follow_fps_and_stride():
     assert clip_indices(40, 24.0, spec, None) == [0, 4, 8, 12]  # 24 -> 12 fps doubles the step, stride doubles it again
     spec = ClipSpec(frames=3, size=(8, 8), fps=48.0, train=False)
     assert clip_indices(10, 24.0, spec, None) == [0, 1, 1]  # upsampling repeats frames
+
+
+@pytest.mark.parametrize("counts, world, workers, starved", [
+    ([1], 2, 1, 1),  # one clip, two processes: rank 0 met a gloo traceback when rank 1 stopped
+    ([2, 2], 1, 4, 1),  # 4 samples for 4 workers, but shard 1's samples fall to the workers of shard 0's
+    ([3, 3], 1, 4, 0),
+    ([1], 1, 1, 0),
+])
+def test_a_loader_worker_without_any_sample_is_refused_up_front(counts, world, workers, starved):
+    from data_pipeline.storage import Storage
+    from data_pipeline.stream import DataError, ShardStream
+
+    make = lambda rank: ShardStream(urls=[f"s{i}.tar" for i in range(len(counts))], counts=counts, storage=Storage(),  # noqa: E731
+                                    spec=ClipSpec(frames=4, size=(8, 8), train=True), batch_size=1, rank=rank,
+                                    world_size=world, workers=workers)
+    for rank in range(world):  # every rank says it, before any reading
+        if starved:
+            with pytest.raises(DataError, match=rf"gives {starved} of the {world * workers} loader workers"):
+                make(rank)
+        else:
+            make(rank)  # every worker has a sample: no error

@@ -277,15 +277,18 @@ def test_a_finished_command_destroys_the_process_group_and_a_failed_one_keeps_it
     assert lines == ["after an error: 2 True", "after a finished command: 0 False"], proc.stdout
 
 
-def test_rank_without_the_other_launcher_variables_is_named(tmp_path):
-    """RANK left from another job, without WORLD_SIZE and MASTER_*: DeepSpeed went looking for MPI (a traceback
-    about mpi4py); now one line names what is missing, before anything is written."""
-    env = {**_env(), "RANK": "0"}
-    for key in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+@pytest.mark.parametrize("given, missing", [
+    ({}, "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are"),  # RANK left from another job
+    ({"WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29645"}, "LOCAL_RANK is"),  # a Kubeflow pod's
+])
+def test_rank_without_the_other_launcher_variables_is_named(tmp_path, given, missing):
+    """RANK without the other variables of a launcher: DeepSpeed went looking for MPI (a traceback about mpi4py);
+    now one line names what is missing, before anything is written."""
+    env = {k: v for k, v in _env().items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml",
-                           f"train.run_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=120)
+                           f"train.run_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          env={**env, "RANK": "0", **given}, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
-        "hpdm train: error: RANK is set but WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not: start with the deepspeed "
-        "launcher or torchrun, or unset RANK and LOCAL_RANK left from another job"), proc.stderr[-2000:]
+        f"hpdm train: error: RANK is set but {missing} not: start with the deepspeed launcher or torchrun, or unset "
+        "RANK and LOCAL_RANK left from another job"), proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()

@@ -130,11 +130,11 @@ def test_launcher_env_and_credential_redaction(monkeypatch):
     env_row = dict((n, (s, d)) for n, s, d in doctor.check_launcher(2.0))["launcher-env"]
     assert env_row[0] == "warn" and "not reachable" in env_row[1]
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:url-secret@s3.example.com:9000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:url-secret/x@y@s3.example.com:9000")  # "/" and "@" too
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
     (_, _, detail), = doctor.check_credentials(load_config("configs/tiny.yaml", ["train.checkpoint_uri=s3://b/c"]))
     assert "http://s3.example.com:9000" in detail and "AWS_SECRET_ACCESS_KEY" in detail
-    assert "url-secret" not in detail and "env-secret" not in detail
+    assert "url-secret" not in detail and "x@y" not in detail and "env-secret" not in detail
 
 
 @pytest.mark.parametrize("required,expected", [(True, "FAIL"), (False, "ok")])

@@ -18,6 +18,7 @@ def test_generated_from_our_fields_with_nested_pass_through():
     ("{train_batch_size: 64}", "train.batch_size"),
     ("{bf16: {enabled: true}}", "train.precision"),
     ("{optimizer: {type: Adam}}", "train.optimizer"),
+    ("{torch_autocast: {enabled: true, dtype: bfloat16}}", "train.precision"),  # changed the losses of an fp32 run
 ])
 def test_keys_that_hpdm_sets_are_refused_with_the_field_to_use(override, field):
     cfg = load_config("configs/tiny.yaml", [f"train.deepspeed={override}"])
@@ -30,3 +31,19 @@ def test_batch_not_divisible_names_the_key():
     cfg = load_config("configs/tiny.yaml", ["train.batch_size=6", "train.micro_batch=4"])
     with pytest.raises(ConfigError, match="train.batch_size: 6 is not a multiple"):
         deepspeed_config(cfg, world=1)
+
+
+@pytest.mark.parametrize("override,said", [
+    ("{zero_optimization: true}", "zero_optimization: must be a mapping"),  # DeepSpeed read it as stage 1, recorded 0
+    ("{zero_optimization: {offload_optimizer: {device: cpu}}}", "zero_optimization.offload_optimizer: not supported"),  # a traceback
+])
+def test_what_would_change_the_run_behind_our_back_is_refused(override, said):
+    cfg = load_config("configs/tiny.yaml", ["train.zero_stage=2", f"train.deepspeed={override}"])
+    with pytest.raises(ConfigError, match=f"^train.deepspeed.{said}"):
+        deepspeed_config(cfg, world=1)
+
+
+def test_an_indivisible_batch_says_what_the_user_set():
+    cfg = load_config("configs/tiny.yaml", ["train.batch_size=5"])
+    with pytest.raises(ConfigError, match=r"not a multiple of the 2 processes \(train.micro_batch is unset"):
+        deepspeed_config(cfg, world=2)

@@ -1,5 +1,8 @@
 """FVD/IS: Fréchet distance against scipy, and `hpdm eval-fvd` end to end with TorchScript stand-in detectors."""
 import json
+import shutil
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,21 +67,29 @@ def test_inception_score_bounds():
     k = 5
     assert fvd.inception_score(np.eye(k)[np.arange(100) % k], splits=1)[0] == pytest.approx(k, rel=1e-6)
     assert fvd.inception_score(np.full((50, k), 1 / k), splits=2)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="3 videos, 4 needed for 2 splits"):  # 1 video per split always scores 1
+        fvd.inception_score(np.eye(k)[:3], splits=2)
+
+
+def test_frechet_distance_of_identical_low_rank_statistics_is_zero():
+    """Rounding in the square roots of near-zero eigenvalues made it -0.003 here; it is clamped at 0."""
+    m, s = fvd.feature_stats(np.random.default_rng(0).normal(100, 30, size=(4, 40)))
+    assert fvd.frechet_distance(m, s, m, s) == 0.0
 
 
 def test_eval_fvd_end_to_end_with_stand_in_detectors(tmp_path):
     i3d = _scripted(StandInI3D(), tmp_path / "i3d.pt")
     c3d = _scripted(StandInC3D(), tmp_path / "c3d.pt")
-    fake, real = _videos(tmp_path / "fake", 6, 0), _videos(tmp_path / "real", 6, 1)
-    args = ["eval-fvd", "--i3d", i3d, "--c3d", c3d, "--fake", fake, "--real", real, "--num-fake", "6", "--batch", "4",
+    fake, real = _videos(tmp_path / "fake", 20, 0), _videos(tmp_path / "real", 20, 1)  # IS: 2 videos per split
+    args = ["eval-fvd", "--i3d", i3d, "--c3d", c3d, "--fake", fake, "--real", real, "--num-fake", "20", "--batch", "8",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json")]
     assert main(args) == 0
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["num_fake"] == 6 and r["size"] == [32, 32] and not r["real_stats_cached"]
+    assert r["num_fake"] == 20 and r["size"] == [32, 32] and not r["real_stats_cached"]
     assert r["i3d_sha256"] == fvd.sha256(i3d) and np.isfinite(r["is_mean"])
     # the same number computed by hand from the decoded clips
     det = fvd.Detector(i3d, "cpu")
-    feats = [det(torch.from_numpy(np.stack([c for _, c in fvd.mp4_clips(d, 6, 16, (32, 32), 0, 1)]))) for d in (fake, real)]
+    feats = [det(torch.from_numpy(np.stack([c for _, c in fvd.mp4_clips(d, 20, 16, (32, 32), 0, 1)]))) for d in (fake, real)]
     assert r["fvd"] == pytest.approx(fvd.frechet_distance(*fvd.feature_stats(feats[0]), *fvd.feature_stats(feats[1])), rel=1e-9)
     assert r["fvd"] > 0
     assert main(args) == 0  # second run: real statistics come from the cache
@@ -134,3 +145,104 @@ def test_detector_errors_name_the_option(tmp_path):
         eval_fvd.evaluate(str(junk), fake=str(tmp_path), real=str(tmp_path / "none"))
     with pytest.raises(UsageError, match="^--num-real: must be >= 1; got 0"):
         eval_fvd.evaluate(str(junk), fake=str(tmp_path), real=str(tmp_path), num_real=0)
+
+
+def test_real_cache_follows_the_real_files(tmp_path, caplog):
+    """New videos at the same path are not served stale statistics; an unreadable cache file is rebuilt."""
+    i3d = _scripted(StandInI3D(), tmp_path / "i3d.pt")
+    fake, real = _videos(tmp_path / "fake", 3, 0, size=16), _videos(tmp_path / "real", 3, 1, size=16)
+    kw = dict(fake=fake, real=real, num_fake=3, cache_dir=tmp_path / "cache")
+    first = eval_fvd.evaluate(i3d, **kw)
+    shutil.rmtree(real)
+    _videos(tmp_path / "real", 3, 2, size=16)
+    r = eval_fvd.evaluate(i3d, **kw)
+    fresh = eval_fvd.evaluate(i3d, **{**kw, "cache_dir": tmp_path / "fresh"})
+    assert not r["real_stats_cached"] and r["fvd"] == fresh["fvd"] != first["fvd"]
+    cache = Path(r["real_stats"])
+    for junk in (b"garbage", cache.read_bytes()[:100]):  # not a zip; a truncated one
+        cache.write_bytes(junk)
+        caplog.clear()
+        again = eval_fvd.evaluate(i3d, **kw)
+        assert not again["real_stats_cached"] and again["fvd"] == r["fvd"]
+        assert f"ignoring the unreadable real statistics cache {cache}" in caplog.text
+    assert eval_fvd.evaluate(i3d, **kw)["real_stats_cached"]
+
+
+def test_concurrent_saves_of_one_key_do_not_collide(tmp_path):
+    path, errors = tmp_path / "real_k.npz", []
+
+    def save():
+        try:
+            for _ in range(25):
+                fvd.save_stats(path, np.zeros(3), np.eye(3))
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [p.name for p in tmp_path.iterdir()] == ["real_k.npz"]
+    np.testing.assert_array_equal(fvd.load_stats(path)[1], np.eye(3))
+
+
+class TupleI3D(torch.nn.Module):
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        return x.float().mean(dim=(2, 3, 4)), x.float().std(dim=(2, 3, 4))
+
+
+class FlatI3D(torch.nn.Module):
+    """A custom detector of [B,T,H,W,3] clips (--layout bthwc) with StyleGAN-V's keywords."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        return x.float().mean(dim=(1, 2, 3)) @ torch.ones(3, 4)
+
+
+class NaNI3D(torch.nn.Module):
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        return x.float().mean(dim=(2, 3, 4)) * float("nan")
+
+
+def test_detector_call_mistakes_are_one_line(tmp_path):
+    x = torch.zeros(2, 16, 8, 8, 3, dtype=torch.uint8)
+    c3d = _scripted(StandInC3D(), tmp_path / "c3d.pt")
+    says = (r"^--i3d: .*c3d.pt failed on uint8 clips \[B,3,T,H,W\] \(--layout stylegan-v\) of shape \[2, 3, 16, 8, 8\]: "
+            r"forward\(\) expected at most 2 argument\(s\) but received 5 argument\(s\); is it StyleGAN-V's "
+            r"i3d_torchscript.pt\? \(a custom detector taking \[B,T,H,W,3\] needs --layout bthwc\)$")
+    with pytest.raises(UsageError, match=says):
+        fvd.Detector(c3d, "cpu", "i3d")(x)
+    with pytest.raises(UsageError, match=r"^--i3d: .*flat.pt failed on .*: RuntimeError: mat1 and mat2 shapes cannot be "
+                       r"multiplied \(2x8 and 3x4\); is it"):  # the gist of the TorchScript traceback
+        fvd.Detector(_scripted(FlatI3D(), tmp_path / "flat.pt"), "cpu", "i3d")(x)
+    with pytest.raises(UsageError, match=r"^--i3d: .*tuple.pt returned a tuple, not a 2-D float tensor of 2 rows"):
+        fvd.Detector(_scripted(TupleI3D(), tmp_path / "tuple.pt"), "cpu", "i3d")(x)
+    # non-finite features stop the evaluation before any statistics are computed or cached
+    videos = _videos(tmp_path / "v", 2, 0, size=16)
+    with pytest.raises(UsageError, match=r"^--i3d: .*nan.pt returned NaN or infinite outputs for 2 of 2 videos$"):
+        eval_fvd.evaluate(_scripted(NaNI3D(), tmp_path / "nan.pt"), fake=videos, real=videos, num_fake=2,
+                          cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_too_few_videos_are_refused_or_flagged(tmp_path, caplog):
+    i3d = _scripted(StandInI3D(), tmp_path / "i3d.pt")
+    videos = _videos(tmp_path / "v", 3, 0, size=16)
+    kw = dict(fake=videos, real=videos, cache_dir=tmp_path / "cache")
+    with pytest.raises(UsageError, match=r"^--num-fake: FVD needs 2 videos or more \(it compares covariances\); got 1$"):
+        eval_fvd.evaluate(i3d, num_fake=1, **kw)
+    with pytest.raises(UsageError, match=r"^--num-fake: IS \(--c3d\) averages 10 splits of 2 videos or more, so needs "
+                       r"20 or more; got 3$"):
+        eval_fvd.evaluate(i3d, num_fake=3, c3d=i3d, **kw)
+    assert eval_fvd.evaluate(i3d, num_fake=3, **kw)["fvd"] == 0.0
+    assert "FVD of 3 generated and 3 real videos is not comparable with published numbers, which use 2048" in caplog.text
+
+
+def test_a_text_conditioned_generator_is_refused_first(tmp_path):
+    """eval-fvd has no prompts: it says how to sample with them, before loading the detectors (none exists here)."""
+    cfg = Config(model=tiny_model_config(cond="text", text_dim=12))
+    gen = export_model(HPDM(cfg.model), cfg, tmp_path / "t2v.safetensors")
+    with pytest.raises(UsageError, match=r"^--generator: .*t2v.safetensors is text-conditioned and eval-fvd has no prompts: "
+                       r"sample the videos first with `hpdm sample .* --prompt-file FILE --encoder ENC -n N --out DIR`, "
+                       r"then evaluate them with `hpdm eval-fvd --fake DIR ...`$"):
+        eval_fvd.evaluate(str(tmp_path / "none.pt"), generator=gen, real=str(tmp_path))

@@ -216,3 +216,42 @@ def test_export_still_writes_outside_the_checkpoints(paths, tmp_path):
 
     with safe_open(str(out), framework="pt") as f:
         assert yaml.safe_load(f.metadata()["config"])["model"]["levels"] == 1
+
+
+@pytest.mark.parametrize("name", ["grid.png", "grid_rank1.png", "cost.json", "prompts.json"])
+def test_sample_refuses_an_out_holding_any_file_it_writes(paths, name, tmp_path, capsys):
+    """Only *.mp4 files were checked: an earlier sample's grid, cost or prompts were overwritten."""
+    (tmp_path / name).write_text("precious\n")
+    line = error_line(["sample", paths["good"], "--out", str(tmp_path), *FAST], capsys)
+    assert line == (f"hpdm sample: error: --out: {tmp_path} already holds the output of a sample ({name}), which new "
+                    "ones would join or replace; give an empty or new folder")
+    assert (tmp_path / name).read_text() == "precious\n"
+
+
+def test_export_overwrites_only_its_own_export(paths, tmp_path, capsys):
+    """`hpdm export RUN notes.txt` replaced any file, another model's safetensors too; its own export it may."""
+    (tmp_path / "notes.txt").write_text("precious\n")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "other.safetensors"), metadata={"config": "model: {}"})
+    for name in ("notes.txt", "other.safetensors"):
+        before = (tmp_path / name).read_bytes()
+        line = error_line(["export", paths["run"], str(tmp_path / name)], capsys)
+        assert line == (f"hpdm export: error: out: {tmp_path / name} exists and was not written by `hpdm export`; "
+                        "give a new file name (or remove it first)")
+        assert (tmp_path / name).read_bytes() == before
+    out = tmp_path / "model.safetensors"
+    assert main(["export", paths["run"], str(out)]) == 0 and main(["export", paths["run"], str(out)]) == 0
+
+
+def test_guidance_without_cond_dropout_warns(caplog):
+    """A model trained with model.cond_dropout 0 has an untrained unconditional branch: guidance used it silently."""
+    from hpdm.sampling import SampleOptions, TiledSampler  # noqa: PLC0415
+
+    cfg = one_level(guidance=2.0)
+    cfg.model.cond_dropout = 0.0
+    for guidance, says in ((None, "guidance 2 (diffusion.guidance)"), (3.0, "guidance 3 (--guidance)"), (1.0, None)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hpdm.sampling"):
+            TiledSampler(HPDM(cfg.model), cfg, SampleOptions(guidance=guidance))
+        assert [r.getMessage() for r in caplog.records if r.name == "hpdm.sampling"] == ([] if says is None else [
+            f"{says} needs a model trained with model.cond_dropout > 0, and this one's is 0: its unconditional branch "
+            "was not trained, so the videos may be meaningless; use --guidance 1"])

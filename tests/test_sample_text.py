@@ -2,6 +2,7 @@
 untrained text-conditioned generators; names, prompts.json, the captioned grid, determinism, the prompt path
 against precomputed embeddings, guidance, and each user mistake as one line naming the option."""
 import json
+import re
 
 import av
 import numpy as np
@@ -15,7 +16,7 @@ from hpdm.config import Config
 from hpdm.errors import UsageError
 from hpdm.generate import conditions, video_rows
 from hpdm.model import HPDM
-from hpdm.prompts import CAPTION_HEIGHT, SLUG_CHARS, slug
+from hpdm.prompts import CAPTION_HEIGHT, SLUG_CHARS, read_prompts, slug
 from tests.helpers import randomize, run_hpdm, tiny_model_config
 from tests.test_sampling import export_model
 
@@ -130,6 +131,35 @@ def test_precomputed_embeddings_with_prompts_take_one_row_per_prompt(tmp_path):
         conditions("text", 5, 5, seed=0, text_emb=str(tmp_path / "nan.safetensors"), text_dim=32)
 
 
+def test_a_prompt_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Notepad and Excel start UTF-8 files with a BOM: it made the first line's comment a prompt, or joined the
+    first prompt (other token ids)."""
+    for first in ("# a comment\n", ""):
+        (tmp_path / "bom.txt").write_text(f"{first}{A}\n{C}\n", encoding="utf-8-sig")
+        assert read_prompts(None, str(tmp_path / "bom.txt")) == [A, C]
+
+
+BAD_EMB = {  # name: (tensors, what the error says after `--text-emb: FILE`); the model takes 8 tokens of width 32
+    "more tokens than model.text_tokens": ({"text": torch.randn(9, 32)}, " holds 9 tokens per embedding but the "
+                                           "generator's model.text_tokens is 8; give at most 8"),  # used in full
+    "1-D text": ({"text": torch.randn(32)}, ": 'text' is [32]; it must be [tokens, dim] or [n, tokens, dim]"),
+    "no tokens": ({"text": torch.randn(0, 32)}, ": 'text' [1, 0, 32] holds no tokens"),  # sampled unconditionally
+    "all-False mask": ({"text": torch.randn(2, 4, 32), "mask": torch.tensor([[True] * 4, [False] * 4])},
+                       ": 'mask' row 1 is all False, which would sample unconditionally"),  # likewise
+}
+
+
+@pytest.mark.parametrize("name", BAD_EMB)
+def test_precomputed_embeddings_the_model_cannot_take_are_refused(tmp_path, name):
+    tensors, says = BAD_EMB[name]
+    path = str(tmp_path / "emb.safetensors")
+    save_file(tensors, path)
+    with pytest.raises(UsageError, match="^" + re.escape(f"--text-emb: {path}{says}")):
+        conditions("text", 5, 2, seed=0, text_emb=path, text_dim=32, text_tokens=8)
+    save_file({"text": torch.randn(8, 32), "mask": torch.arange(8) < 3}, path)  # exactly model.text_tokens: taken
+    assert conditions("text", 5, 2, seed=0, text_emb=path, text_dim=32, text_tokens=8).text.shape == (1, 8, 32)
+
+
 ERRORS = {  # name: (generator, arguments, what the error line says after `hpdm sample: error: `)
     "--prompt, class model": ("class", ("--prompt", A, "--encoder", "{enc}"),
                               "--prompt/--prompt-file: the model is conditioned on 'class', not on text"),
@@ -149,6 +179,11 @@ ERRORS = {  # name: (generator, arguments, what the error line says after `hpdm 
     "--encoder and --text-emb": ("text", ("--prompt", A, "--encoder", "{enc}", "--text-emb", "{tmp}/a.safetensors"),
                                  "--encoder: give --encoder (to encode the prompts) or --text-emb (precomputed)"),
     "empty --prompt": ("text", ("--prompt", " ", "--encoder", "{enc}"), "--prompt: a prompt is empty"),
+    "-n below the prompts": ("text", ("--prompt", A, "--prompt", B, "--prompt", C, "-n", "1", "--encoder", "{enc}"),
+                             "-n: 1 is fewer than the 3 prompts, so some would get no video; give -n >= 3"),  # dropped
+    "--text-emb tokens": ("text", ("--text-emb", "{tmp}/long.safetensors"),  # the generator's model.text_tokens
+                          "--text-emb: {tmp}/long.safetensors holds 9 tokens per embedding but the generator's "
+                          "model.text_tokens is 8"),
 }
 
 
@@ -156,6 +191,7 @@ ERRORS = {  # name: (generator, arguments, what the error line says after `hpdm 
 def test_mistakes_are_one_line_naming_the_option(gen, runs, name, capsys):
     which, args, says = ERRORS[name]
     (gen["tmp"] / "empty.txt").write_text("# only a comment\n\n   \n")
+    save_file({"text": torch.randn(9, 32)}, str(gen["tmp"] / "long.safetensors"))
     paths = {"tmp": gen["tmp"], "enc": gen["enc"]}
     capsys.readouterr()
     assert main(["sample", gen[which], "--out", str(gen["tmp"] / "bad"), *(a.format(**paths) for a in args)]) == 2

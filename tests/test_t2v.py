@@ -15,8 +15,11 @@ from PIL import Image
 from data_pipeline import DataConfig, DataError, build_loader, build_train_loader, make_shards
 from data_pipeline.synthetic import render
 from data_pipeline.text_shards import embed_shards
+from hpdm.config import load_config
+from hpdm.doctor import check_resume
 from hpdm.text_encoder import TextEncoder
 from tests.helpers import run_hpdm
+from tests.tiny_t5 import save_tiny_t5
 
 TOKENS, WIDTH = 16, 32
 
@@ -94,10 +97,10 @@ def test_embeddings_of_other_shards_with_the_same_names_are_refused(tiny_manifes
     manifest = tmp_path / "moved.jsonl"
     manifest.write_text("".join(json.dumps({**r, "path": str(tiny_manifest.parent / r["path"])}) + "\n" for r in rows))
     make_shards(str(manifest), str(tmp_path / "moved"), shard_size_mb=1024, progress=False)
-    loader = build_loader(_cfg(str(tmp_path / "moved"), embedded["one"], shuffle_buffer=0), frames=4, size=(16, 16),
-                          batch_size=2, text=(TOKENS, WIDTH))
-    with pytest.raises(DataError, match=r"expected the embedding of sample '.+clip000000' .* but found key 'clip000000'"):
-        _take(loader, 1)
+    with pytest.raises(DataError, match=r"the embeddings of shard-000000.tar do not match .*moved/shard-000000.tar \(its "
+                                        r"keys or captions differ\); they were made for the videos at "):
+        build_loader(_cfg(str(tmp_path / "moved"), embedded["one"], shuffle_buffer=0), frames=4, size=(16, 16),
+                     batch_size=2, text=(TOKENS, WIDTH))
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +172,18 @@ def test_tiny_t2v_trains_on_embeddings_resumes_exactly_and_samples_a_prompt(tmp_
                    "--encoder", str(tiny_t5), "--steps", "4")
     assert "wrote 1 videos of 8x24x32" in out
     assert (tmp_path / "s" / "00000_a-red-square-moving-left.mp4").stat().st_size > 0
+    # Another encoder of the same width was taken silently, at sampling and on resume; the export says which it was.
+    other = save_tiny_t5(tmp_path / "t5b", d_model=WIDTH, seed=1)
+    run_hpdm("export", str(full), str(tmp_path / "full.safetensors"))
+    wrong = subprocess.run([sys.executable, "-m", "hpdm.cli", "sample", str(tmp_path / "full.safetensors"), "--out",
+                            str(tmp_path / "s2"), "--prompt", "a red square", "--encoder", str(other)],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and f"--encoder: {other} (digest " in wrong.stderr and \
+        f"is not the encoder the generator was trained with, {tiny_t5} (digest " in wrong.stderr, wrong.stderr[-2000:]
+    error = _train(f"train.run_dir={part}", *common, "train.steps=7", f"data.text_encoder={other}", check=False)
+    assert f"text encoder: {tiny_t5} (digest " in error and f"-> {other} (digest " in error, error
+    row = check_resume(load_config("configs/tiny_t2v.yaml", [f"train.run_dir={part}", *common, f"data.text_encoder={other}"]))
+    assert row[0][1] == "FAIL" and f"text encoder: {tiny_t5} (digest " in row[0][2], row  # doctor says so beforehand
 
     # Captions encoded on the fly equal the precomputed embeddings up to their bf16 storage.
     online = tmp_path / "online"

@@ -13,10 +13,13 @@ from safetensors.torch import load
 
 import hpdm.cli
 from data_pipeline import DataConfig, DataError, make_shards, prepare_dataset
+from data_pipeline.loader import matching_text_urls
+from data_pipeline.shardlist import resolve_shards
 from data_pipeline.storage import Storage
 from data_pipeline.tario import iter_records
 from data_pipeline.text_shards import embed_shards, read_text_index, text_shard_urls
-from hpdm.text_encoder import TextEncoder
+from hpdm.text_encoder import TextEncoder, encoder_digest
+from tests.tiny_t5 import save_tiny_t5
 
 TOKENS = 16
 
@@ -24,7 +27,7 @@ TOKENS = 16
 @pytest.fixture(scope="module")
 def encoder(tiny_t5):
     enc = TextEncoder(str(tiny_t5), TOKENS)
-    return enc, {"encoder": str(tiny_t5), "width": enc.width, "max_tokens": TOKENS}
+    return enc, {"encoder": str(tiny_t5), "width": enc.width, "max_tokens": TOKENS, "digest": enc.digest}
 
 
 def records(storage, url) -> list:
@@ -67,9 +70,11 @@ def test_embeddings_are_the_encoders_in_the_video_shards_order(tiny_shards, enco
     index = embed_shards(shards, enc.encode, meta, batch=5, dtype=dtype, progress=False)  # default: SHARDS/text
     urls = video_shards(Storage(), shards)
     assert index == read_text_index(Storage(), f"{shards}/text")
-    assert {k: index[k] for k in ("encoder", "width", "max_tokens", "dtype", "videos")} == {**meta, "dtype": dtype,
-                                                                                           "videos": shards}
-    assert index["shards"] == {u.rsplit("/", 1)[-1]: {"samples": 12 // len(urls)} for u in urls}
+    assert {k: index[k] for k in ("encoder", "width", "max_tokens", "digest", "dtype", "videos")} == {
+        **meta, "dtype": dtype, "videos": shards}
+    assert index["shards"] == {u.rsplit("/", 1)[-1]: {"samples": 12 // len(urls), "bytes": os.path.getsize(u),
+                                                       "source": index["shards"][u.rsplit("/", 1)[-1]]["source"]}
+                               for u in urls}
     assert len(check_embeddings(enc, urls, f"{shards}/text", getattr(torch, dtype))) == 12
     with pytest.raises(DataError, match=rf"{tmp_path}/none: no text embeddings there .*run `hpdm embed-text SHARDS "
                                         rf"--encoder PATH` --out {tmp_path}/none"):
@@ -92,10 +97,11 @@ def test_rerun_redoes_only_unfinished_shards_and_refuses_other_settings(tiny_sha
     assert after.keys() == before.keys()
     assert all(after[n] == before[n] for n in before if n not in redone)  # bytes and mtimes: not touched
     assert all(after[n][0] == before[n][0] and after[n][1] > before[n][1] for n in redone)  # rewritten, same bytes
-    ours = f"encoder={meta['encoder']} width=32 max_tokens=16 dtype=bfloat16"
+    ours = f"encoder={meta['encoder']} width=32 max_tokens=16 dtype=bfloat16 digest={enc.digest}"
     for changed, theirs in (({"max_tokens": 8}, f"encoder={meta['encoder']} width=32 max_tokens=8"),
                             ({"encoder": "other-t5"}, "encoder=other-t5 width=32 max_tokens=16")):
-        with pytest.raises(DataError, match=rf"{out} holds embeddings made with {ours}, not {theirs} dtype=bfloat16; "
+        with pytest.raises(DataError, match=rf"{out} holds embeddings made with {ours}, not {theirs} dtype=bfloat16 "
+                                            rf"digest={enc.digest}; "
                                             r"embeddings are never mixed or overwritten: write these to another folder "
                                             r"with --out"):
             embed_shards(tiny_shards["many"], enc.encode, meta | changed, out=str(out), progress=False)
@@ -236,3 +242,101 @@ def test_an_encoder_named_by_its_hugging_face_cache_entry(tiny_shards, tiny_t5, 
         else:
             assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(
                 f"hpdm embed-text: error: --encoder: {name} is neither a folder nor a model in the Hugging Face cache")
+
+
+def shards_of(tiny_manifest, tmp_path, name, word="", size_mb=1024.0) -> str:
+    """make-shards of the 12 tiny clips into ``tmp_path/name`` (one shard by default), ``word`` ending every caption."""
+    clips = tmp_path / "clips"
+    clips.mkdir(exist_ok=True)
+    rows = [json.loads(line) for line in tiny_manifest.read_text().splitlines()]
+    for r in rows:
+        shutil.copy(tiny_manifest.parent / r["path"], clips)
+    (clips / "m.jsonl").write_text("".join(json.dumps(r | {"caption": r["caption"] + word}) + "\n" for r in rows))
+    make_shards(str(clips / "m.jsonl"), str(tmp_path / name), shard_size_mb=size_mb, progress=False)
+    return str(tmp_path / name)
+
+
+def made_for(shards: str, emb: str, tokens: int = TOKENS) -> list[str]:
+    cfg = DataConfig(shards=shards, text_embeddings=emb)
+    return matching_text_urls(cfg, Storage(), resolve_shards(Storage(), shards)[0], tokens, 32)
+
+
+def test_embeddings_of_other_videos_are_never_overwritten(tiny_manifest, encoder, tmp_path):
+    """Another set's shards of the same names into A's embedding folder: refused before anything is written; the
+    same videos moved elsewhere (text/ with them) reuse their embeddings."""
+    enc, meta = encoder
+    a, b = shards_of(tiny_manifest, tmp_path, "a", size_mb=1e-6), shards_of(tiny_manifest, tmp_path, "b", " over",
+                                                                             size_mb=1e-6)
+    embed_shards(a, enc.encode, meta, progress=False)
+    before = snapshot(Path(a) / "text")
+    with pytest.raises(DataError, match=rf"{a}/text holds the embeddings of the video shards at {a}, not of {b} "
+                                        rf"\(shard-000000.tar differs\): write these to another folder with --out"):
+        embed_shards(b, enc.encode, meta, out=f"{a}/text", progress=False)
+    assert snapshot(Path(a) / "text") == before
+    shutil.copytree(a, tmp_path / "moved")
+    index = embed_shards(str(tmp_path / "moved"), enc.encode, meta, progress=False)
+    assert index["videos"] == str(tmp_path / "moved")
+    assert {n: v[0] for n, v in snapshot(tmp_path / "moved" / "text").items() if n != "index.json"} == \
+        {n: v[0] for n, v in before.items() if n != "index.json"}
+
+
+def test_an_encoder_replaced_at_its_path_is_not_mixed_in(tiny_t5, tiny_shards, tmp_path):
+    folder = tmp_path / "t5"
+    shutil.copytree(tiny_t5, folder)
+    first = TextEncoder(str(folder), TOKENS)
+    meta = {"encoder": str(folder), "width": 32, "max_tokens": TOKENS}
+    embed_shards(tiny_shards["many"], first.encode, meta | {"digest": first.digest}, out=str(tmp_path / "emb"), progress=False)
+    assert read_text_index(Storage(), str(tmp_path / "emb"))["digest"] == first.digest == encoder_digest(str(folder))
+    (tmp_path / "emb" / "shard-000005.tar").unlink()  # the rest is embedded again, by another model at that path
+    save_tiny_t5(folder, d_model=32, seed=1)
+    second = TextEncoder(str(folder), TOKENS)
+    assert second.digest != first.digest
+    with pytest.raises(DataError, match=rf"made with encoder={folder} .* digest={first.digest}, not .* "
+                                        rf"digest={second.digest}; embeddings are never mixed"):
+        embed_shards(tiny_shards["many"], second.encode, meta | {"digest": second.digest}, out=str(tmp_path / "emb"),
+                     progress=False)
+
+
+def test_stale_or_foreign_embeddings_are_refused_at_training_start(tiny_manifest, encoder, tmp_path, caplog):
+    enc, meta = encoder
+    a, b = shards_of(tiny_manifest, tmp_path, "a"), shards_of(tiny_manifest, tmp_path, "b", " over")
+    for shards in (a, b):
+        embed_shards(shards, enc.encode, meta | {"max_tokens": 8}, progress=False)
+    with caplog.at_level("WARNING"):
+        assert made_for(a, f"{a}/text") == [f"{a}/text/shard-000000.tar"]
+    assert f"{a}/text: the embeddings have up to 8 tokens but model.text_tokens is 16" in caplog.text
+    with pytest.raises(DataError, match=rf"{b}/text: the embeddings of shard-000000.tar do not match "
+                                        rf"{a}/shard-000000.tar \(its keys or captions differ\); they were made for "
+                                        rf"the videos at {b}: give these videos their own with `hpdm embed-text {a} "):
+        made_for(a, f"{b}/text")
+    shards_of(tiny_manifest, tmp_path, "a", " left")  # make-shards again with other captions, embed-text not rerun
+    with pytest.raises(DataError, match=rf"{a}/text: the embeddings of shard-000000.tar do not match "
+                                        rf"{a}/shard-000000.tar \(its keys or captions differ\); the videos changed "
+                                        rf"since they were embedded: embed them again with `hpdm embed-text {a} "
+                                        rf"--encoder {meta['encoder']} --max-tokens 8`$"):
+        made_for(a, f"{a}/text", 8)
+    embed_shards(a, enc.encode, meta | {"max_tokens": 8}, progress=False)
+    made_for(a, f"{a}/text", 8)
+
+
+def test_a_plain_tar_replaced_in_place_is_embedded_again(tiny_shards, encoder, tmp_path):
+    enc, meta = encoder
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_shards["many"], plain, ignore=shutil.ignore_patterns("*.json"))  # tars only, no sidecars
+    embed_shards(str(plain), enc.encode, meta, progress=False)
+    shutil.copy(plain / "shard-000005.tar", plain / "shard-000003.tar")
+    embed_shards(str(plain), enc.encode, meta, progress=False)
+    assert [k for k, _ in records(Storage(), str(plain / "text" / "shard-000003.tar"))] == ["clip000005"]
+
+
+def test_float16_overflow_is_refused_before_it_is_stored(tiny_shards, tmp_path):
+    def huge(captions):
+        return torch.full((len(captions), 4, 32), 1e5), torch.ones(len(captions), 4, dtype=torch.bool)
+
+    meta = {"encoder": "huge", "width": 32, "max_tokens": 4}
+    with pytest.raises(DataError, match=rf"--dtype float16: the embedding of {tiny_shards['one']}/shard-000000.tar "
+                                        r"sample 'clip000000' is not finite in float16 \(the encoder's largest value "
+                                        r"is 1e\+05\); use --dtype bfloat16"):
+        embed_shards(tiny_shards["one"], huge, meta, out=str(tmp_path / "emb"), dtype="float16", progress=False)
+    assert not (tmp_path / "emb" / "shard-000000.tar").exists()
+    embed_shards(tiny_shards["one"], huge, meta, out=str(tmp_path / "bf16"), progress=False)

@@ -1,6 +1,7 @@
 """End to end: `hpdm train` on synthetic shards with a real DeepSpeed engine, a checkpoint, a sample, a resume."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,8 +28,9 @@ def _train(run_dir, data_dir, *extra, wandb="disabled"):
 @pytest.mark.slow
 def test_train_checkpoint_sample_and_resume(tmp_path):
     run, data = tmp_path / "run", tmp_path / "data"
-    # a password in a URL (used for S3 only; the data here is local) reaches no file of the run, wandb's included
-    out = _train(run, data, "data.endpoint_url=http://user:url-secret@127.0.0.1:9", wandb="offline")
+    # a password in a URL (used for S3 only; the data here is local) reaches no file of the run, wandb's included,
+    # also one holding / and @ as AWS secret keys may
+    out = _train(run, data, "data.endpoint_url=http://user:url-secret/p@ss@127.0.0.1:9", wandb="offline")
     assert (data / "index.json").is_file(), "the synthetic dataset was not written"
     assert not [f for f in run.rglob("*") if f.is_file() and b"url-secret" in f.read_bytes()] and "url-secret" not in out
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["endpoint_url"] == "http://127.0.0.1:9"
@@ -56,6 +58,18 @@ def test_train_checkpoint_sample_and_resume(tmp_path):
     assert (ckpts / "latest").read_text() == "step_00000008"
     assert json.loads((ckpts / "step_00000008" / "state.json").read_text())["samples"] == 32
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000006", "step_00000008"]
+
+
+def test_a_signal_while_starting_stops_before_the_first_step(tmp_path, sig="SIGUSR1"):
+    """SIGUSR1 (SLURM's warning before the time limit) before the handler was installed killed the trainer
+    silently (exit -10); SIGTERM and Ctrl-C take the same handler."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": FAULTS, "HPDM_FAULT_SIGNAL": sig}
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml",
+                           f"train.run_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'data'}", *OVERRIDES],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and f"preempted (signal {getattr(signal, sig).value}) while starting: exiting before " \
+        "the first step" in proc.stderr, proc.stderr[-3000:]
+    assert "preempted: step 0" in proc.stdout and not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -120,6 +134,14 @@ def test_checkpoint_mirrored_to_s3_and_resumed_from_it(tmp_path, s3_server, monk
     # step 3 is pruned there too (SeaweedFS keeps the emptied folder itself; S3 has no folders)
     assert [u for u in storage.list(f"{uri}/step_00000003") if not u.endswith("/")] == []
 
+    # another run folder given the same prefix took this run over (its weights, optimizer and data position)
+    other = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml",
+                            f"train.run_dir={tmp_path / 'other'}", f"data.shards={data}", *OVERRIDES,
+                            f"train.checkpoint_uri={uri}", "train.steps=7"], capture_output=True, text=True,
+                           env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600)
+    assert other.returncode == 2 and f"holds the checkpoints of the run in {run} (latest step_00000006), not of " \
+        f"train.run_dir {tmp_path / 'other'}" in other.stderr, other.stderr[-2000:]
+    assert not list((tmp_path / "other").glob("checkpoints/step_*")) and storage.read_bytes(f"{uri}/latest") == b"step_00000006"
     import shutil
 
     shutil.rmtree(run / "checkpoints")  # a new node: nothing local

@@ -1,14 +1,17 @@
 """Guards of the training loop: divergence, labels outside the model's classes, settings it cannot use."""
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from data_pipeline import DataError
 from hpdm.checkpoint import Checkpointer
-from hpdm.config import ConfigError, load_config
+from hpdm.config import ConfigError, is_recorded_config, load_config, save_config
 from hpdm.divergence import DivergenceGuard
 from hpdm.errors import DivergenceError
 from hpdm.trainer import _cond, _prepare
@@ -43,13 +46,33 @@ def test_labels_beyond_num_classes_name_both_numbers():
         _cond(cfg, {"label": torch.tensor([1, 7])}, "cpu")
 
 
-def test_a_run_dir_that_cannot_be_made_names_the_key(tmp_path):
-    """A run_dir under a file was a NotADirectoryError traceback."""
+def test_a_run_dir_that_cannot_be_made_or_written_names_the_key(tmp_path):
+    """A run_dir under a file was a NotADirectoryError traceback, a read-only one an OSError from the lock."""
     (tmp_path / "afile").write_text("the user's file")
     cfg = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path / 'afile' / 'run'}"])
     with pytest.raises(ConfigError, match=r"^train.run_dir: cannot create .*afile/run: Not a directory"):
         _prepare(cfg, Checkpointer(cfg.train.run_dir))
     assert (tmp_path / "afile").read_text() == "the user's file"
+    (tmp_path / "run" / "train.lock").mkdir(parents=True)  # the lock cannot be written: was an OSError traceback
+    cfg = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^train.run_dir: cannot write .*train.lock: Is a directory"):
+        _prepare(cfg, Checkpointer(cfg.train.run_dir))
+
+
+def test_a_config_of_the_users_in_the_run_folder_is_never_overwritten(tmp_path):
+    """`--config RUN/config.yaml` was replaced by the resolved config: comments gone, one-off overrides baked in."""
+    run, ours = tmp_path / "run", Path("configs/tiny_1level.yaml")
+    run.mkdir()
+    shutil.copy(ours, run / "config.yaml")
+    cfg = load_config(str(run / "config.yaml"), [f"train.run_dir={run}", "train.steps=1"])
+    with pytest.raises(ConfigError, match=r"^train.run_dir: .*config.yaml was not written by `hpdm train`"):
+        _prepare(cfg, Checkpointer(cfg.train.run_dir))
+    assert (run / "config.yaml").read_text() == ours.read_text()
+    save_config(cfg, run / "config.yaml")  # what training records there, it may rewrite at the next start
+    assert is_recorded_config(run / "config.yaml")
+    assert load_config(str(run / "config.yaml"), []).to_dict() == cfg.to_dict()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # recorded before the header
+    assert is_recorded_config(run / "config.yaml")
 
 
 @pytest.mark.slow

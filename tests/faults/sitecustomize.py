@@ -2,6 +2,7 @@
 
     HPDM_FAULT_SAVE=NAME     saving a safetensors file whose name ends in NAME raises OSError (a full disk)
     HPDM_FAULT_UPLOAD=NAME   uploading a file whose name ends in NAME raises StorageError (storage gone)
+    HPDM_FAULT_SIGNAL=SIG    the process sends itself signal SIG (e.g. SIGUSR1) while training starts (preparing the data)
 
 Python imports this module at start-up, before hpdm binds the functions it patches."""
 import os
@@ -29,3 +30,16 @@ if os.environ.get("HPDM_FAULT_UPLOAD"):
         return _upload(self, local, url)
 
     storage.Storage.upload = upload
+
+if os.environ.get("HPDM_FAULT_SIGNAL"):
+    import signal
+
+    import data_pipeline
+
+    _prepare = data_pipeline.prepare_dataset
+
+    def prepare_dataset(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, os.environ["HPDM_FAULT_SIGNAL"]))
+        return _prepare(*args, **kwargs)
+
+    data_pipeline.prepare_dataset = prepare_dataset

@@ -1,0 +1,60 @@
+"""``hpdm info``: what a config costs before it runs: parameters per component, forward FLOPs per level, and the
+memory of one process at the micro-batch a run takes (an analytic estimate, see hpdm/flops.py)."""
+from __future__ import annotations
+
+import torch
+
+from hpdm.config import Config
+from hpdm.ds_config import deepspeed_config
+from hpdm.errors import UsageError
+from hpdm.flops import activation_bytes, forward_flops_per_level, parameter_counts, state_bytes
+from hpdm.model import HPDM
+
+
+def _micro_batch(cfg: Config, micro_batch: int | None, processes: int | None) -> tuple[int, str]:
+    """The micro-batch of the estimate and where it comes from."""
+    for flag, value in (("--micro-batch", micro_batch), ("--processes", processes)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag}: must be >= 1; got {value}")
+    t = cfg.train
+    if micro_batch or t.micro_batch:
+        return micro_batch or t.micro_batch, "--micro-batch" if micro_batch else "train.micro_batch"
+    if processes:
+        return deepspeed_config(cfg, processes)["train_micro_batch_size_per_gpu"], f"{processes} processes"
+    return 1, (f"train.micro_batch is unset, so a run takes train.batch_size / processes ({t.batch_size} / P): give "
+               "--processes P or --micro-batch N")
+
+
+def print_info(cfg: Config, micro_batch: int | None = None, processes: int | None = None) -> None:
+    """The report of `hpdm info`, on stdout."""
+    micro, why = _micro_batch(cfg, micro_batch, processes)
+    m = cfg.model
+    with torch.device("meta"):
+        model = HPDM(m)
+    counts = parameter_counts(model)
+    print(f"model: {m.levels} levels of {'x'.join(map(str, m.patch))} patches, video {'x'.join(map(str, m.resolution))}, "
+          f"{m.blocks} blocks, levels per block {list(m.levels_per_block)}")
+    print(f"\n{'component':<22}{'parameters':>16}")
+    for name, n in counts.items():
+        print(f"{name:<22}{n:>16,}")
+    print(f"\n{'level':<8}{'resolution':>16}{'blocks':>8}{'fwd GFLOP/sample':>20}")
+    for level, fl in enumerate(forward_flops_per_level(m)):
+        res = "x".join(str(p * 2 ** level) for p in m.patch)
+        blocks = sum(n > level for n in m.levels_per_block)
+        print(f"{level:<8}{res:>16}{blocks:>8}{fl / 1e9:>20.2f}")
+    total = sum(forward_flops_per_level(m))
+    print(f"{'all':<8}{'':>16}{'':>8}{total / 1e9:>20.2f}   (training: {3 * total / 1e9:.2f} GFLOP/sample)")
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    act, ckpt = activation_bytes(m, micro, dtype), activation_bytes(m, micro, dtype, checkpointed=True)
+    state = state_bytes(counts["total"], cfg.train.precision)
+    gib = lambda n: f"{n / 2**30:>9.2f} GiB"  # noqa: E731
+    print(f"\nmemory estimate per process, micro-batch {micro} ({why}), {cfg.train.precision} (no ZeRO "
+          "partitioning; no allocator overhead, workspaces or backward temporaries):")
+    print(f"  {'activation memory, micro-batch ' + str(micro):<52}{gib(act)}   (tensors saved for backward, fused attention)")
+    print(f"  {'  with train.activation_checkpointing':<52}{gib(ckpt)}   (block inputs + one block recomputed)")
+    print(f"  {'weights':<52}{gib(state['weights'])}")
+    print(f"  {'gradients':<52}{gib(state['gradients'])}")
+    master = " + fp32 master weights" if cfg.train.precision == "bf16" else ""
+    print(f"  {'optimizer state':<52}{gib(state['optimizer'])}   (two fp32 moments{master})")
+    fixed = sum(state.values())
+    print(f"  {'total':<52}{gib(fixed + act)}   ({(fixed + ckpt) / 2**30:.2f} GiB with activation checkpointing)")
