@@ -218,8 +218,8 @@ class Checkpointer:
         return self.root / tag if tag else None
 
     def _check_remote_owner(self, tag: str) -> None:
-        """Refuse to continue from a remote checkpoint of another run folder: two runs given one checkpoint_uri
-        silently took over each other's weights, optimizer and data position."""
+        """Refuse to continue from, or upload beside, a remote checkpoint of another run folder: two runs given one
+        checkpoint_uri silently took over each other's weights, optimizer and data position."""
         url = join(self.remote, tag, "state.json")
         if not self.storage.exists(url):
             return
@@ -305,6 +305,9 @@ class Checkpointer:
         """Collective. Each rank uploads the files it wrote, rank 0 also the shared ones, then state.json and
         ``latest``. A failure anywhere is raised on every rank after the local checkpoint is complete."""
         def upload_mine() -> None:
+            latest = join(self.remote, "latest")
+            if self.storage.exists(latest):  # another run started on this prefix since ours did
+                self._check_remote_owner(self.storage.read_bytes(latest).decode().strip())
             for f in sorted(path.iterdir()):
                 if self._owner(f.name) == rank and f.name != "state.json":
                     self.storage.upload(str(f), join(self.remote, path.name, f.name))
@@ -316,7 +319,7 @@ class Checkpointer:
 
         try:
             on_rank0(finish, first=upload_mine)
-        except (StorageError, RankFailed) as exc:
+        except (StorageError, CheckpointError, RankFailed) as exc:
             raise CheckpointError(f"checkpoint {path} is complete locally, but uploading it to {self.remote} failed: "
                                   f"{exc}. Fix the storage and rerun: the run resumes from the local checkpoint") from exc
 

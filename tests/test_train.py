@@ -150,6 +150,29 @@ def test_checkpoint_mirrored_to_s3_and_resumed_from_it(tmp_path, s3_server, monk
     assert storage.read_bytes(f"{uri}/latest") == b"step_00000007"
 
 
+def test_no_upload_beside_another_runs_checkpoints(tmp_path, s3_server, monkeypatch):
+    """Two runs started on one prefix before either had saved: the first save of the second would mix its files
+    into the other's step folders. The upload is refused; the local checkpoint stays complete."""
+    import json as json_
+
+    from data_pipeline.storage import Storage
+    from hpdm.checkpoint import Checkpointer
+    from hpdm.errors import CheckpointError
+
+    s3_server.env(monkeypatch)
+    uri, storage = f"s3://{s3_server.bucket}/checkpoints/{tmp_path.name}", Storage()
+    storage.write_bytes(f"{uri}/step_00000003/state.json", json_.dumps({"config": {"train": {"run_dir": "/elsewhere"}}}).encode())
+    storage.write_bytes(f"{uri}/latest", b"step_00000003")
+    ours = tmp_path / "run" / "checkpoints" / "step_00000003"
+    ours.mkdir(parents=True)
+    (ours / "state.json").write_text("{}")
+    (ours / "ema.safetensors").write_bytes(b"weights")
+    with pytest.raises(CheckpointError, match=rf"{ours} is complete locally, but uploading .* holds the checkpoints of "
+                                              rf"the run in /elsewhere \(latest step_00000003\), not of train.run_dir"):
+        Checkpointer(tmp_path / "run", remote=uri, storage=storage)._upload(ours, 0)
+    assert not storage.exists(f"{uri}/step_00000003/ema.safetensors")  # nothing of ours went there
+
+
 def test_failed_upload_leaves_a_complete_local_checkpoint(tmp_path, s3_server, monkeypatch):
     s3_server.env(monkeypatch)
     run, data = tmp_path / "run", tmp_path / "data"
