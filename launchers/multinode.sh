@@ -46,6 +46,23 @@ done
 [[ -f $config ]] || die "config file $config not found (in $PWD)"
 [[ -w . ]] || die "cannot write hostfile and .deepspeed_env in $PWD: start from a writable folder that every node sees"
 
+# DEEPSPEED_ARGS, split like a shell would (quotes honoured) without running or expanding anything
+xargs -r printf '%s\0' <<< "${DEEPSPEED_ARGS:-}" > /dev/null 2>&1 || die "cannot split DEEPSPEED_ARGS: unmatched quote?"
+mapfile -d '' -t extra < <(xargs -r printf '%s\0' <<< "${DEEPSPEED_ARGS:-}")
+launcher=pdsh
+for i in "${!extra[@]}"; do
+  case ${extra[i]} in
+    --launcher) launcher=${extra[i + 1]:-} ;;
+    --launcher=*) launcher=${extra[i]#--launcher=} ;;
+  esac
+done
+launcher=${launcher,,}
+# DeepSpeed's pdsh runner writes `cd FOLDER; PYTHON -u -m deepspeed.launcher.launch ...` for the remote shell with
+# the folder unquoted (multinode_runner.py), and pdsh replaces %h %u %n %% in it
+[[ $launcher != pdsh || $PWD =~ ^[A-Za-z0-9_@+=:,./~-]+$ ]] || die "DeepSpeed's pdsh launcher puts this folder" \
+  "into the remote command without quotes, where its spaces or shell characters break it: start from a folder" \
+  "whose path has none ('$PWD'), or with DEEPSPEED_ARGS=\"--launcher openmpi\""
+
 # Marker lines: DeepSpeed skips '#' lines of a hostfile, and parses every .deepspeed_env line as KEY=VALUE (runner.py)
 hostfile_marker="# written by launchers/multinode.sh (rewritten on every start)"
 env_marker="HPDM_LAUNCHER=multinode.sh"
@@ -87,18 +104,6 @@ else
   first=${host_list[0]}
 fi
 addr=${addr:-$first}
-
-# DEEPSPEED_ARGS, split like a shell would (quotes honoured) without running or expanding anything
-xargs -r printf '%s\0' <<< "${DEEPSPEED_ARGS:-}" > /dev/null 2>&1 || die "cannot split DEEPSPEED_ARGS: unmatched quote?"
-mapfile -d '' -t extra < <(xargs -r printf '%s\0' <<< "${DEEPSPEED_ARGS:-}")
-launcher=pdsh
-for i in "${!extra[@]}"; do
-  case ${extra[i]} in
-    --launcher) launcher=${extra[i + 1]:-} ;;
-    --launcher=*) launcher=${extra[i]#--launcher=} ;;
-  esac
-done
-launcher=${launcher,,}
 
 # .deepspeed_env: one KEY=VALUE a line, no comments or blank lines (the launcher parses every line). DeepSpeed
 # strips each value, wraps one with other characters than [A-Za-z0-9_@%+=:,./-] in double quotes and pdsh

@@ -517,3 +517,14 @@ def test_sbatch_script_outside_slurm(tmp_path):
     assert "Usage: sbatch" in proc.stdout and "SBATCH" not in proc.stdout
     proc = _run(["bash", str(LAUNCHERS / "slurm.sbatch"), "train.steps=1"], _env(tmp_path), tmp_path, ok=False)
     assert proc.returncode == 2 and "submit it with sbatch" in proc.stderr and "unbound" not in proc.stderr
+
+
+def test_multinode_refuses_a_folder_that_deepspeeds_pdsh_command_would_break(tmp_path):
+    """DeepSpeed's pdsh runner puts the working folder into the remote command unquoted (`cd FOLDER; ...`)."""
+    spaced = tmp_path / "my runs"
+    _config(spaced)
+    proc = _run([MULTINODE, "-g", "1", "-H", "h1 h2"], _env(tmp_path, DRY_RUN="1"), spaced, ok=False)
+    assert proc.returncode == 2 and f"('{spaced}')" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (spaced / "hostfile").exists() and not (spaced / ".deepspeed_env").exists()
+    # another launcher passes the folder its own way
+    _run([MULTINODE, "-g", "1", "-H", "h1 h2"], _env(tmp_path, DRY_RUN="1", DEEPSPEED_ARGS="--launcher openmpi"), spaced)
