@@ -13,7 +13,7 @@
 #                                                      # evals end by 590 s);
 #                                                      # also the top GPU operators of 3 joint steps
 #   bash benchmarks/gpu_session.sh throughput OUT      # benchmarks/token_conv.py, GPU tests, hpdm bench-kernels,
-#                                                      # train_throughput (~6 min)
+#                                                      # train_throughput (~6 min), then compiled in the time left
 #
 # Every phase has its own time limit, so that one that hangs leaves the others their time; each writes its JSON
 # (and the session's log) under OUT. Copy the tables into benchmarks/RESULTS.md with the date, device and commit.
@@ -66,6 +66,11 @@ throughput)
         --cases bf16/adaptive --work "$work" --out "$out/train_throughput_bf16_zero0.json"
     phase throughput-fp32-lamb 140 python3 benchmarks/train_throughput.py --micro-batch 4 --warmup 5 --steps 15 \
         --cases fp32-lamb/adaptive --work "$work" --out "$out/train_throughput_fp32_lamb.json"
+    # last, in the time left: torch.compile (inductor fuses the element-wise work around the matrix products, where
+    # eager HPDM-S spends more host time launching kernels than the GPU spends running them)
+    phase throughput-bf16-compile "$(within 240)" python3 benchmarks/train_throughput.py train.zero_stage=1 \
+        train.compile=true --micro-batch 8 --warmup 10 --steps 15 --cases bf16/adaptive --work "$work" \
+        --out "$out/train_throughput_bf16_compile.json"
     ;;
 recipe)
     minutes=${3:-6}
