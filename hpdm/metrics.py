@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.storage import without_userinfo
+from hpdm.errors import UserError
 
 # Dense peak TFLOP/s per GPU: (bf16, tf32). fp32 runs use TF32 matmuls on these GPUs.
 PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183), "A10": (125, 62)}
@@ -71,8 +72,15 @@ class Metrics:
             if not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:12])
             sys.argv[1:] = [without_userinfo(a) for a in sys.argv[1:]]  # wandb records the command line
-            self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
-                                  id=id_file.read_text().strip(), resume="allow")
+            try:
+                self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
+                                      id=id_file.read_text().strip(), resume="allow")
+            except Exception as exc:  # wandb's own: no API key, no network, a project or entity it refuses
+                self.file.close()
+                first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
+                raise UserError(f"wandb (WANDB_MODE={mode}) did not start: {type(exc).__name__}: {first}. Log in "
+                                "(`wandb login`, or WANDB_API_KEY), or set WANDB_MODE=offline (the default; "
+                                "`wandb sync` uploads later) or disabled") from None
 
     def log(self, values: dict, samples: int) -> None:
         if self.rank != 0:

@@ -89,3 +89,16 @@ def test_settings_training_cannot_use_are_one_line_errors(tmp_path, override, sa
                           env=env, timeout=300)
     assert proc.returncode == 2 and f"hpdm train: error: {said}" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_wandb_that_cannot_start_is_a_one_line_error(tmp_path):
+    """WANDB_MODE=online without a login ended in wandb's UsageError traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"WANDB_MODE": "online", "HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny_1level.yaml",
+                           f"train.run_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'data'}",
+                           "data.synthetic_videos=8", "train.steps=1", "data.num_workers=0"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "hpdm train: error: wandb (WANDB_MODE=online) did not start: " in proc.stderr, proc.stderr[-3000:]
+    assert "WANDB_MODE=offline" in proc.stderr and "Traceback" not in proc.stderr
