@@ -50,6 +50,8 @@ def test_overrides_apply_and_types_convert():
     assert cfg.model.resolution == (32, 128, 128)
     assert cfg.train.deepspeed == {"zero_optimization": {"stage": 2}}
     assert isinstance(cfg.model.patch, tuple) and cfg.train.batch_size == 768
+    # an override given twice: the last counts (a script's overrides, then the user's)
+    assert load_config("configs/tiny.yaml", ["train.steps=10", "train.lr=0.5", "train.steps=20"]).train.steps == 20
 
 
 def test_cli_reports_config_error(capsys):
