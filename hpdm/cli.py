@@ -3,6 +3,7 @@ embed-text, doctor, bench-kernels."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -111,8 +112,9 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _check_json_out(out: str | None) -> None:
-    """``--out`` of the evaluations, checked before the sampling and feature extraction that precede its writing."""
+def _check_json_out(out: str | None, key: str) -> None:
+    """``--out`` of the evaluations, checked before the sampling and feature extraction that precede its writing: an
+    existing file is replaced only if it is an earlier result of the same command (a JSON object with ``key``)."""
     if not out:
         return
     from hpdm.export import check_output  # noqa: PLC0415
@@ -120,12 +122,20 @@ def _check_json_out(out: str | None) -> None:
     check_output("--out", Path(out), "result.json")
     if Path(out).is_dir():
         raise UsageError(f"--out: {out} is a folder; give the JSON file to write, e.g. {Path(out) / 'result.json'}")
+    if Path(out).exists():
+        try:
+            earlier = json.loads(Path(out).read_bytes())
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or key not in earlier:
+            raise UsageError(f"--out: {out} exists and is not an earlier result of this command, which it would "
+                             "replace; give another path (or remove the file)")
 
 
 def cmd_eval_fvd(args) -> int:
     from hpdm.eval_fvd import evaluate, main_result  # noqa: PLC0415
 
-    _check_json_out(args.out)
+    _check_json_out(args.out, "fvd")
     if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
         raise UsageError(f"--cache-dir: {args.cache_dir} is a file; give a folder for the real videos' statistics")
 
@@ -142,11 +152,9 @@ def cmd_eval_fvd(args) -> int:
 
 
 def cmd_eval_synthetic(args) -> int:
-    import json  # noqa: PLC0415
-
     from hpdm.synthetic_eval import evaluate_generator, report_table  # noqa: PLC0415
 
-    _check_json_out(args.out)
+    _check_json_out(args.out, "class_correct")
     result = evaluate_generator(args.generator, args.num, _sample_options(args), seed=args.seed, batch=args.batch,
                                 raw=args.raw)
     print(report_table(result))

@@ -94,7 +94,6 @@ def _saved_tensors(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype) -> tu
     from unittest import mock  # noqa: PLC0415
 
     from hpdm.model import HPDM  # noqa: PLC0415
-    from hpdm.pyramid import boxes_from_offsets, sample_offsets  # noqa: PLC0415
 
     outside: Tensors = {}
     per_block: list[Tensors] = [{} for _ in cfg.levels_per_block]
@@ -107,8 +106,8 @@ def _saved_tensors(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype) -> tu
             (outside if current[0] is None else per_block[current[0]])[id(root)] = root  # kept: ids stay unique
         return t
 
-    boxes = boxes_from_offsets(sample_offsets(micro_batch, cfg.levels, cfg.patch), cfg.patch)
     with torch.device("meta"), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa):
+        boxes = torch.zeros(micro_batch, cfg.levels, 6)  # shapes only: a real tensor took 24 bytes a sample and level
         model = HPDM(cfg).to(dtype)
         run = model._run_block
 

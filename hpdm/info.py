@@ -2,6 +2,8 @@
 memory of one process at the micro-batch a run takes (an analytic estimate, see hpdm/flops.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from hpdm.config import Config
@@ -10,17 +12,23 @@ from hpdm.errors import UsageError
 from hpdm.flops import activation_bytes, forward_flops_per_level, parameter_counts, state_bytes
 from hpdm.model import HPDM
 
+MAX_COUNT = 1_000_000  # far beyond any machine; larger numbers overflow the estimate's byte counts
+
 
 def _micro_batch(cfg: Config, micro_batch: int | None, processes: int | None) -> tuple[int, str]:
-    """The micro-batch of the estimate and where it comes from."""
+    """The micro-batch of the estimate and where it comes from. A run's split (train.micro_batch, or --processes) is
+    checked as training checks it; --micro-batch alone is a what-if and is not."""
     for flag, value in (("--micro-batch", micro_batch), ("--processes", processes)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag}: must be >= 1; got {value}")
+        if value is not None and not 1 <= value <= MAX_COUNT:
+            raise UsageError(f"{flag}: must be between 1 and {MAX_COUNT:,}; got {value}")
     t = cfg.train
-    if micro_batch or t.micro_batch:
-        return micro_batch or t.micro_batch, "--micro-batch" if micro_batch else "train.micro_batch"
-    if processes:
-        return deepspeed_config(cfg, processes)["train_micro_batch_size_per_gpu"], f"{processes} processes"
+    if processes or (t.micro_batch and not micro_batch):
+        run = replace(cfg, train=replace(t, micro_batch=micro_batch or t.micro_batch))
+        micro = deepspeed_config(run, processes or 1)["train_micro_batch_size_per_gpu"]
+        source = "--micro-batch" if micro_batch else "train.micro_batch" if t.micro_batch else ""
+        return micro, ", ".join(filter(None, [source, f"{processes} processes" if processes else ""]))
+    if micro_batch:
+        return micro_batch, "--micro-batch"
     return 1, (f"train.micro_batch is unset, so a run takes train.batch_size / processes ({t.batch_size} / P): give "
                "--processes P or --micro-batch N")
 

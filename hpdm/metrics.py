@@ -57,6 +57,18 @@ def drop_after(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+WANDB_MODES = ("offline", "online", "disabled", "dryrun", "shared", "run")  # what wandb.init accepts
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE, offline where unset or empty; checked at the start of training (wandb refuses others late)."""
+    mode = os.environ.get("WANDB_MODE", "").strip() or "offline"
+    if mode not in WANDB_MODES:
+        raise UserError(f"WANDB_MODE={mode!r} is not a wandb mode: use one of {', '.join(WANDB_MODES)} "
+                        "(offline where unset)")
+    return mode
+
+
 class Metrics:
     def __init__(self, config: dict, run_dir: Path, project: str, rank: int, resumed_at: int = 0):
         self.rank, self.run, self.file = rank, None, None
@@ -64,12 +76,12 @@ class Metrics:
             return
         drop_after(run_dir / "metrics.jsonl", resumed_at)
         self.file = open(run_dir / "metrics.jsonl", "a")
-        mode = os.environ.get("WANDB_MODE", "offline")
+        mode = os.environ["WANDB_MODE"] = wandb_mode()  # wandb reads it too, and refuses an empty one
         if mode != "disabled":
             import wandb  # noqa: PLC0415
 
-            id_file = run_dir / "wandb_run_id"  # a resumed job continues the same wandb run
-            if not id_file.is_file():
+            id_file = run_dir / "wandb_run_id"  # a resumed job continues the same wandb run, a new start does not
+            if resumed_at == 0 or not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:12])
             sys.argv[1:] = [without_userinfo(a) for a in sys.argv[1:]]  # wandb records the command line
             try:
@@ -78,9 +90,10 @@ class Metrics:
             except Exception as exc:  # wandb's own: no API key, no network, a project or entity it refuses
                 self.file.close()
                 first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
-                raise UserError(f"wandb (WANDB_MODE={mode}) did not start: {type(exc).__name__}: {first}. Log in "
-                                "(`wandb login`, or WANDB_API_KEY), or set WANDB_MODE=offline (the default; "
-                                "`wandb sync` uploads later) or disabled") from None
+                hint = ("log in (`wandb login`, or WANDB_API_KEY), or set WANDB_MODE=offline (the default; `wandb "
+                        "sync` uploads later) or disabled") if mode in ("online", "shared", "run") else \
+                    "set WANDB_MODE=disabled to train without wandb"
+                raise UserError(f"wandb (WANDB_MODE={mode}) did not start: {type(exc).__name__}: {first}; {hint}") from None
 
     def log(self, values: dict, samples: int) -> None:
         if self.rank != 0:

@@ -19,6 +19,7 @@ whose colour, kind and direction of motion are the class's. Real clips score clo
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import Counter
@@ -28,9 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.storage import without_userinfo
 from data_pipeline.synthetic import COLOURS, SHAPES, class_name, shape_mask
 from hpdm.errors import UsageError
 from hpdm.pyramid import level_resolution
+
+log = logging.getLogger(__name__)
 
 # Shape half-size r is drawn from [0.1, 0.18] x the short side (at least 3 pixels); areas run from a small triangle
 # (2 r^2) to a big square ((2 r + 1)^2). A frame's blob must lie within these bounds, widened for blur and compression.
@@ -203,6 +207,11 @@ def evaluate_generator(generator: str, num: int, opts, seed: int = 0, batch: int
     if cfg.model.cond == "text":
         raise UsageError(f"{generator} is text-conditioned; the synthetic measure takes class-conditional or "
                          "unconditional models")
+    if not cfg.data.synthetic:  # its shards may still be the synthetic set, written by an earlier run
+        log.warning(
+            "%s was trained with data.synthetic false (data.shards %s): the measure judges the synthetic set's "
+            "colours, shapes and directions by class, so its scores mean nothing unless those shards are that set",
+            generator, without_userinfo(cfg.data.shards))
     m = cfg.model
     held = num * 4 * 3 * sum(math.prod(level_resolution(l, m.patch)) for l in range(m.levels))  # every level, fp32
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -28,7 +28,7 @@ from hpdm.errors import CheckpointError
 from hpdm.ema import EMA
 from hpdm.finetune import init_from_generator
 from hpdm.flops import training_flops_per_sample
-from hpdm.metrics import Metrics, memory_gib, peak_flops
+from hpdm.metrics import Metrics, memory_gib, peak_flops, wandb_mode
 from hpdm.model import HPDM
 from hpdm.monitor import plot_progress, sample_and_measure
 from hpdm.optim import attach_partitions, build_optimizer, lr_factor
@@ -108,8 +108,14 @@ class _Profiler:
     """torch.profiler over steps [start, end); writes a Chrome/Perfetto trace per rank, and beside it a table of the
     operators that took the most time (on the GPU where there is one), readable without a trace viewer."""
 
-    def __init__(self, steps: tuple[int, int], out: Path, rank: int, device: torch.device):
-        self.start, self.end, self.path, self.prof = *steps, out / f"trace_rank{rank}_steps{steps[0]}-{steps[1]}.json", None
+    def __init__(self, steps: tuple[int, int], out: Path, rank: int, device: torch.device, first: int):
+        start, end = steps
+        if start < first < end:  # resumed inside the window: the rest of it
+            start = first
+        elif start < end <= first and rank == 0:
+            log.warning("train.profile_steps %s lies before step %d, where this run resumes: nothing is traced",
+                        list(steps), first)
+        self.start, self.end, self.path, self.prof = start, end, out / f"trace_rank{rank}_steps{start}-{end}.json", None
         self.activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
     def at(self, step: int) -> None:
@@ -257,6 +263,7 @@ def train(cfg: Config) -> dict:
         elif cfg.model.kernels == "fused" and not interpreting():
             raise ConfigError("model.kernels", "fused needs a CUDA GPU (or TRITON_INTERPRET=1); use auto or reference")
         deepspeed_config(cfg, world)  # its errors before any work
+        wandb_mode()
         ckpt = Checkpointer(t.run_dir, t.keep_checkpoints, t.checkpoint_uri, Storage(cfg.data.endpoint_url))
         lock = on_rank0(lambda: _prepare(cfg, ckpt))
         return _train(cfg, ckpt, rank, world, device, preemption)
@@ -325,7 +332,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
 
     metrics = Metrics(cfg.to_dict(), run_dir, t.wandb_project, rank, resumed_at=step)
     peak = peak_flops(device, t.precision)
-    profiler = _Profiler(t.profile_steps, run_dir / "profile", rank, device)
+    profiler = _Profiler(t.profile_steps, run_dir / "profile", rank, device, step)
     guard = DivergenceGuard(t.max_skipped_steps, device, engine.skipped_steps)
     record = {"config": cfg.to_dict(), "deepspeed": ds_config, "text_encoder": text_id}
     batches = iter(loader)
@@ -384,6 +391,8 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
             bar.close()
         if t.sample_at_end and not preempted and step > first_step:  # a finished run that is rerun samples nothing
             _samples(ema, cfg, step, run_dir, metrics, samples, device, video=True, cond=monitor)
+        elif rank == 0 and step > first_step:  # the loss up to the last step, also without samples
+            plot_progress(run_dir)
     finally:
         metrics.close()
     dist.barrier()

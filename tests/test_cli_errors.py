@@ -97,7 +97,14 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "key twice": (("info", "--config", "{twice}"), "{twice}:3: YAML syntax error: found the key 'train' twice"),
     "--prompt": ((*SAMPLE, "--prompt", "a red square"), "--prompt/--prompt-file: the model is conditioned on 'class', "
                                                         "not on text"),
-    "info --micro-batch 0": (("info", "--micro-batch", "0"), "--micro-batch: must be >= 1; got 0"),  # was taken as 1
+    "info --micro-batch 0": (("info", "--micro-batch", "0"), "--micro-batch: must be between 1 and 1,000,000; got 0"),
+    # 10^14 allocated 2.4 PB for offsets, 10^19 overflowed: tracebacks
+    "info --micro-batch 1e19": (("info", "--micro-batch", str(10**19)), "--micro-batch: must be between 1 and 1,000,000"),
+    # the split a run would refuse was estimated without a word
+    "info split": (("info", "--config", "configs/tiny_1level.yaml", "--processes", "2", "--micro-batch", "3"),
+                   "train.batch_size: 16 is not a multiple of micro_batch (3) x processes (2)"),
+    "info micro_batch": (("info", "--config", "configs/tiny_1level.yaml", "train.micro_batch=5"),
+                         "train.batch_size: 16 is not a multiple of micro_batch (5) x processes (1)"),
     "eval-synthetic -n 0": (("eval-synthetic", "{gen}", "-n", "0"), "-n: must be >= 1; got 0"),
     "export missing": (("export", "{tmp}/nothing", "{tmp}/g.safetensors"), "{tmp}/nothing does not exist"),
     "--i3d missing": (("eval-fvd", "--i3d", "{tmp}/i3d.pt", "--fake", "{empty}", "--real", "{empty}"),

@@ -214,6 +214,10 @@ def test_info_prints_counts_and_flops(capsys):
     assert "memory estimate per process, micro-batch 4 (train.micro_batch)" in out
     assert main(["info", "--config", "configs/ucf101_hpdm_s.yaml", "train.micro_batch=0", "--processes", "64"]) == 0
     assert "micro-batch 12 (64 processes)" in capsys.readouterr().out
+    assert main(["info", "--config", "configs/ucf101_hpdm_s.yaml", "--processes", "8", "--micro-batch", "8"]) == 0
+    assert "micro-batch 8 (--micro-batch, 8 processes)" in capsys.readouterr().out
+    assert main(["info", "--config", "configs/tiny_1level.yaml", "--micro-batch", "1000000"]) == 0  # meta tensors only
+    assert "micro-batch 1000000 (--micro-batch)" in capsys.readouterr().out
     assert main(["info", "--config", "configs/ucf101_hpdm_s.yaml", "train.micro_batch=0"]) == 0
     assert "micro-batch 1 (train.micro_batch is unset, so a run takes train.batch_size / processes (768 / P)" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
 """Guards of the training loop: divergence, labels outside the model's classes, settings it cannot use."""
+import json
 import os
 import shutil
 import subprocess
@@ -102,3 +103,38 @@ def test_wandb_that_cannot_start_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "hpdm train: error: wandb (WANDB_MODE=online) did not start: " in proc.stderr, proc.stderr[-3000:]
     assert "WANDB_MODE=offline" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_profile_window_that_a_resume_enters_traces_the_rest_of_it(tmp_path, caplog):
+    """A run resumed inside train.profile_steps traced nothing, and one resumed after it did not say so."""
+    from hpdm.trainer import _Profiler
+
+    prof = _Profiler((2, 5), tmp_path, 0, torch.device("cpu"), first=3)
+    for step in range(3, 6):
+        prof.at(step)
+        torch.ones(8).sum()
+    assert json.loads((tmp_path / "trace_rank0_steps3-5.json").read_text())["traceEvents"]
+    assert (tmp_path / "ops_rank0_steps3-5.txt").is_file()
+    with caplog.at_level("WARNING"):
+        late = _Profiler((2, 5), tmp_path / "late", 0, torch.device("cpu"), first=5)
+        late.at(5)
+    assert "train.profile_steps [2, 5] lies before step 5, where this run resumes" in caplog.text
+    assert not (tmp_path / "late").exists()
+
+
+def test_wandb_mode_is_checked_up_front_and_a_new_start_is_a_new_wandb_run(tmp_path, monkeypatch):
+    from hpdm.errors import UserError
+    from hpdm.metrics import Metrics, wandb_mode
+
+    for bad in ("off", "OFFLINE", "dryrun please"):
+        monkeypatch.setenv("WANDB_MODE", bad)
+        with pytest.raises(UserError, match=rf"WANDB_MODE='{bad}' is not a wandb mode: use one of offline, online"):
+            wandb_mode()
+    monkeypatch.setenv("WANDB_MODE", "")  # set but empty, as scripts leave it: the default (wandb refused it)
+    assert wandb_mode() == "offline"
+    ids = []
+    for resumed_at in (0, 0, 8):  # a start, a start over (no checkpoint was kept), a resume
+        metrics = Metrics({"train": {}}, tmp_path, "hpdm-test", 0, resumed_at=resumed_at)
+        metrics.close()
+        ids.append((tmp_path / "wandb_run_id").read_text())
+    assert ids[0] != ids[1] == ids[2]  # wandb drops steps below those it has: a start over must not reuse the run

@@ -1,6 +1,9 @@
 """Learning made visible (issue 10): sample grids and the synthetic measure during `hpdm train`, the progress
 plot, `hpdm eval-synthetic`, and the raw weights of a run or checkpoint folder from the command line."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ from safetensors.torch import load_file
 
 from hpdm.export import load_generator
 from tests.helpers import run_hpdm
+
+ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
 @pytest.mark.slow
@@ -45,3 +50,21 @@ def test_samples_measure_and_raw_weights_of_a_run(tmp_path):
     assert f"class_correct: {result['class_correct']:.3f}" in out
     run_hpdm("sample", str(ckpt), "--raw", "-n", "1", "--steps", "2", "--out", str(tmp_path / "videos"))
     assert list((tmp_path / "videos").glob("*.mp4"))
+
+    # --out replaces an earlier result, and nothing else (it replaced the generator, metrics.jsonl, config.yaml)
+    run_hpdm("eval-synthetic", str(run), "-n", "1", "--steps", "2", "--out", str(tmp_path / "eval.json"))
+    assert json.loads((tmp_path / "eval.json").read_text())["videos"] == 1
+    history = (run / "metrics.jsonl").read_text()
+    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "eval-synthetic", str(run), "-n", "1", "--out",
+                           str(run / "metrics.jsonl")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and "is not an earlier result of this command" in proc.stderr, proc.stderr[-2000:]
+    assert (run / "metrics.jsonl").read_text() == history
+
+    # trained on the same shards without data.synthetic: measured, with a warning that the score assumes the set
+    other = tmp_path / "other"
+    run_hpdm("train", "--config", "configs/tiny.yaml", f"train.run_dir={other}", f"data.shards={tmp_path / 'data'}",
+             "data.synthetic=false", "train.steps=2", "train.batch_size=4", "train.sample_at_end=false",
+             "data.shuffle_buffer=4")
+    assert Image.open(other / "progress.png").size[0] > 300  # drawn at the end, also without samples
+    out = run_hpdm("eval-synthetic", str(other), "-n", "1", "--steps", "2")
+    assert "was trained with data.synthetic false" in out and "class_correct: " in out
