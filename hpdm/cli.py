@@ -90,7 +90,7 @@ def _sample_options(args):
     from hpdm.sampling import SampleOptions  # noqa: PLC0415
 
     try:
-        steps = tuple(int(s) for s in args.steps.split(",") if s.strip())
+        steps = tuple(int(s) for s in args.steps.split(",")) if args.steps.strip() else ()  # "": the config's
     except ValueError:
         raise UsageError(f"--steps: must be whole numbers separated by commas, e.g. 128,64,32; "
                          f"got {args.steps!r}") from None
@@ -120,6 +120,8 @@ def _check_json_out(out: str | None, key: str) -> None:
     from hpdm.export import check_output  # noqa: PLC0415
 
     check_output("--out", Path(out), "result.json")
+    if out.endswith("/") and not Path(out).exists():
+        raise UsageError(f"--out: {out} names a folder; give the JSON file to write, e.g. {Path(out) / 'result.json'}")
     if Path(out).is_dir():
         raise UsageError(f"--out: {out} is a folder; give the JSON file to write, e.g. {Path(out) / 'result.json'}")
     if Path(out).exists():

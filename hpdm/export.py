@@ -57,7 +57,9 @@ def _checkpoint_folder(path: Path) -> Path:
         return path
     latest = Checkpointer(path).latest()
     if latest is None:
-        raise CheckpointError(f"{path} is neither a checkpoint folder (with ema.safetensors) nor a run with checkpoints")
+        hint = f"; give the run folder, {path.parent}" if path.name == "checkpoints" else ""
+        raise CheckpointError(f"{path} is neither a checkpoint folder (with ema.safetensors) nor a run with "
+                              f"checkpoints{hint}")
     return latest
 
 

@@ -30,6 +30,7 @@ def paths(tmp_path_factory):
     (tmp / "empty").mkdir()
     (tmp / "used").mkdir()
     (tmp / "used" / "video_00000.mp4").write_bytes(b"")
+    (tmp / "run" / "checkpoints").mkdir(parents=True)
     twice = tmp / "twice.yaml"
     twice.write_text("train:\n  lr: 0.1\ntrain: {steps: 3}\n")
     config = yaml.safe_dump(cfg.to_dict())
@@ -106,6 +107,10 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "info micro_batch": (("info", "--config", "configs/tiny_1level.yaml", "train.micro_batch=5"),
                          "train.batch_size: 16 is not a multiple of micro_batch (5) x processes (1)"),
     "eval-synthetic -n 0": (("eval-synthetic", "{gen}", "-n", "0"), "-n: must be >= 1; got 0"),
+    "--steps ,,": (("eval-synthetic", "{gen}", "--steps", ",,"), "--steps: must be whole numbers"),  # was the default
+    "eval --out dir/": (("eval-synthetic", "{gen}", "--out", "{tmp}/new/"), "--out: {tmp}/new/ names a folder"),  # a file 'new'
+    "run/checkpoints": (("eval-synthetic", "{tmp}/run/checkpoints"), "{tmp}/run/checkpoints is neither a checkpoint "
+                        "folder (with ema.safetensors) nor a run with checkpoints; give the run folder, {tmp}/run"),
     "export missing": (("export", "{tmp}/nothing", "{tmp}/g.safetensors"), "{tmp}/nothing does not exist"),
     "--i3d missing": (("eval-fvd", "--i3d", "{tmp}/i3d.pt", "--fake", "{empty}", "--real", "{empty}"),
                       "--i3d: detector file not found: {tmp}/i3d.pt"),
