@@ -125,8 +125,8 @@ def _check_json_out(out: str | None, key: str) -> None:
     if Path(out).is_dir():
         raise UsageError(f"--out: {out} is a folder; give the JSON file to write, e.g. {Path(out) / 'result.json'}")
     if Path(out).exists():
-        try:
-            earlier = json.loads(Path(out).read_bytes())
+        try:  # a result is a few KB; anything large is not one
+            earlier = json.loads(Path(out).read_bytes()) if Path(out).stat().st_size < 1 << 20 else None
         except (OSError, ValueError):
             earlier = None
         if not isinstance(earlier, dict) or key not in earlier:
