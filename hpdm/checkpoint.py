@@ -49,6 +49,10 @@ _OWN_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank_(\d+)\.")  # files
 _TAG = re.compile(r"^step_(\d+)(_universal)?$")
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A remote checkpoint whose state.json cannot be read: passed over for an older one when resuming."""
+
+
 def allow_deepspeed_globals() -> None:
     """Allow the plain-data classes that DeepSpeed puts in its state files through ``weights_only`` loads."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: PLC0415
@@ -204,27 +208,62 @@ class Checkpointer:
         """The checkpoint to resume from: the newest intact one here or (when newer) in the remote copy, which
         is then fetched. Chosen on rank 0; collective: every rank calls it."""
         def choose() -> str:
-            tag = self.newest_local()
+            try:
+                tag, damaged = self.newest_local(), []
+            except CheckpointError as exc:  # nothing intact here: the remote copy may have it
+                if not self.remote:
+                    raise
+                tag, damaged = "", [str(exc)]
             if self.remote and self.storage.exists(join(self.remote, "latest")):
-                remote = self.storage.read_bytes(join(self.remote, "latest")).decode().strip()
-                if order(remote) > order(tag or "none"):
-                    self._check_remote_owner(remote)
-                tag = max(tag, remote, key=order)  # a converted local copy (step_N_universal) beats step_N
+                named = self.storage.read_bytes(join(self.remote, "latest")).decode(errors="replace").strip()
+                # the one `latest` names, then older ones (newer folders are uploads that have not finished)
+                tags = {t for t in self._remote_tags() if not _TAG.match(named) or order(t) <= order(named)}
+                for remote in sorted(tags, key=order, reverse=True):
+                    if order(remote) <= order(tag or "none"):  # a converted local copy (step_N_universal) beats step_N
+                        break
+                    try:
+                        self._check_remote_owner(remote)
+                        wrong = self._fetch(remote)  # on this node; the others fetch it in _download
+                    except DamagedCheckpoint as exc:
+                        wrong = [str(exc)]
+                    if not wrong:
+                        return remote
+                    damaged.append("; ".join(wrong))
+                    log.warning("the remote checkpoint %s is damaged (%s); trying the next older one",
+                                join(self.remote, remote), damaged[-1])
+            if damaged and not tag:  # starting afresh would bury them
+                raise CheckpointError(f"no intact checkpoint in {self.root} or train.checkpoint_uri {self.remote}: "
+                                      + " | ".join(damaged))
             return tag
 
         tag = on_rank0(choose, share=True)
-        if tag and self.remote and not is_complete(self.root / tag):
+        if tag and self.remote:
             self._download(tag)
         return self.root / tag if tag else None
+
+    def _remote_tags(self) -> list[str]:
+        return [t for t in (u.rstrip("/").rsplit("/", 1)[1] for u in self.storage.list(self.remote)) if _TAG.match(t)]
+
+    def _remote_state(self, tag: str) -> dict | None:
+        """The remote checkpoint's state.json (None where there is none), or a CheckpointError naming it."""
+        url = join(self.remote, tag, "state.json")
+        if not self.storage.exists(url):
+            return None
+        try:
+            state = json.loads(self.storage.read_bytes(url))
+            state["config"]["train"]["run_dir"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DamagedCheckpoint(f"{url}: not an hpdm checkpoint state ({type(exc).__name__}: {exc}); delete that "
+                                    "checkpoint folder from train.checkpoint_uri") from None
+        return state
 
     def _check_remote_owner(self, tag: str) -> None:
         """Refuse to continue from, or upload beside, a remote checkpoint of another run folder: two runs given one
         checkpoint_uri silently took over each other's weights, optimizer and data position."""
-        url = join(self.remote, tag, "state.json")
-        if not self.storage.exists(url):
+        state = self._remote_state(tag)
+        if state is None:
             return
-        owner = json.loads(self.storage.read_bytes(url))["config"]["train"]["run_dir"]
-        here = self.root.parent
+        owner, here = state["config"]["train"]["run_dir"], self.root.parent
         if os.path.abspath(os.path.expanduser(owner)) != os.path.abspath(here):
             raise CheckpointError(f"train.checkpoint_uri {self.remote} holds the checkpoints of the run in {owner} "
                                   f"(latest {tag}), not of train.run_dir {here}: give this run a checkpoint_uri of its "
@@ -239,21 +278,40 @@ class Checkpointer:
             if not is_complete(p):
                 shutil.rmtree(p)
                 continue
-            dest = self.root / "set-aside" / p.name
-            dest = dest.with_name(f"{p.name}.{int(time.time())}") if dest.exists() else dest
-            dest.parent.mkdir(exist_ok=True)
-            os.replace(p, dest)
-            log.warning("%s is newer than the checkpoint this run resumes from; moved to %s", p, dest)
+            self._set_aside(p, "is newer than the checkpoint this run resumes from")
 
-    def _download(self, tag: str) -> None:
-        """Collective. Local rank 0 of every node without the folder fetches it (shared file systems once per node)."""
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not is_complete(self.root / tag):
+    def _set_aside(self, path: Path, why: str) -> None:
+        dest = self.root / "set-aside" / path.name
+        dest = dest.with_name(f"{path.name}.{int(time.time())}") if dest.exists() else dest
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(path, dest)
+        log.warning("%s %s; moved to %s", path, why, dest)
+
+    def _fetch(self, tag: str) -> list[str]:
+        """Download remote checkpoint ``tag`` here unless it is here already; its ``problems`` (a damaged download
+        is removed again, so that it is never taken for a complete checkpoint)."""
+        folder = self.root / tag
+        if is_complete(folder) and problems(folder):  # a damaged copy of it here: kept, out of the way
+            self._set_aside(folder, "is damaged, and the remote copy of it is fetched")
+        if not is_complete(folder):
             prefix = join(self.remote, tag)
             urls = self.storage.list(prefix)
             log.info("downloading checkpoint %s (%d files)", prefix, len(urls))
             for url in sorted(urls, key=lambda u: u.endswith("state.json")):  # state.json last: it marks completion
-                self.storage.download(url, str(self.root / tag / url.rsplit("/", 1)[1]))
-        _barrier()
+                self.storage.download(url, str(folder / url.rsplit("/", 1)[1]))
+        wrong = problems(folder)
+        if wrong:
+            shutil.rmtree(folder, ignore_errors=True)
+        return wrong
+
+    def _download(self, tag: str) -> None:
+        """Collective. Local rank 0 of every node without the folder fetches it (shared file systems once per node)."""
+        def fetch_here() -> None:
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not is_complete(self.root / tag) and (wrong := self._fetch(tag)):
+                raise CheckpointError(f"{join(self.remote, tag)} was intact when chosen, but its copy here is not: "
+                                      + "; ".join(wrong))
+
+        on_rank0(lambda: None, first=fetch_here)  # a failure on any node stops every rank
 
     # -- saving ----------------------------------------------------------------------------------------
     def save(self, engine, ema, step: int, samples: int, loader_state: dict, rng: torch.Tensor, state: dict) -> Path:
@@ -343,8 +401,7 @@ class Checkpointer:
     def _prune_remote(self) -> None:
         """The same rule for the remote copy: the newest ``keep`` checkpoints stay."""
         latest = (self.root / "latest").read_text().strip()
-        tags = [u.rstrip("/").rsplit("/", 1)[1] for u in self.storage.list(self.remote)]
-        tags = [t for t in tags if _TAG.match(t)]
+        tags = self._remote_tags()
         for t in tags:
             if t not in self._kept(tags, latest) and order(t) < order(latest):
                 url = join(self.remote, t)

@@ -1,12 +1,14 @@
 """End to end: `hpdm train` on synthetic shards with a real DeepSpeed engine, a checkpoint, a sample, a resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import av
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -142,8 +144,6 @@ def test_checkpoint_mirrored_to_s3_and_resumed_from_it(tmp_path, s3_server, monk
     assert other.returncode == 2 and f"holds the checkpoints of the run in {run} (latest step_00000006), not of " \
         f"train.run_dir {tmp_path / 'other'}" in other.stderr, other.stderr[-2000:]
     assert not list((tmp_path / "other").glob("checkpoints/step_*")) and storage.read_bytes(f"{uri}/latest") == b"step_00000006"
-    import shutil
-
     shutil.rmtree(run / "checkpoints")  # a new node: nothing local
     out = _train(run, data, f"train.checkpoint_uri={uri}", "train.steps=7", "train.sample_at_end=false")
     assert "(step 6, 24 samples)" in out
@@ -241,3 +241,57 @@ def test_level0_steps_train_level_0_alone_first(tmp_path):
     fuse = [k for k in first if ".fuse." in k]
     assert fuse and all(first[k].abs().max() == 0 for k in fuse), "level 0 alone moved the fusion projections"
     assert any(second[k].abs().max() > 0 for k in fuse), "the finer levels did not train after level0_steps"
+
+
+def _fake_checkpoint(folder, run, step):
+    """A checkpoint folder that `problems` finds intact: state.json with the sizes of its safetensors files."""
+    import json as json_
+
+    from safetensors.torch import save_file
+
+    from hpdm.checkpoint import file_sizes
+
+    folder.mkdir(parents=True)
+    for name in ("ema.safetensors", "rank_00000.safetensors"):
+        save_file({"w": torch.full((4,), float(step))}, str(folder / name))
+    state = {"step": step, "samples": 4 * step, "config": {"train": {"run_dir": str(run)}}, "files": file_sizes(folder)}
+    (folder / "state.json").write_text(json_.dumps(state))
+
+
+def test_a_damaged_remote_checkpoint_is_passed_over_for_an_older_intact_one(tmp_path, s3_server, monkeypatch, caplog):
+    """A new node resumed from a remote checkpoint with a missing file (or a garbled state.json) marked complete
+    (then 'no intact checkpoint'), although intact older ones were there; a garbled state.json was a traceback."""
+    from data_pipeline.storage import Storage
+    from hpdm.checkpoint import Checkpointer, read_state
+    from hpdm.errors import CheckpointError
+
+    s3_server.env(monkeypatch)
+    uri, storage, run = f"s3://{s3_server.bucket}/checkpoints/{tmp_path.name}", Storage(), tmp_path / "run"
+    for step in (1, 2, 3, 4):
+        _fake_checkpoint(tmp_path / "made" / f"step_{step:08d}", run, step)
+        for f in sorted((tmp_path / "made" / f"step_{step:08d}").iterdir()):
+            storage.upload(str(f), f"{uri}/step_{step:08d}/{f.name}")
+    storage.write_bytes(f"{uri}/latest", b"step_00000003")  # step 4: an upload that did not finish
+    storage.s3.rm_file(f"{uri}/step_00000004/state.json"[5:])
+    storage.s3.rm_file(f"{uri}/step_00000003/ema.safetensors"[5:])
+    storage.write_bytes(f"{uri}/step_00000002/state.json", b'{"step": 2, "config": {"tr')  # cut short
+    with caplog.at_level("WARNING"):
+        got = Checkpointer(run, remote=uri, storage=storage).latest()
+    assert got == run / "checkpoints" / "step_00000001" and read_state(got)["step"] == 1
+    assert "step_00000003 is damaged" in caplog.text and "ema.safetensors is missing" in caplog.text
+    assert "step_00000002 is damaged" in caplog.text and "not an hpdm checkpoint state" in caplog.text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]  # no damaged copy kept
+
+    # a damaged copy here of an intact remote one: set aside (kept), and the remote one fetched
+    (run / "checkpoints" / "step_00000001" / "ema.safetensors").write_bytes(b"garbage")
+    storage.write_bytes(f"{uri}/latest", b"step_00000001")
+    got = Checkpointer(run, remote=uri, storage=storage).latest()
+    assert got == run / "checkpoints" / "step_00000001" and not Checkpointer(run).newest_local() == ""
+    assert (run / "checkpoints" / "set-aside" / "step_00000001" / "ema.safetensors").read_bytes() == b"garbage"
+
+    # nothing intact anywhere: an error, not a fresh start over them
+    storage.s3.rm_file(f"{uri}/step_00000001/ema.safetensors"[5:])
+    storage.write_bytes(f"{uri}/latest", b"step_00000003")
+    shutil.rmtree(run / "checkpoints")  # a new node
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .* or train.checkpoint_uri .*ema.safetensors is missing"):
+        Checkpointer(run, remote=uri, storage=storage).latest()
