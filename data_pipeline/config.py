@@ -21,6 +21,7 @@ class DataConfig:
     decode_threads: int = 1  # FFmpeg threads per decoder (1: the DataLoader workers are the parallelism)
     io_retries: int = 4  # retries of a transient storage error, with exponential backoff
     io_backoff: float = 0.5  # seconds before the first retry; doubles each time
+    io_timeout: float = 20.0  # seconds an S3 request may wait for the server's answer or more bytes (then retried)
     # model.cond: text reads captions' embeddings from shards written by `hpdm embed-text` (default: SHARDS/text),
     # or, when text_encoder is set, encodes captions on the fly with that frozen Hugging Face encoder.
     text_embeddings: str = ""
@@ -38,6 +39,7 @@ class DataConfig:
             check_range(f"data.{key}", getattr(self, key), 1)
         for key in ("num_workers", "shuffle_buffer", "skip_check_after", "io_retries", "fps", "io_backoff"):
             check_range(f"data.{key}", getattr(self, key), 0)
+        check_range("data.io_timeout", self.io_timeout, 0, strict=True)
         check_range("data.image_batch_fraction", self.image_batch_fraction, 0, high=1)
         if self.image_shards and not self.image_batch_fraction:
             raise ConfigError("data.image_batch_fraction", "must be > 0 when data.image_shards is set "

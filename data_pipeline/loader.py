@@ -199,7 +199,7 @@ def build_loader(cfg: DataConfig, *, frames: int, size: tuple[int, int], batch_s
     """A loader of ``frames`` x ``size`` clips from ``cfg.shards`` for this rank (see VideoLoader); with
     ``text`` = (model.text_tokens, model.text_dim) its batches also carry the captions' precomputed embeddings,
     "text" [B,tokens,dim] and "text_mask" [B,tokens]."""
-    storage = Storage(cfg.endpoint_url, retries=cfg.io_retries, backoff=cfg.io_backoff)
+    storage = Storage(cfg.endpoint_url, retries=cfg.io_retries, backoff=cfg.io_backoff, timeout=cfg.io_timeout)
     urls, counts = resolve_shards(storage, cfg.shards)
     text_urls = matching_text_urls(cfg, storage, urls, *text) if text else None
     spec = ClipSpec(frames=frames, size=tuple(size), stride=cfg.frame_stride, fps=cfg.fps, train=train,

@@ -24,6 +24,10 @@ _TRANSIENT_NAMES = {
     "ClientPayloadError", "ServerDisconnectedError", "ClientOSError", "FSTimeoutError", "ResponseStreamingError",
     "IncompleteRead", "IncompleteReadError", "ProtocolError", "HTTPClientError", "ClientConnectorError",
 }
+# s3fs turns S3's 500 InternalError into OSError(EREMOTEIO) and 503 SlowDown / ServiceUnavailable into EBUSY, with
+# S3's message ("We encountered an internal error, please try again.") as the only text
+_TRANSIENT_ERRNOS = (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EBUSY,
+                     getattr(errno, "EREMOTEIO", errno.EIO))
 _TRANSIENT_TEXT = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500 ", "Throttl")
 
 
@@ -64,7 +68,10 @@ def is_transient(exc: BaseException) -> bool:
             continue
         if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in _TRANSIENT_NAMES:
             return True
-        if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE):
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        status = (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int) and (status >= 500 or status == 429):  # botocore's answer, before s3fs renames it
             return True
     return any(t in str(exc) for t in _TRANSIENT_TEXT)
 
@@ -84,6 +91,7 @@ class Storage:
     endpoint_url: str = ""
     retries: int = 4
     backoff: float = 0.5
+    timeout: float = 20.0  # per request: connecting, and waiting for an answer or more bytes
 
     def __post_init__(self):
         self._s3, self._pid = None, 0
@@ -101,11 +109,15 @@ class Storage:
             self._pid = os.getpid()
             import s3fs  # noqa: PLC0415 (only S3 users pay for the import)
 
+            # botocore's two attempts per call and none of s3fs's own: with s3fs's and a 60 s timeout they multiplied
+            # ours, so a server that accepts connections and never answers held a read for 20 minutes before the
+            # first word; ours log each retry
             self._s3 = s3fs.S3FileSystem(
                 endpoint_url=self.endpoint or None, skip_instance_cache=True,
-                config_kwargs={"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 2}},
+                config_kwargs={"connect_timeout": min(10.0, self.timeout), "read_timeout": self.timeout,
+                               "retries": {"max_attempts": 2}},
             )
-            self._s3.retries = 2  # s3fs's own retry loop; ours (with backoff and logging) wraps it
+            self._s3.retries = 1
         return self._s3
 
     def _fs_path(self, url: str):

@@ -115,7 +115,7 @@ def prepare_dataset(cfg: DataConfig, resolution: tuple[int, int, int], num_class
     ``cfg.synthetic`` and nothing at that location yet, writes the synthetic dataset there first (or finishes
     an interrupted write of the same set); a location holding anything else is never written to.
     Call on rank 0 only, with the other ranks at a barrier."""
-    storage = Storage(cfg.endpoint_url, retries=cfg.io_retries, backoff=cfg.io_backoff)
+    storage = Storage(cfg.endpoint_url, retries=cfg.io_retries, backoff=cfg.io_backoff, timeout=cfg.io_timeout)
     index = load_index(storage, cfg.shards)
     if index is None and cfg.synthetic:
         frames = synthetic_frames(cfg, resolution[0])

@@ -119,3 +119,57 @@ def test_an_endpoint_that_never_answered_fails_at_once_a_known_one_is_retried():
     calls.clear()
     assert storage.retry(lambda: "answered", "s3://b/k", "reading") == "answered"
     assert storage.retry(refused_once, "s3://b/k", "reading") == "ok" and len(calls) == 2  # e.g. a restart mid-run
+
+
+def test_an_endpoint_that_accepts_and_never_answers_times_out_with_warnings(monkeypatch, caplog):
+    """A frozen server (it accepts connections, never answers) held a read for over 20 minutes without a word."""
+    import socket
+    import threading
+    import time
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "hpdm-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hpdm-test-secret")
+    server, held = socket.socket(), []
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])  # kept open, never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    storage = Storage(f"http://127.0.0.1:{server.getsockname()[1]}", retries=1, backoff=0.0, timeout=1.0)
+    t0 = time.monotonic()
+    try:
+        with caplog.at_level("WARNING"), pytest.raises(StorageError, match="cannot reach the storage endpoint"):
+            storage.read_bytes("s3://bucket/shard.tar")
+    finally:
+        server.close()
+        for c in held:
+            c.close()
+    assert time.monotonic() - t0 < 15  # 2 calls of botocore's 2 attempts of 1 s, with slack for a loaded machine
+    assert "retry 1/1" in caplog.text and "ReadTimeoutError" in caplog.text
+
+
+def test_5xx_answers_are_transient_as_s3fs_renames_them():
+    """s3fs turns S3's 500 InternalError into OSError(EREMOTEIO) whose text is S3's message: it was not retried."""
+    import errno
+
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from data_pipeline.storage import is_transient
+
+    def answer(status, code):
+        return ClientError({"Error": {"Code": code, "Message": "We encountered an internal error, please try again."},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    for status, code in ((500, "InternalError"), (503, "SlowDown"), (503, "ServiceUnavailable"), (502, "BadGateway")):
+        assert is_transient(translate_boto_error(answer(status, code))), code
+        assert is_transient(answer(status, code)), code
+    assert is_transient(OSError(errno.EREMOTEIO, "We encountered an internal error, please try again."))
+    for status, code in ((403, "AccessDenied"), (404, "NoSuchKey"), (400, "InvalidArgument")):
+        assert not is_transient(translate_boto_error(answer(status, code))), code
