@@ -214,6 +214,10 @@ class ShardStream:
             missing = ["json fps/frames"]
         if missing:
             found = ", ".join(sorted(rec.fields)) or "nothing"
+            if rec.cut_off:  # the shard was cut between this sample's members
+                self._skip(stats, "truncated_tar", url, rec.key, f"the tar ends inside this sample (no "
+                           f"{' and '.join(missing)}; found {found}) without its end-of-archive block")
+                return None
             self._skip(stats, "missing_field", url, rec.key, f"no {' and '.join(missing)} (found {found}; "
                        f"videos are {', '.join(VIDEO_EXTS)}, images {', '.join(IMAGE_EXTS)})")
             return None

@@ -24,6 +24,7 @@ class Record:
     end: int  # byte offset just past the sample (where the next one starts)
     fields: dict[str, bytes] = field(default_factory=dict)
     error: str = ""
+    cut_off: bool = False  # the last sample of a tar that ends without its end-of-archive block: members may be lost
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -33,15 +34,32 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), (ext if dot else "")
 
 
+class _Tail:
+    """The stream tarfile reads, keeping the last block read: a tar ends with zero blocks, a cut-off one does not."""
+
+    def __init__(self, fileobj):
+        self.fileobj, self.tail = fileobj, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fileobj.read(n)
+        self.tail = (self.tail + data)[-BLOCK:]
+        return data
+
+    def cut_off(self) -> bool:
+        return self.tail != bytes(BLOCK)
+
+
 def iter_records(fileobj, base: int = 0, keep=None) -> Iterator[Record]:
     """Samples of the tar stream ``fileobj`` positioned at byte ``base`` of the shard.
 
     ``keep(index)`` -> bool decides per sample (by its position counted from ``base``) whether its payload is
-    wanted; unwanted samples are still yielded, with empty ``fields``, so cursors stay exact.
+    wanted; unwanted samples are still yielded, with empty ``fields``, so cursors stay exact. A tar cut off at a
+    member boundary (no end-of-archive block) ends with a sample marked ``cut_off``.
     """
     cur: Record | None = None
     index = 0
     want = True
+    fileobj = _Tail(fileobj)
     try:
         tf = tarfile.open(fileobj=fileobj, mode="r|")
     except tarfile.ReadError as exc:
@@ -82,6 +100,7 @@ def iter_records(fileobj, base: int = 0, keep=None) -> Iterator[Record]:
             if want:
                 cur.fields[ext] = data
         if cur is not None:
+            cur.cut_off = fileobj.cut_off()
             yield cur
     finally:
         tf.close()

@@ -1,4 +1,5 @@
 """Bad data is skipped, counted and logged with shard and key; the skip ceiling stops the job."""
+import io
 import json
 import logging
 import os
@@ -93,3 +94,29 @@ def test_skip_ceiling_stops_the_job_with_a_clear_message(bad_shards, workers):
 def test_skip_ceiling_waits_for_the_minimum_sample_count(bad_shards):
     cfg = DataConfig(shards=bad_shards, num_workers=0, max_skip_fraction=0.2, skip_check_after=1000)
     assert len([b for b in build_loader(cfg, frames=8, size=(16, 16), batch_size=2, train=False)]) == 3
+
+
+def test_a_tar_cut_between_a_samples_members_counts_as_truncated(tmp_path, caplog):
+    """Cut after a sample's json and before its video, the tar looked whole and the sample was 'missing_field'."""
+    from data_pipeline.tario import iter_records
+
+    w = TarWriter(str(tmp_path / "shard-000000.tar"))
+    for key, n in (("good0", 0), ("halved", 1)):
+        w.write(key, _sample(n))
+    w.close()
+    whole = (tmp_path / "shard-000000.tar").read_bytes()
+    assert [r.cut_off for r in iter_records(io.BytesIO(whole))] == [False, False]
+    cut = whole[: whole.index(b"halved.mp4")]  # the writer puts json first: halved.json stays, its video goes
+    cut = cut[: len(cut) - len(cut) % 512]  # at the video member's header
+    (tmp_path / "shard-000000.tar").write_bytes(cut)
+    assert [(r.key, sorted(r.fields), r.cut_off) for r in iter_records(io.BytesIO(cut))] == [
+        ("good0", ["json", "mp4"], False), ("halved", ["json"], True)]
+    index = {"format": "hpdm-shards/1", "class_names": [], "num_samples": 2,
+             "shards": [{"name": "shard-000000.tar", "samples": 2}]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    loader = build_loader(DataConfig(shards=str(tmp_path), num_workers=0, max_skip_fraction=1.0), frames=8,
+                          size=(16, 16), batch_size=1, train=False)
+    with caplog.at_level(logging.WARNING):
+        assert [k for b in loader for k in b["key"]] == ["good0"]
+    assert loader.stats["reasons"] == {"truncated_tar": 1}
+    assert "'halved'" in caplog.text and "the tar ends inside this sample (no video; found json)" in caplog.text
