@@ -16,15 +16,13 @@ a warning (as torchtitan and Lightning resume from the newest complete step fold
 
 Nothing from a checkpoint can run code: every ``torch.load`` during loading and conversion, DeepSpeed's own
 included, is forced to ``weights_only=True`` with an allow-list of DeepSpeed's plain-data classes
-(:func:`no_pickle`); our own files are safetensors and JSON.
+(``hpdm.safe_load.no_pickle``); our own files are safetensors and JSON.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
@@ -35,11 +33,12 @@ import torch.distributed as dist
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from data_pipeline.storage import Storage, StorageError, join
 from hpdm.distributed import on_rank0
 from hpdm.ema import full_parameters
+from hpdm.safe_load import load_safetensors, no_pickle
 from hpdm.errors import CheckpointError, RankFailed
 
 log = logging.getLogger(__name__)
@@ -51,40 +50,6 @@ _TAG = re.compile(r"^step_(\d+)(_universal)?$")
 
 class DamagedCheckpoint(CheckpointError):
     """A remote checkpoint whose state.json cannot be read: passed over for an older one when resuming."""
-
-
-def allow_deepspeed_globals() -> None:
-    """Allow the plain-data classes that DeepSpeed puts in its state files through ``weights_only`` loads."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: PLC0415
-    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
-    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
-
-    torch.serialization.add_safe_globals([LossScaler, ZeroStageEnum, fragment_address])
-
-
-@contextlib.contextmanager
-def no_pickle():
-    """Within: every ``torch.load`` (DeepSpeed's too, which passes ``weights_only=False``) loads tensors and plain
-    data only, and a file that fails to load is named in a CheckpointError."""
-    allow_deepspeed_globals()
-    original = torch.load
-
-    def load(f, *args, **kwargs):
-        kwargs["weights_only"] = True
-        kwargs.pop("pickle_module", None)
-        try:
-            return original(f, *args, **kwargs)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{f}: refused: it is corrupt, or holds objects other than tensors and plain data, "
-                                  "which loading could run as code (hpdm never writes such files)") from exc
-        except Exception as exc:  # noqa: BLE001 (any unreadable file is a checkpoint error naming it)
-            raise CheckpointError(f"{f}: cannot be read ({type(exc).__name__}: {exc})") from exc
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
 
 
 def _rank() -> int:
@@ -432,10 +397,3 @@ class Checkpointer:
             raise CheckpointError(f"{rank_file}: cannot be read ({exc})") from exc
         rng = load_safetensors(rank_file)["rng"] if rank_file == own else None
         return state, loader, rng
-
-
-def load_safetensors(f: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(f))
-    except Exception as exc:  # noqa: BLE001 (missing, truncated or not safetensors)
-        raise CheckpointError(f"{f}: cannot be read ({exc})") from exc

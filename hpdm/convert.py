@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from hpdm.checkpoint import (RAW_FILE, UNIVERSAL_MARK, Checkpointer, file_sizes, is_complete, is_universal, is_whole,
-                             no_pickle, problems, read_state)
+                             problems, read_state)
 from hpdm.errors import CheckpointError
+from hpdm.safe_load import no_pickle
 
 
 def convert_to_universal(src: str | Path) -> Path:

@@ -15,10 +15,11 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from hpdm.checkpoint import RAW_FILE, Checkpointer, is_complete, load_safetensors, no_pickle, problems, read_state
+from hpdm.checkpoint import RAW_FILE, Checkpointer, is_complete, problems, read_state
 from hpdm.config import Config, ConfigError, from_dict
 from hpdm.errors import CheckpointError, UsageError
 from hpdm.model import HPDM
+from hpdm.safe_load import load_safetensors, no_pickle
 
 RAW_PREFIX = "raw."
 log = logging.getLogger(__name__)
