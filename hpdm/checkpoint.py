@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 from data_pipeline.storage import Storage, StorageError, join
 from hpdm.distributed import on_rank0
 from hpdm.ema import full_parameters
-from hpdm.safe_load import load_safetensors, no_pickle
 from hpdm.errors import CheckpointError, RankFailed
+from hpdm.safe_load import load_safetensors, no_pickle
 
 log = logging.getLogger(__name__)
 UNIVERSAL_MARK = "universal"  # file in a checkpoint folder converted by `hpdm convert-checkpoint`
@@ -210,13 +210,14 @@ class Checkpointer:
         return [t for t in (u.rstrip("/").rsplit("/", 1)[1] for u in self.storage.list(self.remote)) if _TAG.match(t)]
 
     def _remote_state(self, tag: str) -> dict | None:
-        """The remote checkpoint's state.json (None where there is none), or a CheckpointError naming it."""
+        """The remote checkpoint's state.json (None where there is none), or a DamagedCheckpoint naming it."""
         url = join(self.remote, tag, "state.json")
         if not self.storage.exists(url):
             return None
         try:
             state = json.loads(self.storage.read_bytes(url))
-            state["config"]["train"]["run_dir"]
+            if not isinstance(state["config"]["train"]["run_dir"], str):
+                raise TypeError("its config's train.run_dir is not a string")
         except (ValueError, TypeError, KeyError) as exc:
             raise DamagedCheckpoint(f"{url}: not an hpdm checkpoint state ({type(exc).__name__}: {exc}); delete that "
                                     "checkpoint folder from train.checkpoint_uri") from None
@@ -272,9 +273,10 @@ class Checkpointer:
     def _download(self, tag: str) -> None:
         """Collective. Local rank 0 of every node without the folder fetches it (shared file systems once per node)."""
         def fetch_here() -> None:
-            if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not is_complete(self.root / tag) and (wrong := self._fetch(tag)):
-                raise CheckpointError(f"{join(self.remote, tag)} was intact when chosen, but its copy here is not: "
-                                      + "; ".join(wrong))
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not is_complete(self.root / tag):
+                if wrong := self._fetch(tag):
+                    raise CheckpointError(f"{join(self.remote, tag)} was intact when chosen, but its copy here is "
+                                          "not: " + "; ".join(wrong))
 
         on_rank0(lambda: None, first=fetch_here)  # a failure on any node stops every rank
 
