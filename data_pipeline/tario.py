@@ -42,7 +42,7 @@ class _Tail:
 
     def read(self, n: int = -1) -> bytes:
         data = self.fileobj.read(n)
-        self.tail = (self.tail + data)[-BLOCK:]
+        self.tail = (self.tail + data[-BLOCK:])[-BLOCK:]  # without copying what was read
         return data
 
     def cut_off(self) -> bool:

@@ -265,8 +265,7 @@ class Checkpointer:
             log.info("downloading checkpoint %s (%d files)", prefix, len(urls))
             for url in sorted(urls, key=lambda u: u.endswith("state.json")):  # state.json last: it marks completion
                 self.storage.download(url, str(folder / url.rsplit("/", 1)[1]))
-        wrong = problems(folder)
-        if wrong:
+        if wrong := problems(folder):
             shutil.rmtree(folder, ignore_errors=True)
         return wrong
 
