@@ -110,8 +110,8 @@ class Storage:
             import s3fs  # noqa: PLC0415 (only S3 users pay for the import)
 
             # botocore's two attempts per call and none of s3fs's own: with s3fs's and a 60 s timeout they multiplied
-            # ours, so a server that accepts connections and never answers held a read for 20 minutes before the
-            # first word; ours log each retry
+            # ours, so a server that accepts connections and never answers stalled training for minutes without a
+            # word; ours log each retry
             self._s3 = s3fs.S3FileSystem(
                 endpoint_url=self.endpoint or None, skip_instance_cache=True,
                 config_kwargs={"connect_timeout": min(10.0, self.timeout), "read_timeout": self.timeout,
