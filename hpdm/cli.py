@@ -170,8 +170,11 @@ def cmd_eval_synthetic(args) -> int:
 def cmd_convert(args) -> int:
     from hpdm.convert import convert_to_universal  # noqa: PLC0415
 
-    out = convert_to_universal(args.checkpoint)
-    print(f"wrote {out}; it is now the run's latest checkpoint and resumes at any number of processes")
+    out, latest = convert_to_universal(args.checkpoint)
+    print(f"wrote {out}; it resumes at any number of processes and "
+          + ("is now the run's latest checkpoint" if latest else
+             f"the run's latest stays {(out.parent / 'latest').read_text().strip()}, which is newer: convert that "
+             "one to change the number of processes"))
     return 0
 
 

@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 
 from hpdm.checkpoint import (RAW_FILE, UNIVERSAL_MARK, Checkpointer, file_sizes, is_complete, is_universal, is_whole,
-                             problems, read_state)
+                             order, problems, read_state)
 from hpdm.errors import CheckpointError
 from hpdm.safe_load import no_pickle
 
 
-def convert_to_universal(src: str | Path) -> Path:
+def convert_to_universal(src: str | Path) -> tuple[Path, bool]:
     """Convert a checkpoint (or a run's latest) with DeepSpeed's ``ds_to_universal`` so that it loads at any
-    world size; the result sits beside it as ``<name>_universal`` and becomes the run's latest."""
+    world size; the result sits beside it as ``<name>_universal``. It becomes the run's latest (returned True)
+    when its source was: converting an older one must not make the next resume go back to it."""
     from deepspeed.checkpoint import ds_to_universal  # noqa: PLC0415
 
     src = Path(src)
@@ -52,6 +53,8 @@ def convert_to_universal(src: str | Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     (ckpt.parent / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal inside tmp's parent
-    Checkpointer(ckpt.parent.parent).set_latest(out.name)
-    return out
+    run = Checkpointer(ckpt.parent.parent)
+    if latest := order(ckpt.name)[0] >= order(run.newest_local())[0]:
+        run.set_latest(out.name)
+    return out, latest
 

@@ -61,7 +61,12 @@ def check_data(cfg: Config) -> list:
             if missing:
                 return [("data", FAIL, f"{spec}: {len(missing)} of the {len(names)} shards its index.json lists are "
                                        f"missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")]
-            return [("data", OK, f"{join(spec, 'index.json')}: {len(names)} shards, {index.get('num_samples')} samples")]
+            said = f"{join(spec, 'index.json')}: {len(names)} shards, {index.get('num_samples')} samples"
+            unlisted = sorted({u.rsplit("/", 1)[-1] for u in listed if u.endswith(".tar")} - set(names))
+            if unlisted:  # e.g. shards copied in later: training reads only what the index lists
+                return [("data", WARN, f"{said}; {len(unlisted)} .tar files beside it are not in the index and are "
+                                       f"not read ({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''})")]
+            return [("data", OK, said)]
         tars = storage.list(spec, ".tar")
         if tars:
             return [("data", WARN, f"{spec} has no index.json; {len(tars)} .tar shards listed (sample counts unknown)")]

@@ -1,9 +1,14 @@
 """The DeepSpeed config of a run: generated from ours, with ``train.deepspeed`` merged over it.
 
 Keys that hpdm derives from its own fields may not be set through ``train.deepspeed``: two sources for one
-setting would let the run do one thing and record another (a ZeRO-3 run saved as ``zero_stage: 0``). Everything else passes through, nested keys merged.
+setting would let the run do one thing and record another (a ZeRO-3 run saved as ``zero_stage: 0``). Everything
+else passes through, nested keys merged. A top-level key that the installed DeepSpeed never reads is refused too:
+DeepSpeed would ignore it without a word (its nested sections mostly refuse unknown keys themselves).
 """
 from __future__ import annotations
+
+import difflib
+import functools
 
 from hpdm.config import Config, ConfigError
 
@@ -25,6 +30,60 @@ UNSUPPORTED = {  # DeepSpeed key -> why a run cannot use it
     "zero_optimization.offload_optimizer": "ZeRO-Offload of the optimizer steps DeepSpeed's own CPU optimizer, "
                                            "and hpdm builds its own (train.optimizer)",
 }
+
+
+@functools.cache
+def deepspeed_keys() -> frozenset[str]:
+    """The top-level keys that the installed DeepSpeed reads, recorded while it parses a minimal config (so a
+    newer DeepSpeed's keys are known without a list here); empty when that fails, which turns the check off."""
+    from deepspeed.runtime.config import DeepSpeedConfig  # noqa: PLC0415
+
+    read = {"sequence_parallel_size", "data_parallel_size"}  # read by deepspeed.initialize itself
+
+    class Keys:  # `key in config.keys()`, as DeepSpeed often asks
+        def __init__(self, d: dict):
+            self.d = d
+
+        def __contains__(self, key):
+            read.add(key)
+            return dict.__contains__(self.d, key)
+
+        def __iter__(self):
+            return iter(dict.keys(self.d))
+
+    class Recording(dict):
+        def get(self, key, *default):
+            read.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+        def keys(self):
+            return Keys(self)
+
+    try:
+        DeepSpeedConfig(Recording(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    except Exception:  # noqa: BLE001 (a DeepSpeed whose parsing differs: no check rather than a wrong one)
+        return frozenset()
+    return frozenset(read)
+
+
+def _check_known(extra: dict) -> None:
+    import deepspeed  # noqa: PLC0415
+
+    known = deepspeed_keys()
+    for key in extra:
+        if known and key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {near[0]}?" if near else " (DeepSpeed's configuration docs list its keys)"
+            raise ConfigError(f"train.deepspeed.{key}",
+                              f"not a key of DeepSpeed {deepspeed.__version__}, which would ignore it{hint}")
 
 
 def _merge(base: dict, extra: dict, prefix: str = "") -> dict:
@@ -63,4 +122,6 @@ def deepspeed_config(cfg: Config, world: int, load_universal: bool = False) -> d
         "steps_per_print": 2 ** 31,
         "wall_clock_breakdown": False,
     }
+    if t.deepspeed:
+        _check_known(t.deepspeed)
     return _merge(ds, t.deepspeed)

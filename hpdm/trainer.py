@@ -185,7 +185,10 @@ def _plain_optimizer(engine) -> bool:
 def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
     """Rank 0, before any work: lock the run folder, check the checkpoint copy is writable, make sure the data is
     there (writing the synthetic set only into an empty location)."""
-    run_dir = Path(cfg.train.run_dir)
+    run_dir, t = Path(cfg.train.run_dir), cfg.train
+    if t.warmup_steps >= t.steps:
+        log.warning("train.warmup_steps (%d) is not below train.steps (%d): the learning rate never reaches train.lr "
+                    "(%g)", t.warmup_steps, t.steps, t.lr)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("train.run_dir", f"{run_dir} is a file; give a folder for the run")
     shards = Path(cfg.data.shards).resolve()
@@ -202,8 +205,8 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
             raise ConfigError("train.run_dir", f"{recorded} was not written by `hpdm train`, which records the run's "
                               "resolved config there: move your file out of the run folder (and give --config its "
                               "new path)")
-        if cfg.train.checkpoint_uri:
-            ckpt.storage.check_writable(cfg.train.checkpoint_uri)
+        if t.checkpoint_uri:
+            ckpt.storage.check_writable(t.checkpoint_uri)
         prepare_dataset(cfg.data, resolution=cfg.model.resolution, num_classes=cfg.model.num_classes,
                         labelled=cfg.model.cond == "class")
     except BaseException:

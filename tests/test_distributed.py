@@ -139,6 +139,11 @@ def test_world_size_change_2_to_1_to_2(tmp_path, data):
     out = _run(2, run, data, "train.steps=8", "train.save_every=2", "train.zero_stage=2")
     assert "step_00000006_universal (step 6, 24 samples)" in out
     assert json.loads((run / "checkpoints" / "step_00000008" / "state.json").read_text())["world_size"] == 2
+    # Converting an older checkpoint leaves the newer latest alone (it became latest, and the next resume went back)
+    older = subprocess.run([sys.executable, "-m", "hpdm.cli", "convert-checkpoint", str(run / "checkpoints" / "step_00000006")],
+                           capture_output=True, text=True, env=_env(), timeout=300)
+    assert older.returncode == 0 and "the run's latest stays step_00000008" in older.stdout, older.stderr[-2000:]
+    assert _latest(run) == "step_00000008"
     # DeepSpeed's shared-memory all-reduce op, if built, leaves 66 MB per rank in /dev/shm after every run
     assert _shm_buffers() == shm
 

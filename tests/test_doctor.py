@@ -70,6 +70,18 @@ def test_an_index_training_would_refuse_fails(capsys, tiny_shards, tmp_path):
         assert code == 1 and rows["data"][0] == "FAIL" and rows["data"][1].startswith(error), out
 
 
+def test_shards_beside_the_index_that_it_does_not_list_are_a_warning(capsys, tiny_shards, tmp_path):
+    """Shards copied into an indexed folder later were never read, and nothing said so."""
+    data = tmp_path / "d"
+    shutil.copytree(tiny_shards["one"], data)
+    code, rows, _ = _doctor(capsys, f"data.shards={data}", f"train.run_dir={tmp_path / 'r'}")
+    assert rows["data"][0] == "ok", rows
+    shutil.copy(data / "shard-000000.tar", data / "more-000001.tar")
+    code, rows, out = _doctor(capsys, f"data.shards={data}", f"train.run_dir={tmp_path / 'r'}")
+    assert rows["data"] == ("warn", f"{data}/index.json: 1 shards, 12 samples; 1 .tar files beside it are not in "
+                                    "the index and are not read (more-000001.tar)"), out
+
+
 def test_synthetic_data_still_to_be_written_is_a_warning(capsys, tmp_path):
     code, rows, _ = _doctor(capsys, "data.synthetic=true", f"data.shards={tmp_path / 'syn'}", f"train.run_dir={tmp_path / 'r'}")
     assert code == 0 and rows["data"][0] == "warn" and "rank 0 writes" in rows["data"][1]

@@ -47,3 +47,26 @@ def test_an_indivisible_batch_says_what_the_user_set():
     cfg = load_config("configs/tiny.yaml", ["train.batch_size=5"])
     with pytest.raises(ConfigError, match=r"not a multiple of the 2 processes \(train.micro_batch is unset"):
         deepspeed_config(cfg, world=2)
+
+
+@pytest.mark.parametrize("override,said", [
+    ("{zero_optimisation: {overlap_comm: true}}", "zero_optimisation: not a key of DeepSpeed .*did you mean "
+                                                  "zero_optimization"),  # ignored by DeepSpeed: ZeRO's defaults ran
+    ("{wall_clock_breakdwon: true}", "wall_clock_breakdwon: .*did you mean wall_clock_breakdown"),
+    ("{no_such_thing: 1}", "no_such_thing: not a key of DeepSpeed .*configuration docs"),
+])
+def test_a_top_level_key_that_deepspeed_ignores_is_refused(override, said):
+    cfg = load_config("configs/tiny.yaml", [f"train.deepspeed={override}"])
+    with pytest.raises(ConfigError, match=f"^train.deepspeed.{said}"):
+        deepspeed_config(cfg, world=1)
+
+
+def test_the_keys_deepspeed_reads_are_recorded_from_deepspeed_itself():
+    from hpdm.ds_config import deepspeed_keys
+
+    keys = deepspeed_keys()  # what the installed DeepSpeed reads, so a newer one's keys pass without a list here
+    assert {"zero_optimization", "activation_checkpointing", "flops_profiler", "wandb", "steps_per_print",
+            "wall_clock_breakdown", "comms_logger", "optimizer", "data_efficiency"} <= keys
+    assert "zero_optimisation" not in keys
+    cfg = load_config("configs/tiny.yaml", ["train.deepspeed={flops_profiler: {enabled: false}, steps_per_print: 5}"])
+    assert deepspeed_config(cfg, world=1)["steps_per_print"] == 5

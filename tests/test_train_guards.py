@@ -60,6 +60,18 @@ def test_a_run_dir_that_cannot_be_made_or_written_names_the_key(tmp_path):
         _prepare(cfg, Checkpointer(cfg.train.run_dir))
 
 
+@pytest.mark.parametrize("warmup,warned", [(100, True), (99, False)])
+def test_a_warmup_that_never_ends_is_warned_about(tmp_path, caplog, warmup, warned):
+    """train.warmup_steps >= train.steps (e.g. the default 10,000 in a short run) trained at a fraction of train.lr."""
+    (tmp_path / "afile").write_text("")  # stops _prepare right after its checks of the config
+    cfg = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path / 'afile' / 'run'}", "train.steps=100",
+                                            f"train.warmup_steps={warmup}"])
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match="^train.run_dir"):
+        _prepare(cfg, Checkpointer(cfg.train.run_dir))
+    assert ("train.warmup_steps (100) is not below train.steps (100): the learning rate never reaches" in caplog.text
+            ) == warned, caplog.text
+
+
 def test_a_config_of_the_users_in_the_run_folder_is_never_overwritten(tmp_path):
     """`--config RUN/config.yaml` was replaced by the resolved config: comments gone, one-off overrides baked in."""
     run, ours = tmp_path / "run", Path("configs/tiny_1level.yaml")
