@@ -6,6 +6,7 @@ the training precision; it is left out where the peak is unknown (CPUs, unlisted
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -16,6 +17,8 @@ import torch
 
 from data_pipeline.storage import without_userinfo
 from hpdm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s per GPU: (bf16, tf32). fp32 runs use TF32 matmuls on these GPUs.
 PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183), "A10": (125, 62)}
@@ -69,6 +72,20 @@ def wandb_mode() -> str:
     return mode
 
 
+def wandb_run_id(run_dir: Path, resumed_at: int) -> str:
+    """The wandb run that this run folder logs to: the same one when it resumes, a new one when it starts afresh
+    or was copied (the copy's folder is another inode; wandb would drop the copy's steps as going backwards).
+    Moving a run folder, or reaching it through another mount, keeps its wandb run."""
+    id_file, inode = run_dir / "wandb_run_id", str(run_dir.stat().st_ino)
+    run_id, recorded = ((id_file.read_text().split() if id_file.is_file() else []) + ["", ""])[:2]
+    if resumed_at == 0 or not run_id or recorded not in ("", inode):  # "": recorded before the inode was
+        if run_id and resumed_at:
+            log.info("%s is a copy of another run folder: it logs to a new wandb run", run_dir)
+        run_id = uuid.uuid4().hex[:12]
+    id_file.write_text(f"{run_id}\n{inode}\n")
+    return run_id
+
+
 class Metrics:
     def __init__(self, config: dict, run_dir: Path, project: str, rank: int, resumed_at: int = 0):
         self.rank, self.run, self.file = rank, None, None
@@ -80,13 +97,10 @@ class Metrics:
         if mode != "disabled":
             import wandb  # noqa: PLC0415
 
-            id_file = run_dir / "wandb_run_id"  # a resumed job continues the same wandb run, a new start does not
-            if resumed_at == 0 or not id_file.is_file():
-                id_file.write_text(uuid.uuid4().hex[:12])
             sys.argv[1:] = [without_userinfo(a) for a in sys.argv[1:]]  # wandb records the command line
             try:
                 self.run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, name=run_dir.name,
-                                      id=id_file.read_text().strip(), resume="allow")
+                                      id=wandb_run_id(run_dir, resumed_at), resume="allow")
             except Exception as exc:  # wandb's own: no API key, no network, a project or entity it refuses
                 self.file.close()
                 first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""

@@ -144,9 +144,14 @@ def test_wandb_mode_is_checked_up_front_and_a_new_start_is_a_new_wandb_run(tmp_p
             wandb_mode()
     monkeypatch.setenv("WANDB_MODE", "")  # set but empty, as scripts leave it: the default (wandb refused it)
     assert wandb_mode() == "offline"
-    ids = []
-    for resumed_at in (0, 0, 8):  # a start, a start over (no checkpoint was kept), a resume
-        metrics = Metrics({"train": {}}, tmp_path, "hpdm-test", 0, resumed_at=resumed_at)
-        metrics.close()
-        ids.append((tmp_path / "wandb_run_id").read_text())
+    def run_id(folder: str, resumed_at: int) -> str:
+        Metrics({"train": {}}, tmp_path / folder, "hpdm-test", 0, resumed_at=resumed_at).close()
+        return (tmp_path / folder / "wandb_run_id").read_text().split()[0]
+
+    (tmp_path / "run").mkdir()
+    ids = [run_id("run", resumed_at) for resumed_at in (0, 0, 8)]  # a start, a start over (no checkpoint), a resume
     assert ids[0] != ids[1] == ids[2]  # wandb drops steps below those it has: a start over must not reuse the run
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")  # to branch an experiment: a wandb run of its own
+    os.replace(tmp_path / "run", tmp_path / "moved")  # a moved run folder is the same run
+    copy = run_id("copy", 8)
+    assert copy not in ids and run_id("copy", 8) == copy and run_id("moved", 8) == ids[2]
