@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -276,11 +277,29 @@ class Storage:
         return RetryingReader(self, url, offset, block_size)
 
     def local_tmpdir(self, dest: str) -> str:
-        """A scratch folder on the same file system as local ``dest`` (so renames are atomic)."""
+        """A scratch folder on the same file system as local ``dest`` (so renames are atomic), named for this host
+        and process; those of processes on this host that are gone (killed mid-write) are removed first."""
         base = None if is_s3(dest) else dest
         if base:
             os.makedirs(base, exist_ok=True)
-        return tempfile.mkdtemp(prefix=".hpdm-tmp-", dir=base)
+            _remove_orphaned_tmpdirs(base)
+        return tempfile.mkdtemp(prefix=f".hpdm-tmp-{socket.gethostname()}-{os.getpid()}-", dir=base)
+
+
+def _remove_orphaned_tmpdirs(base: str) -> None:
+    for name in os.listdir(base):
+        host, _, pid = name.removeprefix(".hpdm-tmp-").rpartition("-")[0].rpartition("-")
+        if not name.startswith(".hpdm-tmp-") or host != socket.gethostname() or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (or the number was reused): not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # another user's running process
+            continue
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        log.info("removed %s, left by an interrupted write (process %s)", os.path.join(base, name), pid)
 
 
 class RetryingReader:

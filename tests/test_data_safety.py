@@ -2,8 +2,12 @@
 own work; labels beyond model.num_classes and bad storage settings stop training start with a clear error."""
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +73,22 @@ def test_synthetic_finishes_its_own_interrupted_write_only(tmp_path):
     with pytest.raises(DataError, match="holds .* files, e.g. shard-000000.meta.json, but no index.json"):
         prepare_dataset(cfg, (4, 16, 16), num_classes=3)  # another synthetic set: not this one's to finish
     assert snapshot(tmp_path / "syn") == before
+
+
+def test_scratch_folders_of_killed_writes_are_removed_and_no_others(tmp_path):
+    """make-shards or embed-text killed mid-write left its scratch folder (up to a shard per worker) for good."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    names = {f".hpdm-tmp-{host}-{gone.stdout.strip()}-ab_1": False,  # its process is gone: removed
+             f".hpdm-tmp-{host}-{os.getpid()}-cd2": True,  # a live process's (another write going on)
+             f".hpdm-tmp-otherhost-{gone.stdout.strip()}-ef3": True,  # another node's process: cannot be checked
+             ".hpdm-tmp-x1y2z3": True}  # named before processes were: cannot be checked
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard.tar").write_bytes(b"part")
+    new = Path(Storage().local_tmpdir(str(tmp_path)))
+    assert new.name.startswith(f".hpdm-tmp-{host}-{os.getpid()}-") and new.parent == tmp_path
+    assert {n: (tmp_path / n).is_dir() for n in names} == names
 
 
 @pytest.mark.parametrize("plant", ["other_file", "tar_without_sidecar", "foreign_index", "bad_sidecar"])
