@@ -119,16 +119,16 @@ def test_wandb_that_cannot_start_is_a_one_line_error(tmp_path):
 
 def test_a_profile_window_that_a_resume_enters_traces_the_rest_of_it(tmp_path, caplog):
     """A run resumed inside train.profile_steps traced nothing, and one resumed after it did not say so."""
-    from hpdm.trainer import _Profiler
+    from hpdm.profiler import StepProfiler
 
-    prof = _Profiler((2, 5), tmp_path, 0, torch.device("cpu"), first=3)
+    prof = StepProfiler((2, 5), tmp_path, 0, torch.device("cpu"), first=3)
     for step in range(3, 6):
         prof.at(step)
         torch.ones(8).sum()
     assert json.loads((tmp_path / "trace_rank0_steps3-5.json").read_text())["traceEvents"]
     assert (tmp_path / "ops_rank0_steps3-5.txt").is_file()
     with caplog.at_level("WARNING"):
-        late = _Profiler((2, 5), tmp_path / "late", 0, torch.device("cpu"), first=5)
+        late = StepProfiler((2, 5), tmp_path / "late", 0, torch.device("cpu"), first=5)
         late.at(5)
     assert "train.profile_steps [2, 5] lies before step 5, where this run resumes" in caplog.text
     assert not (tmp_path / "late").exists()
