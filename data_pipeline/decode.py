@@ -18,7 +18,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from .video import VideoError, read_image
+from .video import VideoError, display_shape, read_image, video_stream
 
 
 class ShortVideo(VideoError):
@@ -63,16 +63,19 @@ def _crop_box(h: int, w: int, spec: ClipSpec, rng: np.random.Generator | None) -
 
 
 def _resize_crop(frame: av.VideoFrame, crop: tuple[int, int, int, int], spec: ClipSpec,
-                 scaler: VideoReformatter | None = None) -> np.ndarray:
-    """uint8 [H,W,3] of ``frame`` scaled (area filter when shrinking) and cropped by ``crop`` (see _crop_box).
+                 scaler: VideoReformatter | None = None, turns: int = 0) -> np.ndarray:
+    """uint8 [H,W,3] of ``frame`` scaled (area filter when shrinking), turned ``turns`` quarter turns
+    counterclockwise and cropped by ``crop`` (see _crop_box, in the turned frame's shape).
 
     Scales on ``spec.threads`` threads like the decoder (FFmpeg's default starts a thread per core for every
     frame); ``scaler``, one for all the frames of a clip, keeps its scaling context between them."""
     rh, rw, y, x = crop
+    if turns % 2:
+        rh, rw = rw, rh
     scaler = scaler or VideoReformatter()
     img = scaler.reformat(frame, width=rw, height=rh, format="rgb24", threads=spec.threads,
                           interpolation="AREA" if rh <= frame.height else "BILINEAR").to_ndarray()
-    return img[y:y + spec.size[0], x:x + spec.size[1]]
+    return np.rot90(img, turns)[y:y + spec.size[0], x:x + spec.size[1]]
 
 
 def _maybe_flip(clip: np.ndarray, spec: ClipSpec, rng: np.random.Generator | None) -> np.ndarray:
@@ -84,55 +87,59 @@ def _maybe_flip(clip: np.ndarray, spec: ClipSpec, rng: np.random.Generator | Non
 def decode_clip(data: bytes, meta: dict, spec: ClipSpec, rng: np.random.Generator | None, timing: dict | None = None):
     """uint8 [T,H,W,3] for the clip; ``timing`` (if given) accumulates seconds under "decode" and "resize"."""
     t0 = time.perf_counter()
-    idx = clip_indices(int(meta["frames"]), float(meta["fps"]), spec, rng)
+    first = int(meta.get("first_frame", 0))  # frames before it cannot be decoded (see video.probe)
+    idx = [first + i for i in clip_indices(int(meta["frames"]) - first, float(meta["fps"]), spec, rng)]
     out = np.empty((spec.frames, *spec.size, 3), np.uint8)
     scaler = VideoReformatter()
     resize_s = 0.0
     crop = None
 
-    def image(shown: list):  # [frame, None] -> the frame resized and cropped, once however many clip frames show it
+    def image(shown: list, s) -> np.ndarray:  # [frame, None] -> resized and cropped, once however often shown
         nonlocal crop, resize_s
         if shown[1] is None:
             r0 = time.perf_counter()
-            crop = crop or _crop_box(shown[0].height, shown[0].width, spec, rng)
-            shown[1] = _resize_crop(shown[0], crop, spec, scaler)
+            h, w, turns = display_shape(shown[0], s)
+            crop = crop or _crop_box(h, w, spec, rng)
+            shown[1] = _resize_crop(shown[0], crop, spec, scaler, turns)
             resize_s += time.perf_counter() - r0
         return shown[1]
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as c:
-            if not c.streams.video:
-                raise VideoError("no video stream")
-            s = c.streams.video[0]
-            s.thread_count = spec.threads
-            rate = float(s.average_rate or s.guessed_rate or meta["fps"])
-            tb = float(s.time_base) if s.time_base else 1.0 / rate
-            origin = s.start_time or 0
-            for attempt in (0, 1):
-                if attempt == 0 and idx[0] > 0:
-                    c.seek(origin + int(idx[0] / rate / tb), stream=s, backward=True)
-                elif attempt == 1:
-                    c.seek(origin, stream=s, backward=True)
+        for attempt in (0, 1):  # 1: the seek failed or landed past the clip start: from the beginning instead
+            with av.open(io.BytesIO(data), mode="r") as c:
+                s = video_stream(c)
+                s.thread_count = spec.threads
+                rate = float(s.average_rate or s.guessed_rate or meta["fps"])
+                tb = float(s.time_base) if s.time_base else 1.0 / rate
+                origin = s.start_time or 0
                 got, x, prev, restart = 0, -1.0, None, False  # prev: [frame, its image or None]
+                try:
+                    if attempt == 0 and idx[0] > 0:
+                        c.seek(origin + int(idx[0] / rate / tb), stream=s, backward=True)
+                except av.FFmpegError:  # no key frame at or before it
+                    continue
                 for frame in c.decode(s):
                     # x: the frame's time in source frames; not an integer where the frame rate varies
                     x = (frame.pts - origin) * tb * rate if frame.pts is not None else x + 1
                     if prev is None and x > idx[0] + 0.5:
-                        restart = True  # the seek landed past the clip start: decode from the beginning instead
+                        restart = True
                         break
                     # clip frames timed before this one show the frame on screen then: the previous one
                     while got < spec.frames and x > idx[got] + 0.5:
-                        out[got], got = image(prev), got + 1
+                        out[got], got = image(prev, s), got + 1
                     prev = [frame, None]
                     while got < spec.frames and x >= idx[got] - 0.5:
-                        out[got], got = image(prev), got + 1
+                        out[got], got = image(prev, s), got + 1
                     if got == spec.frames:
                         break
-                if not restart or attempt == 1:
+                if restart and attempt == 1:
+                    raise ShortVideo(f"its first decodable frame is frame {x:.0f}, after the clip's first, frame "
+                                     f"{idx[0]} (a video cut without its key frame: make its shards again)")
+                # the stream ended: its last frame stays on screen for about a frame
+                while prev is not None and got < spec.frames and idx[got] <= x + 1.5:
+                    out[got], got = image(prev, s), got + 1
+                if not restart:
                     break
-            # the stream ended: its last frame stays on screen for about a frame
-            while prev is not None and got < spec.frames and idx[got] <= x + 1.5:
-                out[got], got = image(prev), got + 1
     except av.FFmpegError as exc:
         raise VideoError(f"corrupt video: {exc}") from exc
     if got < spec.frames:

@@ -1,6 +1,7 @@
 """What ``make-shards`` reads: a folder of videos or a JSONL/CSV manifest, as a sorted list of items.
 
-Folder: every video and image file below SRC (VIDEO_EXTS, IMAGE_EXTS). When all of them sit exactly one folder
+Folder: every video and image file below SRC (VIDEO_EXTS, OTHER_VIDEO_EXTS, IMAGE_EXTS; linked folders followed,
+other files counted and named in a warning). When all of them sit exactly one folder
 deep (UCF-101's ``Class/clip.avi``), the folder names are the classes (sorted) and give the labels; when none
 does, they are unlabelled; a mixture is refused (a stray file would silently unlabel the whole set).
 
@@ -18,13 +19,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import unicodedata
 from dataclasses import dataclass
 
 from .stream import DataError
-from .video import IMAGE_EXTS, VIDEO_EXTS
+from .video import IMAGE_EXTS, OTHER_VIDEO_EXTS, VIDEO_EXTS
+
+log = logging.getLogger(__name__)
+READ = VIDEO_EXTS + OTHER_VIDEO_EXTS + IMAGE_EXTS
 
 
 @dataclass
@@ -44,14 +49,34 @@ def sample_key(rel: str) -> str:
     return re.sub(r"[^\w/\-]", "_", stem)
 
 
-def from_folder(src: str) -> tuple[list[Item], list[str]]:
-    paths = []
-    for root, dirs, files in os.walk(src):
+def _walk(src: str) -> tuple[list[str], list[str]]:
+    """Paths below ``src`` of the files make-shards reads, and of the others (hidden ones aside); folders that are
+    links are followed, once each (a link back up would be walked forever)."""
+    paths, others, walked = [], [], {}
+    for root, dirs, files in os.walk(src, followlinks=True):
+        real = os.path.realpath(root)
+        if real in walked:
+            log.warning("make-shards: %s leads to %s, which was read already (as %s): not read again", root, real,
+                        walked[real])
+            dirs[:] = []
+            continue
+        walked[real] = root
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths += [os.path.join(root, f) for f in files if f.rsplit(".", 1)[-1].lower() in VIDEO_EXTS + IMAGE_EXTS]
+        for f in files:
+            if not f.startswith("."):
+                (paths if f.rsplit(".", 1)[-1].lower() in READ else others).append(os.path.join(root, f))
+    return paths, others
+
+
+def from_folder(src: str) -> tuple[list[Item], list[str]]:
+    paths, others = _walk(src)
+    if others:  # subtitles, notes, formats not known here (a manifest may list any file that PyAV reads)
+        shown = ", ".join(sorted(os.path.relpath(p, src) for p in others)[:3])
+        log.warning("make-shards: %d files below %s are neither videos nor images by their extension and are left "
+                    "out (%s%s)", len(others), src, shown, ", ..." if len(others) > 3 else "")
     rels = sorted(os.path.relpath(p, src) for p in paths)
     if not rels:
-        raise SourceError(f"{src}: no video or image files ({', '.join(VIDEO_EXTS + IMAGE_EXTS)}) found")
+        raise SourceError(f"{src}: no video or image files ({', '.join(READ)}) found")
     one_deep = [r.count(os.sep) == 1 for r in rels]
     labelled = all(one_deep)
     if any(one_deep) and not labelled:

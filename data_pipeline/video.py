@@ -9,8 +9,12 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-VIDEO_EXTS = ("mp4", "avi", "mkv", "webm", "mov", "m4v", "mpg", "mpeg", "ogv")
+VIDEO_EXTS = ("mp4", "avi", "mkv", "webm", "mov", "m4v", "mpg", "mpeg", "ogv")  # stored as they are
+# Read from a folder too, and re-encoded to mp4 (camcorder, broadcast, phone and web formats)
+OTHER_VIDEO_EXTS = ("mts", "m2ts", "ts", "3gp", "3g2", "flv", "f4v", "wmv", "asf", "gif", "mxf", "vob", "dv", "m2v",
+                    "y4m", "divx")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # shards store jpeg as jpg
+TIME_BASE = Fraction(1, 90000)  # of re-encoded videos: MPEG's clock, fine enough for any frame's own time
 
 
 class VideoError(ValueError):
@@ -39,6 +43,24 @@ def probe_image(data: bytes) -> dict:
     return {"image": True, "fps": 0, "frames": 1, "width": w, "height": h, "duration": 0.0, "codec": codec}
 
 
+def video_stream(container):
+    """The video stream to read: of the default ones (else all), the largest picture; never cover art."""
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        raise VideoError("no video stream")
+    default = [s for s in streams if s.disposition & av.stream.Disposition.default]
+    return max(default or streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0))
+
+
+def display_shape(frame: av.VideoFrame, stream) -> tuple[int, int, int]:
+    """(height, width, quarter turns counterclockwise) of ``frame`` as players show it: non-square pixels (the
+    stream's sample aspect ratio) stretched to square ones, then turned by the display matrix (phone videos)."""
+    turns = round((frame.rotation or 0) / 90) % 4
+    sar = stream.sample_aspect_ratio
+    w = max(1, round(frame.width * sar)) if sar and sar > 0 else frame.width
+    return (w, frame.height, turns) if turns % 2 else (frame.height, w, turns)
+
+
 def _rate(stream) -> float:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
@@ -47,15 +69,16 @@ def _rate(stream) -> float:
 
 
 def probe(data: bytes) -> dict:
-    """fps, frames, width, height and duration (frames / fps) of the first video stream; decodes one frame.
+    """fps, frames, width, height (as displayed) and duration (frames / fps) of the video stream; decodes one
+    frame. ``first_frame``, where not 0, is the first decodable one (a video cut without its leading key frame).
 
     The frame count comes from the container when it records one, else from counting packets.
     """
+    if not data:
+        raise VideoError("empty file (0 bytes)")
     try:
         with av.open(io.BytesIO(data), mode="r") as c:
-            if not c.streams.video:
-                raise VideoError("no video stream")
-            s = c.streams.video[0]
+            s = video_stream(c)
             fps, frames = _rate(s), int(s.frames or 0)
             if frames <= 0:
                 frames = sum(1 for p in c.demux(s) if p.size)
@@ -63,8 +86,13 @@ def probe(data: bytes) -> dict:
             frame = next(c.decode(s), None)
             if frame is None:
                 raise VideoError("no decodable frame")
-            return {"fps": fps, "frames": frames, "width": frame.width, "height": frame.height,
-                    "duration": round(frames / fps, 6), "codec": s.codec_context.name}
+            h, w, _ = display_shape(frame, s)
+            meta = {"fps": fps, "frames": frames, "width": w, "height": h, "duration": round(frames / fps, 6),
+                    "codec": s.codec_context.name}
+            if frame.pts is not None and s.time_base and (first := round((frame.pts - (s.start_time or 0))
+                                                                          * float(s.time_base) * fps)) > 0:
+                meta["first_frame"] = first
+            return meta
     except av.FFmpegError as exc:
         raise VideoError(f"cannot decode: {exc}") from exc
 
@@ -90,24 +118,36 @@ def encode(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 20
 
 
 def reencode(data: bytes, max_side: int = 0, codec: str = "libx264", crf: int = 20) -> bytes:
-    """Re-encode any decodable video to H.264 mp4, scaling it so its long side is at most ``max_side`` (0: keep)."""
+    """Re-encode any decodable video to H.264 mp4 as players show it (upright, square pixels), scaled so that its
+    long side is at most ``max_side`` (0: keep), each frame at its own time (variable frame rates stay so)."""
     out = io.BytesIO()
     try:
         with av.open(io.BytesIO(data), mode="r") as src, av.open(out, mode="w", format="mp4") as dst:
-            si = src.streams.video[0]
+            si = video_stream(src)
             si.thread_type = "AUTO"
-            w, h = si.codec_context.width, si.codec_context.height
-            scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
-            rate = Fraction(_rate(si)).limit_denominator(1001)
-            so = dst.add_stream(codec, rate=rate)
-            so.width, so.height, so.pix_fmt = _even(w * scale), _even(h * scale), "yuv420p"
-            if codec == "libx264":
-                so.options = {"crf": str(crf), "preset": "veryfast"}
+            rate, so, first, last = Fraction(_rate(si)).limit_denominator(1001), None, None, -1
             for i, frame in enumerate(src.decode(si)):
+                # the frame's own time (from the first decoded frame), or i / rate where the source gives none
+                t = frame.pts * si.time_base if frame.pts is not None and si.time_base else Fraction(i) / rate
+                first = t if first is None else first
+                h, w, turns = display_shape(frame, si)
+                if so is None:
+                    scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
+                    so = dst.add_stream(codec, rate=rate)
+                    so.width, so.height, so.pix_fmt = _even(w * scale), _even(h * scale), "yuv420p"
+                    so.codec_context.time_base = TIME_BASE
+                    if codec == "libx264":
+                        so.options = {"crf": str(crf), "preset": "veryfast"}
+                if turns:  # scaled in the stored orientation, then turned upright
+                    img = frame.to_ndarray(format="rgb24", interpolation="AREA", width=so.height if turns % 2 else
+                                           so.width, height=so.width if turns % 2 else so.height)
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(img, turns)), format="rgb24")
                 frame = frame.reformat(width=so.width, height=so.height, format="yuv420p", interpolation="AREA")
-                # frame i at i / rate: the decoded frame's own pts and time base are the source container's
-                frame.pts, frame.time_base = i, 1 / rate
+                last = max(last + 1, round((t - first) / TIME_BASE))
+                frame.pts, frame.time_base = last, TIME_BASE
                 dst.mux(so.encode(frame))
+            if so is None:
+                raise VideoError("no decodable frame")
             dst.mux(so.encode())
     except av.FFmpegError as exc:
         raise VideoError(f"cannot re-encode: {exc}") from exc
