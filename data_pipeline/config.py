@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .storage import without_userinfo
+
 
 @dataclass
 class DataConfig:
@@ -53,3 +55,7 @@ class DataConfig:
             raise ConfigError("data.shards", "must name a folder, an s3:// prefix or a brace pattern of .tar shards")
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise ConfigError("data.endpoint_url", f"must start with http:// or https://; got {self.endpoint_url!r}")
+        if without_userinfo(self.endpoint_url) != self.endpoint_url:  # botocore refuses it as "not a valid URI"
+            raise ConfigError("data.endpoint_url", f"{without_userinfo(self.endpoint_url)} is given with a user and "
+                                                   "password, which S3 clients cannot use: give the credentials "
+                                                   "through AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")

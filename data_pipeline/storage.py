@@ -71,18 +71,36 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True
-        status = (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if isinstance(status, int) and (status >= 500 or status == 429):  # botocore's answer, before s3fs renames it
-            return True
-    return any(t in str(exc) for t in _TRANSIENT_TEXT)
+    status = _status(exc)
+    return status is not None and (status >= 500 or status == 429) or any(t in str(exc) for t in _TRANSIENT_TEXT)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    return [e for e in (exc, exc.__cause__, exc.__context__) if e is not None]
 
 
 def is_unreachable(exc: BaseException) -> bool:
     """Nothing answered at the endpoint's address (connection refused, unknown host)."""
-    for e in (exc, exc.__cause__, exc.__context__):
-        if isinstance(e, ConnectionRefusedError) or type(e).__name__ in ("EndpointConnectionError", "ClientConnectorError"):
-            return True
-    return False
+    return any(isinstance(e, ConnectionRefusedError) or type(e).__name__ in ("EndpointConnectionError",
+                                                                             "ClientConnectorError") for e in _chain(exc))
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """The server took the connection but gave no answer (or no more bytes) in time."""
+    return any(isinstance(e, TimeoutError) or type(e).__name__ in ("ReadTimeoutError", "ConnectTimeoutError",
+                                                                    "FSTimeoutError", "ServerTimeoutError")
+               or isinstance(e, OSError) and e.errno == errno.ETIMEDOUT for e in _chain(exc))
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of S3's answer, where botocore's error (before s3fs renames it) or its errno says it."""
+    for e in _chain(exc):
+        status = (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+        if isinstance(e, OSError) and e.errno in (errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)):
+            return 500
+    return None
 
 
 @dataclass
@@ -93,6 +111,7 @@ class Storage:
     retries: int = 4
     backoff: float = 0.5
     timeout: float = 20.0  # per request: connecting, and waiting for an answer or more bytes
+    outage: float = 60.0  # retries go on for at least this long (an object store restarting), backoff capped at 8 s
 
     def __post_init__(self):
         self._s3, self._pid = None, 0
@@ -135,12 +154,24 @@ class Storage:
         if name in ("NoCredentialsError", "PartialCredentialsError"):
             msg = ("no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
                    "or ~/.aws/credentials")
+        elif name == "ProfileNotFound":
+            msg = f"{text}: AWS_PROFILE names a profile that ~/.aws/credentials and ~/.aws/config do not have"
         elif "bucket does not exist" in text or "NoSuchBucket" in text:
             msg = f"bucket {url[5:].split('/')[0]!r} does not exist at {self.endpoint or 'AWS S3'}"
         elif isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
             msg = f"access denied ({text}); check the credentials and the bucket policy"
         elif isinstance(exc, FileNotFoundError):
             msg = "no such file or object"
+        elif _status(exc) == 400 or "Bad Request" in text or "ExpiredToken" in text:
+            msg = (f"the request was refused as bad ({name}: {text}); most often the credentials have expired "
+                   "(AWS_SESSION_TOKEN) or are invalid, or the region is wrong (AWS_REGION)")
+        elif is_transient(exc) and (_status(exc) or 0) >= 500:
+            msg = (f"the storage service answered with an error on every try ({name}: {text}); it is failing: see "
+                   "its status or logs")
+        elif is_transient(exc) and is_timeout(exc):
+            msg = (f"the storage endpoint {self.endpoint or 'of AWS S3'} took the connection but did not answer "
+                   f"within {self.timeout:g} s (data.io_timeout); check that the server is up and not overloaded, "
+                   "and the endpoint URL (data.endpoint_url, --endpoint-url or AWS_ENDPOINT_URL)")
         elif is_transient(exc):
             msg = (f"cannot reach the storage endpoint {self.endpoint or 'of AWS S3'} ({name}: {text}); check the "
                    "endpoint URL (data.endpoint_url, --endpoint-url or AWS_ENDPOINT_URL) and that the server is up")
@@ -149,22 +180,27 @@ class Storage:
         return StorageError(without_userinfo(f"{where}: {msg}"))
 
     def retry(self, fn, url: str, action: str):
-        """Call ``fn()``; retry transient errors with exponential backoff, explain permanent ones.
+        """Call ``fn()``; retry transient errors with exponential backoff, ``retries`` times and for at least
+        ``outage`` seconds, and explain permanent ones.
 
-        An endpoint that has never answered and refuses connections (botocore has already retried) is most
-        likely a wrong URL, so it fails at once instead of after the whole backoff schedule."""
-        for attempt in range(self.retries + 1):
+        An endpoint that has never answered, refusing connections or leaving them unanswered (botocore has already
+        tried twice), is most likely a wrong URL or a server that is down, so it fails at once instead of after
+        the whole backoff schedule."""
+        start, attempt = time.monotonic(), 0
+        while True:
             try:
                 result = fn()
                 self._reached = True
                 return result
             except Exception as exc:  # noqa: BLE001 (classified below)
-                fatal = not is_transient(exc) or attempt == self.retries or (not self._reached and is_unreachable(exc))
-                if fatal:
+                more = attempt < self.retries or self.retries > 0 and time.monotonic() - start < self.outage
+                first_contact = not self._reached and (is_unreachable(exc) or is_timeout(exc))
+                if not is_transient(exc) or not more or first_contact:
                     raise self.explain(exc, url, action) from exc
-                delay = self.backoff * 2**attempt
-                log.warning("%s %s failed (%s: %s); retry %d/%d in %.1fs", action, url, type(exc).__name__, exc,
-                            attempt + 1, self.retries, delay)
+                delay = min(self.backoff * 2**attempt, 8.0)
+                attempt += 1
+                log.warning("%s %s failed (%s: %s); retry %d in %.1fs", action, url, type(exc).__name__, exc,
+                            attempt, delay)
                 time.sleep(delay)
 
     # -- operations ------------------------------------------------------------------------------------
@@ -267,10 +303,14 @@ class Storage:
         if not is_s3(url):
             os.makedirs(url, exist_ok=True)
             return
-        self.check_bucket(url, "writing")
+        self.check_bucket(url)  # listing: a remote checkpoint is found by it
         probe = join(url, ".hpdm-write-check")
         self.write_bytes(probe, b"ok")
-        self.retry(lambda: self.s3.rm_file(probe[5:]), probe, "deleting")
+        try:
+            self.retry(lambda: self.s3.rm_file(probe[5:]), probe, "deleting")
+        except StorageError as exc:
+            raise StorageError(f"{exc} (hpdm deletes what it wrote there, such as old checkpoints: the credentials "
+                               "need to delete objects as well as to list, read and write them)") from exc
 
     def open(self, url: str, offset: int = 0, block_size: int = 8 << 20) -> "RetryingReader":
         """A sequential reader from byte ``offset``; S3 reads ahead ``block_size`` bytes per request."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .decode import ClipSpec, ShortVideo, decode_clip, decode_still
-from .storage import Storage, StorageError
+from .storage import Storage, StorageError, without_userinfo
 from .tario import Record, iter_records
 from .video import IMAGE_EXTS, VIDEO_EXTS, ImageError, VideoError
 
@@ -314,6 +314,9 @@ class ShardStream:
                 elif set(stats["reasons"]) == {"short_video"}:
                     why += (" (every video is shorter than one clip, see the warnings: use longer videos, or fewer "
                             "frames per clip (model.patch, model.levels), a smaller data.frame_stride or data.fps)")
+                elif set(stats["reasons"]) == {"missing_shard"}:
+                    why += (f" (none of the shards under {without_userinfo(self.urls[0]).rsplit('/', 1)[0]} is there "
+                            "any more: was the bucket or prefix deleted or moved? see the warnings)")
                 raise DataError(f"loader worker {g}: epoch {cur['epoch']} produced no usable sample; {why}")
             cur.update(fresh_cursor(cur["epoch"] + 1))
 

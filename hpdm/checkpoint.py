@@ -339,7 +339,11 @@ class Checkpointer:
         def finish() -> None:
             self.storage.upload(str(path / "state.json"), join(self.remote, path.name, "state.json"))
             self.storage.write_bytes(join(self.remote, "latest"), path.name.encode())
-            self._prune_remote()
+            try:
+                self._prune_remote()
+            except StorageError as exc:  # the checkpoint is there: older ones kept is no reason to stop the run
+                log.warning("checkpoint %s uploaded, but older remote checkpoints could not be deleted (%s); they "
+                            "stay until a later save can", path.name, exc)
 
         try:
             on_rank0(finish, first=upload_mine)

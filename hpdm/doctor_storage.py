@@ -17,7 +17,7 @@ OK, WARN, FAIL = "ok", "warn", "FAIL"
 def _storage(cfg: Config):
     from data_pipeline.storage import Storage  # noqa: PLC0415
 
-    return Storage(cfg.data.endpoint_url, retries=1, backoff=0.2)
+    return Storage(cfg.data.endpoint_url, retries=1, backoff=0.2, outage=0)
 
 
 def _bucket_exists(storage, url: str) -> None:

