@@ -21,8 +21,8 @@ class DataConfig:
     skip_check_after: int = 50  # samples a rank (or a worker) must have seen before max_skip_fraction applies
     prefetch: int = 2  # batches each DataLoader worker prepares ahead
     decode_threads: int = 1  # FFmpeg threads per decoder (1: the DataLoader workers are the parallelism)
-    io_retries: int = 4  # retries of a transient storage error, with exponential backoff
-    io_backoff: float = 0.5  # seconds before the first retry; doubles each time
+    io_retries: int = 4  # retries of a transient storage error, with exponential backoff (and, unless 0, for a minute)
+    io_backoff: float = 0.5  # seconds before the first retry; doubles each time, up to 8 s
     io_timeout: float = 20.0  # seconds an S3 request may wait for the server's answer or more bytes (then retried)
     # model.cond: text reads captions' embeddings from shards written by `hpdm embed-text` (default: SHARDS/text),
     # or, when text_encoder is set, encodes captions on the fly with that frozen Hugging Face encoder.

@@ -81,14 +81,14 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def is_unreachable(exc: BaseException) -> bool:
     """Nothing answered at the endpoint's address (connection refused, unknown host)."""
-    return any(isinstance(e, ConnectionRefusedError) or type(e).__name__ in ("EndpointConnectionError",
-                                                                             "ClientConnectorError") for e in _chain(exc))
+    names = ("EndpointConnectionError", "ClientConnectorError")
+    return any(isinstance(e, ConnectionRefusedError) or type(e).__name__ in names for e in _chain(exc))
 
 
 def is_timeout(exc: BaseException) -> bool:
     """The server took the connection but gave no answer (or no more bytes) in time."""
-    return any(isinstance(e, TimeoutError) or type(e).__name__ in ("ReadTimeoutError", "ConnectTimeoutError",
-                                                                    "FSTimeoutError", "ServerTimeoutError")
+    names = ("ReadTimeoutError", "ConnectTimeoutError", "FSTimeoutError", "ServerTimeoutError")
+    return any(isinstance(e, TimeoutError) or type(e).__name__ in names
                or isinstance(e, OSError) and e.errno == errno.ETIMEDOUT for e in _chain(exc))
 
 
@@ -327,9 +327,9 @@ class Storage:
 
 
 def _remove_orphaned_tmpdirs(base: str) -> None:
-    for name in os.listdir(base):
-        host, _, pid = name.removeprefix(".hpdm-tmp-").rpartition("-")[0].rpartition("-")
-        if not name.startswith(".hpdm-tmp-") or host != socket.gethostname() or not pid.isdigit():
+    for name in (n for n in os.listdir(base) if n.startswith(".hpdm-tmp-")):
+        host, _, pid = name.removeprefix(".hpdm-tmp-").rpartition("-")[0].rpartition("-")  # HOST-PID-RANDOM
+        if host != socket.gethostname() or not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)

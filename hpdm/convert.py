@@ -54,7 +54,8 @@ def convert_to_universal(src: str | Path) -> tuple[Path, bool]:
     os.replace(tmp, out)
     (ckpt.parent / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal inside tmp's parent
     run = Checkpointer(ckpt.parent.parent)
-    if latest := order(ckpt.name)[0] >= order(run.newest_local())[0]:
+    latest = order(ckpt.name)[0] >= order(run.newest_local())[0]
+    if latest:
         run.set_latest(out.name)
     return out, latest
 

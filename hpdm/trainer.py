@@ -30,9 +30,9 @@ from hpdm.finetune import init_from_generator
 from hpdm.flops import training_flops_per_sample
 from hpdm.metrics import Metrics, memory_gib, peak_flops, wandb_mode
 from hpdm.model import HPDM
-from hpdm.profiler import StepProfiler
 from hpdm.monitor import plot_progress, sample_and_measure
 from hpdm.optim import attach_partitions, build_optimizer, lr_factor
+from hpdm.profiler import StepProfiler
 from hpdm.pyramid import boxes_from_offsets
 from hpdm.run_lock import RunLock
 from hpdm.step_rng import draw_step_randomness, restore_generator, step_generator
