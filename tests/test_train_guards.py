@@ -144,6 +144,7 @@ def test_wandb_mode_is_checked_up_front_and_a_new_start_is_a_new_wandb_run(tmp_p
             wandb_mode()
     monkeypatch.setenv("WANDB_MODE", "")  # set but empty, as scripts leave it: the default (wandb refused it)
     assert wandb_mode() == "offline"
+
     def run_id(folder: str, resumed_at: int) -> str:
         Metrics({"train": {}}, tmp_path / folder, "hpdm-test", 0, resumed_at=resumed_at).close()
         return (tmp_path / folder / "wandb_run_id").read_text().split()[0]
