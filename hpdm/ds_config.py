@@ -29,13 +29,20 @@ OWNED = {  # DeepSpeed key -> the hpdm field that sets it
 UNSUPPORTED = {  # DeepSpeed key -> why a run cannot use it
     "zero_optimization.offload_optimizer": "ZeRO-Offload of the optimizer steps DeepSpeed's own CPU optimizer, "
                                            "and hpdm builds its own (train.optimizer)",
+    "activation_checkpointing": "it configures deepspeed.checkpointing, which hpdm's model does not call, so it "
+                                "would change nothing; set train.activation_checkpointing: true (per-block "
+                                "recomputation) instead",
 }
+# Nested sections whose unknown keys DeepSpeed ignores (the others refuse them) and whose keys it reads by name
+# (it copies `pipeline` whole, so nothing can be recorded for it)
+LENIENT = ("aio", "autotuning", "checkpoint", "data_efficiency", "data_types", "flops_profiler", "timers")
 
 
 @functools.cache
 def deepspeed_keys() -> frozenset[str]:
-    """The top-level keys that the installed DeepSpeed reads, recorded while it parses a minimal config (so a
-    newer DeepSpeed's keys are known without a list here); empty when that fails, which turns the check off."""
+    """The top-level keys that the installed DeepSpeed reads, and the keys of the ``LENIENT`` sections as
+    ``section.key``, recorded while it parses a minimal config (so a newer DeepSpeed's keys are known without a
+    list here); empty when that fails, which turns the check off."""
     from deepspeed.runtime.config import DeepSpeedConfig  # noqa: PLC0415
 
     read = {"sequence_parallel_size", "data_parallel_size"}  # read by deepspeed.initialize itself
@@ -45,30 +52,34 @@ def deepspeed_keys() -> frozenset[str]:
             self.d = d
 
         def __contains__(self, key):
-            read.add(key)
+            read.add(self.d.prefix + key)
             return dict.__contains__(self.d, key)
 
         def __iter__(self):
             return iter(dict.keys(self.d))
 
     class Recording(dict):
+        prefix = ""
+
         def get(self, key, *default):
-            read.add(key)
+            read.add(self.prefix + key)
             return super().get(key, *default)
 
         def __getitem__(self, key):
-            read.add(key)
+            read.add(self.prefix + key)
             return super().__getitem__(key)
 
         def __contains__(self, key):
-            read.add(key)
+            read.add(self.prefix + key)
             return super().__contains__(key)
 
         def keys(self):
             return Keys(self)
 
+    sections = {name: type("Section", (Recording,), {"prefix": name + "."})() for name in LENIENT}
     try:
-        DeepSpeedConfig(Recording(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+        DeepSpeedConfig(Recording(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
+                                  **sections))
     except Exception:  # noqa: BLE001 (a DeepSpeed whose parsing differs: no check rather than a wrong one)
         return frozenset()
     return frozenset(read)
@@ -78,7 +89,10 @@ def _check_known(extra: dict) -> None:
     import deepspeed  # noqa: PLC0415
 
     known = deepspeed_keys()
-    for key in extra:
+    recorded = {k.split(".")[0] for k in known if "." in k}  # a section read otherwise by another DeepSpeed: unchecked
+    keys = [k for k in extra if not (k in recorded and isinstance(extra[k], dict))]
+    keys += [f"{k}.{sub}" for k in recorded if isinstance(extra.get(k), dict) for sub in extra[k]]
+    for key in keys:
         if known and key not in known:
             near = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {near[0]}?" if near else " (DeepSpeed's configuration docs list its keys)"

@@ -36,6 +36,9 @@ def test_batch_not_divisible_names_the_key():
 @pytest.mark.parametrize("override,said", [
     ("{zero_optimization: true}", "zero_optimization: must be a mapping"),  # DeepSpeed read it as stage 1, recorded 0
     ("{zero_optimization: {offload_optimizer: {device: cpu}}}", "zero_optimization.offload_optimizer: not supported"),  # a traceback
+    # DeepSpeed's section configures deepspeed.checkpointing, which the model never calls: it did nothing
+    ("{activation_checkpointing: {partition_activations: true}}",
+     "activation_checkpointing: not supported: .* set train.activation_checkpointing: true"),
 ])
 def test_what_would_change_the_run_behind_our_back_is_refused(override, said):
     cfg = load_config("configs/tiny.yaml", ["train.zero_stage=2", f"train.deepspeed={override}"])
@@ -54,6 +57,8 @@ def test_an_indivisible_batch_says_what_the_user_set():
                                                   "zero_optimization"),  # ignored by DeepSpeed: ZeRO's defaults ran
     ("{wall_clock_breakdwon: true}", "wall_clock_breakdwon: .*did you mean wall_clock_breakdown"),
     ("{no_such_thing: 1}", "no_such_thing: not a key of DeepSpeed .*configuration docs"),
+    # a section that DeepSpeed parses without refusing unknown keys: the profiler silently never ran
+    ("{flops_profiler: {enabeld: true}}", "flops_profiler.enabeld: .*did you mean flops_profiler.enabled"),
 ])
 def test_a_top_level_key_that_deepspeed_ignores_is_refused(override, said):
     cfg = load_config("configs/tiny.yaml", [f"train.deepspeed={override}"])
@@ -68,5 +73,7 @@ def test_the_keys_deepspeed_reads_are_recorded_from_deepspeed_itself():
     assert {"zero_optimization", "activation_checkpointing", "flops_profiler", "wandb", "steps_per_print",
             "wall_clock_breakdown", "comms_logger", "optimizer", "data_efficiency"} <= keys
     assert "zero_optimisation" not in keys
+    assert {"flops_profiler.enabled", "flops_profiler.profile_step", "checkpoint.tag_validation",
+            "aio.block_size", "timers.throughput"} <= keys  # lenient sections' own keys
     cfg = load_config("configs/tiny.yaml", ["train.deepspeed={flops_profiler: {enabled: false}, steps_per_print: 5}"])
     assert deepspeed_config(cfg, world=1)["steps_per_print"] == 5
