@@ -76,7 +76,9 @@ def deepspeed_keys() -> frozenset[str]:
         def keys(self):
             return Keys(self)
 
-    sections = {name: type("Section", (Recording,), {"prefix": name + "."})() for name in LENIENT}
+    sections = {name: Recording() for name in LENIENT}
+    for name, section in sections.items():
+        section.prefix = name + "."
     try:
         DeepSpeedConfig(Recording(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
                                   **sections))
