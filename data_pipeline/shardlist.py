@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 from braceexpand import braceexpand
 
 from .shards_write import INDEX
-from .storage import Storage, StorageError, join, summary
+from .storage import Storage, StorageError, is_s3, join, summary
 from .stream import DataError
 
 
@@ -55,3 +56,12 @@ def resolve_shards(storage: Storage, spec: str) -> tuple[list[str], list[int | N
         what = f"found {summary(found)}" if found else "nothing is there"
         raise StorageError(f"{spec}: no index.json and no .tar shards ({what}); write some with `hpdm make-shards`")
     return urls, [None] * len(urls)
+
+
+def check_readable(urls: list[str]) -> None:
+    """A StorageError naming the local shards that exist but that this user may not read: found at the start, not
+    when training reaches them (hours in, and again after every resume)."""
+    denied = [u for u in urls if not is_s3(u) and os.path.exists(u) and not os.access(u, os.R_OK, effective_ids=True)]
+    if denied:
+        raise StorageError(f"{len(denied)} of the {len(urls)} shards cannot be read by this user ({', '.join(denied[:3])}"
+                           f"{', ...' if len(denied) > 3 else ''}): fix their owner or mode")

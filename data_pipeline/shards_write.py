@@ -111,6 +111,8 @@ def write_shard(storage: Storage, dest: str, i: int, items: list[Item], options:
         except (OSError, VideoError) as exc:
             log.warning("make-shards: skipping %s: %s", it.path, exc)
             skipped.append({"path": it.path, "reason": str(exc)})
+            if not isinstance(exc, VideoError):  # a file that could not be read (permissions, I/O): a rerun tries it
+                skipped[-1]["retry"] = True
             captions.append(None)
     size = writer.close()
     if writer.samples:
@@ -164,6 +166,10 @@ def _done(sides: dict[str, dict], i: int, items: list[Item], options: dict, clas
     if side.get("inputs") != inputs_digest(items, classes):
         log.info("make-shards: %s: labels, captions, class names or source files changed since it was written; "
                  "writing it again", shard_name(i))
+        return None
+    if unread := [s["path"] for s in side.get("skipped", []) if s.get("retry")]:
+        log.info("make-shards: %s: %d source files could not be read when it was written (%s); writing it again",
+                 shard_name(i), len(unread), unread[0])
         return None
     return side
 

@@ -52,8 +52,8 @@ def sample_key(rel: str) -> str:
 def _walk(src: str) -> tuple[list[str], list[str]]:
     """Paths below ``src`` of the files make-shards reads, and of the others (hidden ones aside); folders that are
     links are followed, once each (a link back up would be walked forever)."""
-    paths, others, walked = [], [], {}
-    for root, dirs, files in os.walk(src, followlinks=True):
+    paths, others, walked, unreadable = [], [], {}, []
+    for root, dirs, files in os.walk(src, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(root)
         if real in walked:
             log.warning("make-shards: %s leads to %s, which was read already (as %s): not read again", root, real,
@@ -65,6 +65,10 @@ def _walk(src: str) -> tuple[list[str], list[str]]:
         for f in files:
             if not f.startswith("."):
                 (paths if f.rsplit(".", 1)[-1].lower() in READ else others).append(os.path.join(root, f))
+    if unreadable:  # left out, a class folder would vanish and the classes after it be renumbered
+        shown = "; ".join(f"{e.filename}: {e.strerror}" for e in unreadable[:3])
+        raise SourceError(f"{len(unreadable)} folder(s) below {src} cannot be listed ({shown}"
+                          f"{'; ...' if len(unreadable) > 3 else ''}): fix their permissions, or move them out")
     return paths, others
 
 

@@ -158,6 +158,8 @@ class Storage:
             msg = f"{text}: AWS_PROFILE names a profile that ~/.aws/credentials and ~/.aws/config do not have"
         elif "bucket does not exist" in text or "NoSuchBucket" in text:
             msg = f"bucket {url[5:].split('/')[0]!r} does not exist at {self.endpoint or 'AWS S3'}"
+        elif isinstance(exc, PermissionError) and not is_s3(url):
+            msg = f"permission denied for this user; check the owner and mode of {url}"
         elif isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
             msg = f"access denied ({text}); check the credentials and the bucket policy"
         elif isinstance(exc, FileNotFoundError):
@@ -301,7 +303,11 @@ class Storage:
     def check_writable(self, url: str) -> None:
         """Fail early with a clear message when the destination bucket is missing or not writable."""
         if not is_s3(url):
-            os.makedirs(url, exist_ok=True)
+            try:
+                os.makedirs(url, exist_ok=True)
+                tempfile.TemporaryFile(dir=url).close()
+            except OSError as exc:
+                raise self.explain(exc, url, "writing") from None
             return
         self.check_bucket(url)  # listing: a remote checkpoint is found by it
         probe = join(url, ".hpdm-write-check")

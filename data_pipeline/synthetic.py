@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import DataConfig
 from .shards_write import TEXT_DIR, existing_work, make_shards
-from .shardlist import is_pattern, load_index, resolve_shards
+from .shardlist import check_readable, is_pattern, load_index, resolve_shards
 from .storage import Storage, StorageError, is_s3, summary
 from .stream import DataError
 from .video import encode
@@ -132,6 +132,8 @@ def prepare_dataset(cfg: DataConfig, resolution: tuple[int, int, int], num_class
         index = {"shards": [{"name": u.rsplit("/", 1)[-1], "samples": c} for u, c in zip(urls, counts)],
                  "num_samples": None, "class_names": []}
     check_labels(index, num_classes, cfg.shards, labelled)
+    if not is_s3(cfg.shards):
+        check_readable(resolve_shards(storage, cfg.shards)[0])
     return index
 
 

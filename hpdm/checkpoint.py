@@ -93,10 +93,36 @@ def read_state(path: Path) -> dict:
     return state
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file`` with the mode a plain write gets from the umask: it makes every file 0600, so
+    another user of a group-shared run folder could not resume, sample or export from it."""
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def check_readable(path: Path) -> None:
+    """Raise a CheckpointError for a file of checkpoint ``path`` that this user may not read. Not damage, to skip
+    over (an older checkpoint used, this one set aside), but a permission to fix."""
+    f = path
+    try:
+        for f in [path, *path.iterdir()]:
+            if f.is_dir():
+                os.listdir(f)
+            else:
+                open(f, "rb").close()
+    except PermissionError as exc:
+        raise CheckpointError(f"{f}: permission denied ({exc.strerror}): this user cannot read it; fix its owner or "
+                              "mode (a checkpoint that cannot be read is not taken for a damaged one)") from None
+
+
 def problems(path: Path) -> list[str]:
-    """What makes a checkpoint folder unusable, each naming its file; empty when it is complete and intact."""
+    """What makes a checkpoint folder unusable, each naming its file; empty when it is complete and intact.
+    Raises a CheckpointError when the user may not read it."""
     if not path.is_dir():
         return [f"{path} does not exist"]
+    check_readable(path)
     if not is_complete(path):
         return [f"{path} has no state.json (its save did not finish)"]
     try:
@@ -290,12 +316,12 @@ class Checkpointer:
         # the version marker lets `hpdm convert-checkpoint` (DeepSpeed's ds_to_universal) convert this checkpoint
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
                                client_state={UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
-        save_file({"rng": rng}, str(path / f"rank_{rank:05d}.safetensors"), metadata={"loader": json.dumps(loader_state)})
+        save_safetensors({"rng": rng}, path / f"rank_{rank:05d}.safetensors", metadata={"loader": json.dumps(loader_state)})
         with full_parameters(engine.module):  # collective under ZeRO-3
             if rank == 0:
-                save_file({n: p.detach().contiguous() for n, p in engine.module.named_parameters()}, str(path / RAW_FILE))
+                save_safetensors({n: p.detach().contiguous() for n, p in engine.module.named_parameters()}, path / RAW_FILE)
         if rank == 0:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(path / "ema.safetensors"))
+            save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()}, path / "ema.safetensors")
         mine = file_sizes(path, [f.name for f in path.iterdir() if self._owner(f.name) == rank])
         sizes = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -319,6 +345,13 @@ class Checkpointer:
             raise CheckpointError(f"{path} exists and this run did not resume from it: refusing to overwrite it "
                                   "(is another trainer writing to this run folder?)")
         shutil.rmtree(path, ignore_errors=True)  # an unfinished save
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:  # DeepSpeed would say "Parent directory ... does not exist"
+            latest = self.root / "latest"
+            kept = f"; {latest.read_text().strip()}, the last checkpoint, is as it was" if latest.is_file() else ""
+            raise CheckpointError(f"cannot write the checkpoint {path} ({exc.strerror or exc}): fix the owner or "
+                                  f"mode of {self.root}, or the file system{kept}") from None
 
     @staticmethod
     def _owner(name: str) -> int:
@@ -367,6 +400,8 @@ class Checkpointer:
         for p in folders:
             if p.name not in keep and order(p.name) < order(latest):
                 shutil.rmtree(p, ignore_errors=True)
+                if p.exists():
+                    log.warning("could not delete the old checkpoint %s (permissions?): it stays", p)
 
     def _prune_remote(self) -> None:
         """The same rule for the remote copy: the newest ``keep`` checkpoints stay."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hpdm.config import ConfigError, load_config
 from hpdm.distributed import close_distributed
-from hpdm.errors import RankFailed, UsageError, user_errors
+from hpdm.errors import RankFailed, UsageError, UserError, user_errors
 
 # The CPU demo config of the repository (an editable install or a checkout); used when --config is not given.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -344,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
     except user_errors() as e:
         return _report(args, e)
+    except PermissionError as e:  # the environment, not a bug: one line naming the path, as for our own errors
+        where = e.filename or "a file"
+        return _report(args, UserError(f"{where}: permission denied ({e.strerror or e}); this user needs access to "
+                                       "it: check its owner and mode and those of the folders above it"))
     except RuntimeError as e:
         if not _peer_lost(e):
             raise

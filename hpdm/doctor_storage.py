@@ -9,7 +9,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from hpdm.config import Config
+from hpdm.config import Config, ConfigError
+from hpdm.run_lock import check_writable
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -29,7 +30,7 @@ def _bucket_exists(storage, url: str) -> None:
 def check_data(cfg: Config) -> list:
     from braceexpand import braceexpand  # noqa: PLC0415
 
-    from data_pipeline.shardlist import load_index  # noqa: PLC0415
+    from data_pipeline.shardlist import check_readable, load_index  # noqa: PLC0415
     from data_pipeline.storage import StorageError, is_s3, join  # noqa: PLC0415
     from data_pipeline.stream import DataError  # noqa: PLC0415
     from data_pipeline.synthetic import check_empty, check_labels, synthetic_frames, synthetic_origin  # noqa: PLC0415
@@ -61,6 +62,7 @@ def check_data(cfg: Config) -> list:
             if missing:
                 return [("data", FAIL, f"{spec}: {len(missing)} of the {len(names)} shards its index.json lists are "
                                        f"missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")]
+            check_readable([join(spec, n) for n in names])
             said = f"{join(spec, 'index.json')}: {len(names)} shards, {index.get('num_samples')} samples"
             unlisted = sorted({u.rsplit("/", 1)[-1] for u in listed if u.endswith(".tar")} - set(names))
             if unlisted:  # e.g. shards copied in later: training reads only what the index lists
@@ -119,8 +121,11 @@ def check_run_dir(cfg: Config) -> list:
         return [("run_dir", FAIL, f"cannot create train.run_dir {run_dir}: {blocker} is a file, not a folder")]
     try:
         detail = _probe_dir(run_dir)
+        check_writable(run_dir)  # what training checks: its checkpoints/, samples/ and files too
     except OSError as exc:
         return [("run_dir", FAIL, f"train.run_dir {run_dir} is not writable: {type(exc).__name__}: {exc.strerror or exc}")]
+    except ConfigError as exc:
+        return [("run_dir", FAIL, str(exc))]
     fs = _fs_type(run_dir)
     return [("run_dir", OK, f"{run_dir}: {detail}" + (f" ({fs})" if fs else ""))]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from hpdm.checkpoint import RAW_FILE, Checkpointer, is_complete, problems, read_state
+from hpdm.checkpoint import RAW_FILE, Checkpointer, is_complete, problems, read_state, save_safetensors
 from hpdm.config import Config, ConfigError, from_dict
 from hpdm.errors import CheckpointError, UsageError
 from hpdm.model import HPDM
@@ -45,8 +45,9 @@ def check_output(option: str, path: Path, suggest: str) -> None:
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
         raise UsageError(f"{option}: {existing} is a file, so {path} cannot be created under it")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option}: cannot create {path}: {existing} is not writable")
+    for folder in ([path] if path.is_dir() else []) + [existing]:  # an output folder, and where a file is replaced
+        if not os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            raise UsageError(f"{option}: cannot write {path}: {folder} is not writable by this user")
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -132,9 +133,9 @@ def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         text = read_state(ckpt).get("text_encoder")  # which encoder prompts must go through (hpdm sample checks)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(part),
-                  metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)}
-                  | ({"text_encoder": json.dumps(text)} if text else {}))
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, part,
+                         metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)}
+                         | ({"text_encoder": json.dumps(text)} if text else {}))
         os.replace(part, out)
     except OSError as e:
         if part.parent.is_dir():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from hpdm.errors import ConfigError, UserError
@@ -36,3 +37,21 @@ class RunLock:
         if not self.file.closed:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
+
+
+WRITTEN = ("checkpoints", "samples", "metrics.jsonl", "config.yaml", "deepspeed.json", "wandb_run_id", "progress.png")
+
+
+def check_writable(run_dir: Path) -> None:
+    """A ConfigError naming the first part of a run folder that this user cannot write (its checkpoints/ or
+    samples/ folder, a file the trainer appends to or replaces): found at the start, not at the first save or
+    sample after hours of training."""
+    for p in (run_dir, *(run_dir / name for name in WRITTEN)):
+        try:
+            if p.is_dir():
+                tempfile.TemporaryFile(dir=p).close()
+            elif p.is_file():
+                open(p, "a").close()  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError("train.run_dir", f"cannot write {p} ({exc.strerror or exc}): the run folder and "
+                              "everything in it must be writable by this user; fix their owner or mode") from None

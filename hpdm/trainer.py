@@ -34,7 +34,7 @@ from hpdm.monitor import plot_progress, sample_and_measure
 from hpdm.optim import attach_partitions, build_optimizer, lr_factor
 from hpdm.profiler import StepProfiler
 from hpdm.pyramid import boxes_from_offsets
-from hpdm.run_lock import RunLock
+from hpdm.run_lock import RunLock, check_writable
 from hpdm.step_rng import draw_step_randomness, restore_generator, step_generator
 from hpdm.text_encoder import TextEncoder, encoder_change, text_identity
 from hpdm.video_io import to_uint8, write_mp4
@@ -89,20 +89,29 @@ def _samples(ema: EMA, cfg: Config, step: int, run_dir: Path, metrics: Metrics, 
     """Rank 0: sample the EMA weights (grid PNG, synthetic measure, progress plot; the first video as mp4 when
     ``video``); the other ranks wait at a barrier."""
     if dist.get_rank() == 0:
-        t0 = time.perf_counter()
-        net = HPDM(cfg.model).to(device).eval()
-        ema.copy_to(net)
-        values, grid, levels = sample_and_measure(net, cfg, step, run_dir, device, cond)
-        metrics.log({**values, "step": step, "time/sampling_s": time.perf_counter() - t0}, samples)
-        metrics.image("samples", grid, samples)
-        plot_progress(run_dir)
-        shown = ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in values.items() if not k.startswith("synthetic/coarse"))
-        log.info("samples at step %d: %s%s", step, grid, f" ({shown})" if shown else "")
-        if video:
-            path = run_dir / "samples" / f"step_{step:08d}.mp4"
-            write_mp4(path, to_uint8(levels[-1][0]))
-            log.info("sample written to %s", path)
+        try:
+            _sample_rank0(ema, cfg, step, run_dir, metrics, samples, device, video, cond)
+        except OSError as exc:  # e.g. samples/ no longer writable: no reason to stop training
+            log.warning("samples at step %d could not be written (%s: %s); training goes on", step,
+                        exc.strerror or exc, exc.filename or run_dir / "samples")
     dist.barrier()
+
+
+def _sample_rank0(ema: EMA, cfg: Config, step: int, run_dir: Path, metrics: Metrics, samples: int, device,
+                  video: bool, cond: tuple[Condition, list[int]] | None) -> None:
+    t0 = time.perf_counter()
+    net = HPDM(cfg.model).to(device).eval()
+    ema.copy_to(net)
+    values, grid, levels = sample_and_measure(net, cfg, step, run_dir, device, cond)
+    metrics.log({**values, "step": step, "time/sampling_s": time.perf_counter() - t0}, samples)
+    metrics.image("samples", grid, samples)
+    plot_progress(run_dir)
+    shown = ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in values.items() if not k.startswith("synthetic/coarse"))
+    log.info("samples at step %d: %s%s", step, grid, f" ({shown})" if shown else "")
+    if video:
+        path = run_dir / "samples" / f"step_{step:08d}.mp4"
+        write_mp4(path, to_uint8(levels[-1][0]))
+        log.info("sample written to %s", path)
 
 
 def _step(engine, edm: EDM, cfg: Config, batches, gen: torch.Generator, micro: int, accum: int, device,
@@ -171,6 +180,7 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
         raise ConfigError("train.run_dir", f"cannot create {run_dir}: {exc.strerror or exc}") from None
     lock = RunLock(run_dir)
     try:
+        check_writable(run_dir)
         recorded = run_dir / "config.yaml"
         if recorded.is_file() and not is_recorded_config(recorded):  # e.g. the --config given: it would be replaced
             raise ConfigError("train.run_dir", f"{recorded} was not written by `hpdm train`, which records the run's "
@@ -349,12 +359,12 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                     bar.set_postfix(loss=f"{last['loss']:.4f}", clips_s=f"{last['samples_per_s']:.1f}")
                     metrics.log(last, samples)
                     guard.check(step, last["loss"])
-                if t.sample_every and step % t.sample_every == 0 and step < t.steps:
-                    _samples(ema, cfg, step, run_dir, metrics, samples, device, cond=monitor)
                 preempted = preemption.requested(device)
-                if step % t.save_every == 0 or step == t.steps or preempted:
+                if step % t.save_every == 0 or step == t.steps or preempted:  # before sampling, which may fail
                     guard.check(step)
                     ckpt.save(engine, ema, step, samples, loader.state_dict(), gen.get_state(), record)
+                if t.sample_every and step % t.sample_every == 0 and step < t.steps and not preempted:
+                    _samples(ema, cfg, step, run_dir, metrics, samples, device, cond=monitor)
                 if preempted:
                     if rank == 0:
                         log.warning("preempted (signal %s): checkpoint at step %d written, exiting", preemption.signal, step)

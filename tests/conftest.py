@@ -1,10 +1,14 @@
 """Shared test set-up: GPU tests skip without a GPU; servers are started by fixtures on 127.0.0.1 only."""
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +129,36 @@ def tiny_t5(tmp_path_factory):
     from tests.tiny_t5 import save_tiny_t5  # noqa: PLC0415
 
     return save_tiny_t5(tmp_path_factory.mktemp("tiny_t5"), d_model=32)
+
+
+# ---- permissions as an ordinary user of a shared machine meets them ------------------------------------------
+@dataclass
+class User:
+    dir: Path  # a folder the user can reach and write (pytest's own temporary folders are private to root)
+
+    @contextlib.contextmanager
+    def acting(self):
+        """The block runs as an ordinary user: as root, whom file modes restrict in nothing, with nobody's effective
+        uid and gid (modules it needs must be imported before: the interpreter's own may be private to root)."""
+        if os.geteuid() != 0:
+            yield
+            return
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+
+
+@pytest.fixture
+def user():
+    folder = Path(tempfile.mkdtemp(prefix="hpdm-user-"))
+    folder.chmod(0o777)
+    yield User(folder)
+    folder.chmod(0o777)
+    for root, dirs, _ in os.walk(folder):  # top-down: a folder's mode is given back before it is entered
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777)
+    shutil.rmtree(folder)

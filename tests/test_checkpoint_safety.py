@@ -91,6 +91,28 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(run):
     assert str(_folder(run, 3) / "ema.safetensors") in str(e.value) and str(_folder(run, 6) / "ema.safetensors") in str(e.value)
 
 
+def test_a_checkpoint_file_this_user_cannot_read_is_an_error_not_damage(run, user):
+    """An unreadable file (another user's run, a mode taken away) was taken for damage: training fell back to the
+    older checkpoint, set the newest aside and trained its steps again; sample and export took the older weights.
+    Every file of a checkpoint has the mode that DeepSpeed's own get (safetensors made its files 0600)."""
+    folder = _folder(run, 6)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    shared = user.dir / "run"
+    shutil.copytree(run, shared)
+    for p in [shared, *shared.rglob("*")]:
+        p.chmod(0o777 if p.is_dir() else 0o666)
+    ema = _folder(shared, 6) / "ema.safetensors"
+    ema.chmod(0o000)
+    with user.acting():
+        with pytest.raises(CheckpointError, match=f"^{ema}: permission denied .*this user cannot read it"):
+            Checkpointer(shared).latest()
+        with pytest.raises(CheckpointError, match=f"^{ema}: permission denied"):
+            load_generator(str(shared))
+    assert (shared / "checkpoints" / "latest").read_text() == "step_00000006" and _folder(shared, 6).is_dir()
+    assert not (shared / "checkpoints" / "set-aside").exists()
+
+
 def test_export_never_writes_into_a_checkpoint(run):
     """`hpdm export RUN RUN/checkpoints/step_6/ema.safetensors` once replaced that checkpoint's own EMA weights, after
     which it no longer verified and resuming fell back to step 3. A path inside any checkpoint is refused, before

@@ -127,10 +127,10 @@ def test_an_output_under_a_file_is_refused_before_loading(paths, command, capsys
 
 
 def test_an_output_in_a_folder_without_write_permission_is_refused(paths, capsys, monkeypatch):
-    monkeypatch.setattr("hpdm.export.os.access", lambda path, mode: False)  # tests run as root, who may write anywhere
+    monkeypatch.setattr("hpdm.export.os.access", lambda path, mode, **kw: False)  # as root, who may write anywhere
     line = error_line(["eval-synthetic", paths["good"], "--out", f"{paths['tmp']}/new/r.json"], capsys)
-    assert line == (f"hpdm eval-synthetic: error: --out: cannot create {paths['tmp']}/new/r.json: {paths['tmp']} is "
-                    "not writable")
+    assert line == (f"hpdm eval-synthetic: error: --out: cannot write {paths['tmp']}/new/r.json: {paths['tmp']} is "
+                    "not writable by this user")
 
 
 GENERATORS = {  # name: (generator, what the error says after `hpdm sample: error: `)
