@@ -51,11 +51,20 @@ def resolve_shards(storage: Storage, spec: str) -> tuple[list[str], list[int | N
     if index is not None:
         return [join(spec, s["name"]) for s in index["shards"]], [s.get("samples") for s in index["shards"]]
     found = storage.contents(spec)
+    check_finished(spec, found)
     urls = [u for u in found if u.endswith(".tar")]
     if not urls:
         what = f"found {summary(found)}" if found else "nothing is there"
         raise StorageError(f"{spec}: no index.json and no .tar shards ({what}); write some with `hpdm make-shards`")
     return urls, [None] * len(urls)
+
+
+def check_finished(spec: str, found: list[str]) -> None:
+    """A DataError when ``found``, the files at ``spec`` without an index, hold make-shards' sidecars: its run was
+    interrupted (or is rewriting shards), so the .tar files there are part of a dataset or a mix of two."""
+    if any(u.endswith(".meta.json") for u in found):
+        raise DataError(f"{spec}: `hpdm make-shards` into it did not finish (its shards are there but no {INDEX}); "
+                        "run the same make-shards command again, which resumes")
 
 
 def check_readable(urls: list[str]) -> None:

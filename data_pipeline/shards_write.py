@@ -24,12 +24,12 @@ import logging
 import os
 import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
-import multiprocessing as mp
+from concurrent.futures import as_completed
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .pool import worker_pool
 from .sources import Item, load_sources
 from .storage import Storage, is_s3, join
 from .stream import DataError
@@ -209,6 +209,8 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
     todo = [i for i in range(len(groups)) if i not in sides]
     if sides:
         log.info("make-shards: %d of %d shards already written, resuming", len(sides), len(groups))
+    if todo:  # the index of an earlier run would describe shards about to change: readers wait for the new one
+        storage.remove(join(dest, INDEX))
     tmpdir = storage.local_tmpdir(dest)
     bar = tqdm(total=len(items), initial=sum(len(groups[i]) for i in sides), unit="video", disable=not progress,
                desc="make-shards")
@@ -218,7 +220,7 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
                 sides[i] = write_shard(storage, dest, i, groups[i], options, classes, tmpdir)
                 bar.update(len(groups[i]))
         else:
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("fork")) as pool:
+            with worker_pool(min(workers, len(todo))) as pool:
                 futs = {pool.submit(write_shard, storage, dest, i, groups[i], options, classes, tmpdir): i for i in todo}
                 for fut in as_completed(futs):
                     sides[futs[fut]] = fut.result()

@@ -8,6 +8,7 @@ never logged.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -227,12 +228,18 @@ class Storage:
         fs, path = self._fs_path(url)
         if fs is None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
             return
         self.retry(lambda: fs.pipe_file(path, data), url, "writing")
+
+    def remove(self, url: str) -> None:
+        """Delete one file or object; nothing there is no error."""
+        fs, path = self._fs_path(url)
+        if fs is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            return
+        self.retry(lambda: fs.rm_file(path), url, "deleting")
 
     def put_file(self, local: str, url: str) -> None:
         """Move a finished local file to ``url`` (rename locally, upload to S3: both atomic for readers)."""
@@ -313,7 +320,7 @@ class Storage:
         probe = join(url, ".hpdm-write-check")
         self.write_bytes(probe, b"ok")
         try:
-            self.retry(lambda: self.s3.rm_file(probe[5:]), probe, "deleting")
+            self.remove(probe)
         except StorageError as exc:
             raise StorageError(f"{exc} (hpdm deletes what it wrote there, such as old checkpoints: the credentials "
                                "need to delete objects as well as to list, read and write them)") from exc
@@ -330,6 +337,20 @@ class Storage:
             os.makedirs(base, exist_ok=True)
             _remove_orphaned_tmpdirs(base)
         return tempfile.mkdtemp(prefix=f".hpdm-tmp-{socket.gethostname()}-{os.getpid()}-", dir=base)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a local file through a temporary name: an interrupted write (a kill, a full disk) leaves the old file
+    or none, never a truncated one under ``path``."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _remove_orphaned_tmpdirs(base: str) -> None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
-import multiprocessing as mp
+import shutil
 
 import numpy as np
 
 from .config import DataConfig
+from .pool import worker_pool
 from .shards_write import TEXT_DIR, existing_work, make_shards
 from .shardlist import check_readable, is_pattern, load_index, resolve_shards
 from .storage import Storage, StorageError, is_s3, summary
@@ -81,10 +80,12 @@ def write_synthetic(dest: str, videos: int, resolution: tuple[int, int, int], nu
                     storage: Storage | None = None, workers: int = 1, progress: bool = False) -> dict:
     """Render ``videos`` clips of ``frames`` x resolution[1:] into a manifest and shard them to ``dest``."""
     _, h, w = resolution
-    with tempfile.TemporaryDirectory(prefix="hpdm-synthetic-") as folder:
+    storage = storage or Storage()
+    folder = storage.local_tmpdir(dest)  # under a local dest: a killed run's clips go with the next write there
+    try:
         jobs = [(i, i % num_classes, frames, h, w, folder) for i in range(videos)]
         if workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            with worker_pool(workers) as pool:
                 rows = list(pool.map(write_clip, jobs, chunksize=8))
         else:
             rows = [write_clip(j) for j in jobs]
@@ -96,6 +97,8 @@ def write_synthetic(dest: str, videos: int, resolution: tuple[int, int, int], nu
         return make_shards(manifest, dest, shard_size_mb=shard_mb, workers=workers, storage=storage,
                            progress=progress, class_names=[class_name(c) for c in range(num_classes)],
                            origin=synthetic_origin(videos, resolution, num_classes, frames))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def synthetic_origin(videos: int, resolution: tuple[int, int, int], num_classes: int, frames: int) -> str:

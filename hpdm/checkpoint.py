@@ -35,7 +35,7 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_pipeline.storage import Storage, StorageError, join
+from data_pipeline.storage import Storage, StorageError, join, write_atomic
 from hpdm.distributed import on_rank0
 from hpdm.ema import full_parameters
 from hpdm.errors import CheckpointError, RankFailed
@@ -330,8 +330,9 @@ class Checkpointer:
         if rank == 0:
             files = {k: v for s in sizes for k, v in s.items()}
             world = dist.get_world_size() if dist.is_initialized() else 1
-            (path / "state.json").write_text(json.dumps({"step": step, "samples": samples, "world_size": world,
-                                                         **state, "files": files}, indent=1))
+            # the mark of a complete checkpoint: whole or absent, also when the process is killed while writing it
+            write_atomic(path / "state.json", json.dumps({"step": step, "samples": samples, "world_size": world,
+                                                          **state, "files": files}, indent=1))
             self.set_latest(tag)
             self._prune()
             log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)

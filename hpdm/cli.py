@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from data_pipeline.storage import write_atomic
 from hpdm.config import ConfigError, load_config
 from hpdm.distributed import close_distributed
 from hpdm.errors import RankFailed, UsageError, UserError, user_errors
@@ -163,7 +164,7 @@ def cmd_eval_synthetic(args) -> int:
     print(f"class_correct: {result['class_correct']:.3f} over {result['videos']} videos")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_atomic(args.out, json.dumps(result, indent=1))
     return 0
 
 
@@ -344,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
     except user_errors() as e:
         return _report(args, e)
+    except KeyboardInterrupt:  # a Ctrl-C: one line, not the traceback of wherever it landed (training checkpoints first)
+        if args.debug:
+            traceback.print_exc()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"hpdm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except PermissionError as e:  # the environment, not a bug: one line naming the path, as for our own errors
         where = e.filename or "a file"
         return _report(args, UserError(f"{where}: permission denied ({e.strerror or e}); this user needs access to "

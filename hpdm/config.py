@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from data_pipeline.config import DataConfig
-from data_pipeline.storage import without_userinfo
+from data_pipeline.storage import without_userinfo, write_atomic
 from hpdm.config_file import merge, parse_overrides, read_yaml
 from hpdm.errors import ConfigError
 
@@ -305,7 +305,7 @@ RECORD_HEADER = "# written by `hpdm train` at every start: the resolved config o
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(RECORD_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_atomic(path, RECORD_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def is_recorded_config(path: Path) -> bool:

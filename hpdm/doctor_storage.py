@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 from hpdm.config import Config, ConfigError
-from hpdm.run_lock import check_writable
+from hpdm.run_lock import check_run_dir_writable
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -30,7 +30,7 @@ def _bucket_exists(storage, url: str) -> None:
 def check_data(cfg: Config) -> list:
     from braceexpand import braceexpand  # noqa: PLC0415
 
-    from data_pipeline.shardlist import check_readable, load_index  # noqa: PLC0415
+    from data_pipeline.shardlist import check_finished, check_readable, load_index  # noqa: PLC0415
     from data_pipeline.storage import StorageError, is_s3, join  # noqa: PLC0415
     from data_pipeline.stream import DataError  # noqa: PLC0415
     from data_pipeline.synthetic import check_empty, check_labels, synthetic_frames, synthetic_origin  # noqa: PLC0415
@@ -69,6 +69,7 @@ def check_data(cfg: Config) -> list:
                 return [("data", WARN, f"{said}; {len(unlisted)} .tar files beside it are not in the index and are "
                                        f"not read ({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''})")]
             return [("data", OK, said)]
+        check_finished(spec, storage.contents(spec))
         tars = storage.list(spec, ".tar")
         if tars:
             return [("data", WARN, f"{spec} has no index.json; {len(tars)} .tar shards listed (sample counts unknown)")]
@@ -121,7 +122,7 @@ def check_run_dir(cfg: Config) -> list:
         return [("run_dir", FAIL, f"cannot create train.run_dir {run_dir}: {blocker} is a file, not a folder")]
     try:
         detail = _probe_dir(run_dir)
-        check_writable(run_dir)  # what training checks: its checkpoints/, samples/ and files too
+        check_run_dir_writable(run_dir)  # what training checks: its checkpoints/, samples/ and files too
     except OSError as exc:
         return [("run_dir", FAIL, f"train.run_dir {run_dir} is not writable: {type(exc).__name__}: {exc.strerror or exc}")]
     except ConfigError as exc:

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch.distributed as dist
 
+from data_pipeline.storage import write_atomic
 from hpdm import fvd
 from hpdm.errors import UsageError
 from hpdm.generate import at_least, conditions, default_device, rank_world, share, video_seed
@@ -152,5 +153,5 @@ def main_result(result: dict | None, out: str | None) -> None:
     print(text)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+        write_atomic(out, text)
 

@@ -137,10 +137,12 @@ def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
                          metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)}
                          | ({"text_encoder": json.dumps(text)} if text else {}))
         os.replace(part, out)
-    except OSError as e:
+    except BaseException as e:  # also an interrupt: no half-written .part left beside the output
         if part.parent.is_dir():
             part.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
     return out
 
 

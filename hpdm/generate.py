@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.storage import write_atomic
 from hpdm.config import SEED_LIMIT
 from hpdm.diffusion import Condition
 from hpdm.distributed import on_rank0
@@ -63,8 +65,12 @@ def check_out(out: Path) -> None:
     old = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
     if old:
         what = "videos" if all(name.endswith(".mp4") for name in old) else "the output of a sample"
-        raise UsageError(f"--out: {out} already holds {what} ({', '.join(old[:2])}{', ...' if old[2:] else ''}), "
-                         "which new ones would join or replace; give an empty or new folder")
+        ours = any(re.fullmatch(r"(video_)?\d{5}.*\.mp4", n) for n in old)
+        unfinished = ours and not any(n.startswith("cost") for n in old)  # sample writes its cost.json last
+        raise UsageError(f"--out: {out} already holds {what} ({', '.join(old[:2])}{', ...' if old[2:] else ''})"
+                         f"{' of an unfinished `hpdm sample` (it has no cost.json)' if unfinished else ''}, which new "
+                         "ones would join or replace; give an empty or new folder"
+                         f"{', or remove that one' if unfinished else ''}")
 
 
 def share(n: int, rank: int, world: int) -> list[int]:
@@ -232,8 +238,8 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
         raise UsageError(f"--out: cannot create {out}: {e.strerror or e}") from None
     mine = share(num, rank, world)
     if prompts and rank == 0:
-        (out / "prompts.json").write_text(json.dumps({video_name(i, p): p for i, p in enumerate(prompt_of)}, indent=1,
-                                                     ensure_ascii=False))
+        write_atomic(out / "prompts.json", json.dumps({video_name(i, p): p for i, p in enumerate(prompt_of)}, indent=1,
+                                                      ensure_ascii=False))
     files, frames, stats = [], [], None
     for start in range(0, len(mine), batch):
         ids = mine[start:start + batch]
@@ -251,7 +257,7 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
     if frames:
         write_png(grid, frame_grid(frames, captions=[prompt_of[i] for i in mine] if prompts else None))
     cost = [s.row() for s in stats] if stats else []
-    (out / ("cost.json" if world == 1 else f"cost_rank{rank}.json")).write_text(json.dumps(
+    write_atomic(out / ("cost.json" if world == 1 else f"cost_rank{rank}.json"), json.dumps(
         {"device": str(device), "overlap": opts.overlap, "levels": cost}, indent=1))
     if stats and rank == 0:
         print(cost_table(stats))

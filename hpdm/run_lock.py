@@ -42,7 +42,7 @@ class RunLock:
 WRITTEN = ("checkpoints", "samples", "metrics.jsonl", "config.yaml", "deepspeed.json", "wandb_run_id", "progress.png")
 
 
-def check_writable(run_dir: Path) -> None:
+def check_run_dir_writable(run_dir: Path) -> None:
     """A ConfigError naming the first part of a run folder that this user cannot write (its checkpoints/ or
     samples/ folder, a file the trainer appends to or replaces): found at the start, not at the first save or
     sample after hours of training."""

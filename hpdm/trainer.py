@@ -34,7 +34,7 @@ from hpdm.monitor import plot_progress, sample_and_measure
 from hpdm.optim import attach_partitions, build_optimizer, lr_factor
 from hpdm.profiler import StepProfiler
 from hpdm.pyramid import boxes_from_offsets
-from hpdm.run_lock import RunLock, check_writable
+from hpdm.run_lock import RunLock, check_run_dir_writable
 from hpdm.step_rng import draw_step_randomness, restore_generator, step_generator
 from hpdm.text_encoder import TextEncoder, encoder_change, text_identity
 from hpdm.video_io import to_uint8, write_mp4
@@ -180,7 +180,7 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
         raise ConfigError("train.run_dir", f"cannot create {run_dir}: {exc.strerror or exc}") from None
     lock = RunLock(run_dir)
     try:
-        check_writable(run_dir)
+        check_run_dir_writable(run_dir)
         recorded = run_dir / "config.yaml"
         if recorded.is_file() and not is_recorded_config(recorded):  # e.g. the --config given: it would be replaced
             raise ConfigError("train.run_dir", f"{recorded} was not written by `hpdm train`, which records the run's "

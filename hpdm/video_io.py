@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.storage import write_atomic
 from data_pipeline.video import encode
 
 
@@ -15,5 +16,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> None:
-    """Encode uint8 [T,H,W,3] frames (H and W even) to ``path``."""
-    Path(path).write_bytes(encode(frames, fps, crf=18))
+    """Encode uint8 [T,H,W,3] frames (H and W even) to ``path`` (whole or not at all: an interrupted ``hpdm sample``
+    leaves no truncated video)."""
+    write_atomic(path, encode(frames, fps, crf=18))

@@ -74,7 +74,9 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "--seed 2**60": ((*SAMPLE, "--seed", str(2**60)), f"--seed: must be in [0, 4294967296); got {2**60}"),
     "--out a file": (("sample", "{gen}", "--out", "{junk}"), "--out: {junk} is a file; give a folder for the videos"),
     "--out with videos": (("sample", "{gen}", "--out", "{tmp}/used"), "--out: {tmp}/used already holds videos "
-                                                                       "(video_00000.mp4), which new ones would join"),
+                                                                       "(video_00000.mp4) of an unfinished `hpdm "
+                                                                       "sample` (it has no cost.json), which new ones "
+                                                                       "would join"),
     "--text-emb": ((*SAMPLE, "--text-emb", "{junk}"), "--text-emb: the model is conditioned on 'class', not on text"),
     "misfit weights": (("sample", "{tmp}/misfit.safetensors", "--out", "{tmp}/out"),
                        "{tmp}/misfit.safetensors: its weights do not fit the model of its own config"),

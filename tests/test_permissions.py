@@ -21,7 +21,7 @@ from hpdm.config import load_config
 from hpdm.doctor_storage import check_data, check_run_dir
 from hpdm.errors import CheckpointError, ConfigError, UsageError
 from hpdm.export import check_output
-from hpdm.run_lock import check_writable
+from hpdm.run_lock import check_run_dir_writable
 
 
 def _videos(tiny_manifest, src, classes=("A", "B"), per_class=2):
@@ -107,7 +107,7 @@ def test_a_run_folder_part_that_cannot_be_written_is_found_at_the_start(user, pa
     cfg = load_config("configs/tiny.yaml", [f"train.run_dir={run}"])
     with user.acting():
         with pytest.raises(ConfigError, match=f"^train.run_dir: cannot write {run / part} \\(Permission denied\\)"):
-            check_writable(run)
+            check_run_dir_writable(run)
         [(name, status, said)] = check_run_dir(cfg)
     assert (name, status) == ("run_dir", "FAIL") and str(run / part) in said
 
