@@ -177,7 +177,9 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.run_dir.strip():
             raise ConfigError("train.run_dir", "is empty; give the run a folder of its own")
-        self.run_dir, self.init_from = os.path.expanduser(self.run_dir), os.path.expanduser(self.init_from)
+        self.run_dir = os.path.expanduser(self.run_dir)
+        if self.init_from and not self.init_from.startswith("s3://"):  # recorded as found, whatever the folder of a resume
+            self.init_from = os.path.abspath(os.path.expanduser(self.init_from))
         _choice("train.optimizer", self.optimizer, ("lamb", "adamw"))
         _choice("train.decay", self.decay, ("none", "cosine"))
         _choice("train.precision", self.precision, ("fp32", "bf16"))
@@ -200,8 +202,8 @@ class TrainConfig:
             check_range(f"train.{key}", getattr(self, key), 0)
         check_range("train.lr", self.lr, 0, strict=True)
         check_range("train.betas", self.betas, 0, high=1)
-        if self.init_from and not Path(self.init_from).exists():
-            raise ConfigError("train.init_from", f"no such file or folder: {self.init_from}")
+        if self.init_from.startswith("s3://"):  # read where it is used (a resume needs it no more)
+            raise ConfigError("train.init_from", f"must be a local file or folder; download {self.init_from} first")
         if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):
             raise ConfigError("train.checkpoint_uri", f"must be an s3:// prefix (or empty); got {self.checkpoint_uri!r}")
         if not 0 <= self.profile_steps[0] <= self.profile_steps[1]:

@@ -8,25 +8,43 @@ the old model applied to their patches with their own coordinates. Selected by `
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 
-from hpdm.config import ConfigError
+from hpdm.config import ConfigError, DiffusionConfig
+from hpdm.errors import CheckpointError
 from hpdm.model import HPDM
 
 _NEW_OK = re.compile(r"blocks\.\d+\.fuse\.(weight|bias)$")
+log = logging.getLogger(__name__)
 
 
-def init_from_generator(model: HPDM, path: str | Path) -> list[str]:
-    """Copy the weights of the generator at ``path`` (exported file, checkpoint or run folder) into ``model``.
+def init_from_generator(model: HPDM, path: str | Path, diffusion: DiffusionConfig, text_id: dict | None) -> list[str]:
+    """Copy the EMA weights of the generator at ``path`` (exported file, checkpoint or run folder) into ``model``,
+    whose run has ``diffusion`` settings and text encoder ``text_id``.
 
     Returns the names of the tensors left at their initialisation (the new fusion projections)."""
-    from hpdm.export import load_generator  # noqa: PLC0415
+    from hpdm.export import generator_text_encoder, load_generator  # noqa: PLC0415
+    from hpdm.text_encoder import encoder_change  # noqa: PLC0415
 
-    old_cfg, old = load_generator(path)
     key = "train.init_from"
+    if not Path(path).exists():
+        raise ConfigError(key, f"no such file or folder: {path}")
+    try:
+        old_cfg, old = load_generator(path)
+        changed = encoder_change(generator_text_encoder(path), text_id)
+    except CheckpointError as exc:
+        raise ConfigError(key, str(exc)) from None
+    if changed:  # its caption projections read another encoder's embeddings
+        raise ConfigError(key, f"{path} was trained on the embeddings of another {changed}; train with its encoder "
+                               "(data.text_encoder) or start from another generator")
+    if old_cfg.diffusion.sigma_data != diffusion.sigma_data:
+        log.warning("train.init_from: %s was trained with diffusion.sigma_data %g, this run has %g: the preconditioning "
+                    "differs, so level 0 does not compute the old model's output", path, old_cfg.diffusion.sigma_data,
+                    diffusion.sigma_data)
     if tuple(old_cfg.model.patch) != tuple(model.cfg.patch) or tuple(old_cfg.model.patchify) != tuple(model.cfg.patchify):
         raise ConfigError(key, f"{path}: its patch {list(old_cfg.model.patch)} / patchify {list(old_cfg.model.patchify)} "
                                f"must equal model.patch {list(model.cfg.patch)} / model.patchify {list(model.cfg.patchify)} "
@@ -51,4 +69,6 @@ def init_from_generator(model: HPDM, path: str | Path) -> list[str]:
             dst[k].copy_(v)
         for k in fresh:
             dst[k].zero_()
+    log.info("train.init_from: %d tensors copied from the EMA weights of %s (%d to %d levels); %d new, zero-initialised%s",
+             len(src), path, old_cfg.model.levels, model.cfg.levels, len(fresh), f" ({', '.join(fresh)})" if fresh else "")
     return fresh

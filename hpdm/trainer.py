@@ -269,9 +269,13 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     model = HPDM(m).to(device)
     model.checkpoint_blocks = t.activation_checkpointing  # recompute blocks in backward (hpdm/model.py)
     if t.init_from and latest is None:  # fine-tuning from a lower-resolution generator (not when resuming)
-        init_from_generator(model, t.init_from)
-    elif t.init_from and rank == 0:
-        log.info("train.init_from is not used: this run resumes from its checkpoint %s", latest.name)
+        init_from_generator(model, t.init_from, cfg.diffusion, text_id)
+    elif latest is not None:  # the record keeps what the run started from
+        started = read_state(latest)["config"]["train"].get("init_from", "")
+        if t.init_from and rank == 0:
+            log.log(logging.WARNING if t.init_from != started else logging.INFO, "train.init_from is not used: this "
+                    "run resumes from its checkpoint %s (it started from %s)", latest.name, started or "scratch")
+        t.init_from = started
     ema = EMA(model, t.ema_halflife)  # before ZeRO-3 partitions the parameters
     if t.compile:  # in place, so parameter names (checkpoints, EMA) stay as they are; compiled at the first step
         model.compile(mode=t.compile_mode)

@@ -179,10 +179,15 @@ def test_incompatible_resume_is_refused_before_anything_is_written(run, template
 
 def test_a_resume_takes_the_configured_lr_and_zero_stage_2(run, template):
     """A changed train.lr was silently ignored on resume: the checkpoint's optimizer and schedule restored the old
-    one. ZeRO-2 loads a ZeRO-1 checkpoint (same optimizer partitions); init_from is said to be unused."""
+    one. ZeRO-2 loads a ZeRO-1 checkpoint (same optimizer partitions). An init_from given to a resume is unused,
+    and the record keeps what the run started from (it recorded the unused source, in config.yaml and exports)."""
     out = _train(run, template / "data", "train.steps=8", "train.lr=0.0005", "train.zero_stage=2",
                  f"train.init_from={_folder(run, 3)}").stderr
-    assert "resuming with train.lr: 0.002 -> 0.0005" in out and "train.init_from is not used" in out
+    assert "resuming with train.lr: 0.002 -> 0.0005" in out
+    assert "WARNING hpdm.trainer: train.init_from is not used: this run resumes from its checkpoint step_00000006 (it " \
+           "started from scratch)" in out
+    assert json.loads((_folder(run, 8) / "state.json").read_text())["config"]["train"]["init_from"] == ""
+    assert "init_from: ''" in (run / "config.yaml").read_text()
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
     assert lrs[6] == pytest.approx(0.002) and lrs[7] == lrs[8] == pytest.approx(0.0005)
 
