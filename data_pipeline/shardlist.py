@@ -70,7 +70,8 @@ def check_finished(spec: str, found: list[str]) -> None:
 def check_readable(urls: list[str]) -> None:
     """A StorageError naming the local shards that exist but that this user may not read: found at the start, not
     when training reaches them (hours in, and again after every resume)."""
-    denied = [u for u in urls if not is_s3(u) and os.path.exists(u) and not os.access(u, os.R_OK, effective_ids=True)]
+    effective = os.access in os.supports_effective_ids
+    denied = [u for u in urls if not is_s3(u) and os.path.exists(u) and not os.access(u, os.R_OK, effective_ids=effective)]
     if denied:
         raise StorageError(f"{len(denied)} of the {len(urls)} shards cannot be read by this user ({', '.join(denied[:3])}"
                            f"{', ...' if len(denied) > 3 else ''}): fix their owner or mode")

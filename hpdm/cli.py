@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except PermissionError as e:  # the environment, not a bug: one line naming the path, as for our own errors
         where = e.filename or "a file"
-        return _report(args, UserError(f"{where}: permission denied ({e.strerror or e}); this user needs access to "
-                                       "it: check its owner and mode and those of the folders above it"))
+        return _report(args, UserError(f"{where}: {(e.strerror or 'permission denied').lower()}; this user needs "
+                                       "access to it: check its owner and mode and those of the folders above it"))
     except RuntimeError as e:
         if not _peer_lost(e):
             raise
