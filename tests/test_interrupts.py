@@ -78,6 +78,8 @@ def _start_make_shards(tiny_manifest, tmp_path):
     # the test waits (with 120 a fast machine finished before the signal)
     proc = subprocess.Popen([sys.executable, "-m", "hpdm.cli", "make-shards", str(src), str(dest), "--workers", "2",
                              "--reencode", "all", "--shard-size-mb", "0.000001"], cwd=ROOT, start_new_session=True,
+                            # as from a terminal: a shell's background job (CI under nohup ... &) ignores Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
