@@ -386,9 +386,7 @@ class Checkpointer:
                                   f"{exc}. Fix the storage and rerun: the run resumes from the local checkpoint") from exc
 
     def set_latest(self, tag: str) -> None:
-        tmp = self.root / f"latest.tmp{os.getpid()}"
-        tmp.write_text(tag)
-        os.replace(tmp, self.root / "latest")
+        write_atomic(self.root / "latest", tag)
 
     def _kept(self, names: list[str], latest: str) -> set[str]:
         return set(sorted(names, key=order)[-self.keep:]) | {latest}

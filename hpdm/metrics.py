@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.storage import without_userinfo
+from data_pipeline.storage import without_userinfo, write_atomic
 from hpdm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,7 @@ def drop_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if keep(line)]
     if len(kept) < len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(kept))
 
 
 WANDB_MODES = ("offline", "online", "disabled", "dryrun", "shared", "run")  # what wandb.init accepts
