@@ -190,7 +190,7 @@ class Checkpointer:
                 broken.append("; ".join(wrong))
         if any(is_complete(p) for p in folders):
             raise CheckpointError(f"no intact checkpoint in {self.root}: " + " | ".join([*named_wrong, *broken])
-                                  + ". Repair or move these folders away to start the run afresh")
+                                  + ". Repair these folders, or move them away (training then starts the run afresh)")
         if named or broken:
             log.warning("%s and no checkpoint is complete (%d unfinished saves); starting at step 0", why, len(broken))
         return ""

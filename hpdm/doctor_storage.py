@@ -160,7 +160,7 @@ def check_resume(cfg: Config) -> list:
         return [("resume", FAIL, str(exc))]
     remote = "; train.checkpoint_uri may hold a newer one (not read here)" if cfg.train.checkpoint_uri else ""
     if not tag:
-        return [("resume", OK, f"no checkpoint in {ckpt.root}: the run starts at step 0{remote}")]
+        return [("resume", *_check_init_from(cfg, f"no checkpoint in {ckpt.root}: the run starts at step 0{remote}"))]
     state = read_state(ckpt.root / tag)
     try:
         changed = encoder_change(state.get("text_encoder"), text_identity(cfg))
@@ -169,7 +169,33 @@ def check_resume(cfg: Config) -> list:
     differ = resume_differences(state["config"], cfg) + ([changed] if changed else [])
     if differ:
         return [("resume", FAIL, f"cannot resume {tag} with this config: {'; '.join(differ)}")]
-    return [("resume", OK, f"resumes from {tag} (step {state['step']}){remote}")]
+    unused = f"; train.init_from is not used (the run started from {state['config']['train'].get('init_from') or 'scratch'})"
+    return [("resume", OK, f"resumes from {tag} (step {state['step']}){remote}" + (unused if cfg.train.init_from else ""))]
+
+
+def _check_init_from(cfg: Config, detail: str) -> tuple[str, str]:
+    """(status, detail) of a run starting at step 0: whether ``train.init_from`` fits the model, as training checks
+    it (on a model without storage, so that no memory goes to its weights)."""
+    if not cfg.train.init_from:
+        return OK, detail
+    import torch  # noqa: PLC0415
+
+    from hpdm.errors import user_errors  # noqa: PLC0415
+    from hpdm.finetune import init_from_generator  # noqa: PLC0415
+    from hpdm.model import HPDM  # noqa: PLC0415
+    from hpdm.text_encoder import text_identity  # noqa: PLC0415
+
+    try:
+        text_id = text_identity(cfg)
+    except user_errors():  # no embeddings or encoder: the text row says why
+        return WARN, f"{detail}; train.init_from not checked: which text encoder the run trains on is unknown"
+    try:
+        with torch.device("meta"):
+            model = HPDM(cfg.model)
+        fresh = init_from_generator(model, cfg.train.init_from, cfg.diffusion, text_id)
+    except ConfigError as exc:
+        return FAIL, str(exc)
+    return OK, f"{detail}, from train.init_from {cfg.train.init_from} ({len(fresh)} new tensors)"
 
 
 def _checkpoint_bytes(cfg: Config) -> int:

@@ -177,3 +177,25 @@ def test_text_models_need_fitting_embeddings_or_an_encoder(capsys, tiny_shards, 
     assert rows["wide"][0] == "FAIL" and "32 wide" in rows["wide"][1] and "model.text_dim is 64" in rows["wide"][1]
     assert rows["encoder"] == ("ok", f"data.text_encoder {tiny_t5}: 32 wide, model.text_dim 32; captions encoded on the fly")
     assert rows["bad encoder"][0] == "FAIL" and "no-t5" in rows["bad encoder"][1]
+
+
+def test_init_from_is_checked_before_training(capsys, tmp_path):
+    """Doctor said nothing of train.init_from: a generator that does not fit the model was found only when training
+    had prepared its data."""
+    from hpdm.config import Config
+    from hpdm.model import HPDM
+    from tests.test_sampling import export_model
+
+    base = load_config("configs/tiny.yaml").model
+    fits = Config(model=base.__class__(**{**vars(base), "levels": 1, "levels_per_block": (1, 1, 1, 1)}))
+    export_model(HPDM(fits.model), fits, tmp_path / "lowres.safetensors")
+    wide = Config(model=base.__class__(**{**vars(fits.model), "token_dim": 2 * base.token_dim}))
+    export_model(HPDM(wide.model), wide, tmp_path / "wide.safetensors")
+    run = f"train.run_dir={tmp_path / 'run'}"
+    _, rows, _ = _doctor(capsys, run, f"train.init_from={tmp_path / 'lowres.safetensors'}")
+    status, detail = rows["resume"]
+    assert status == "ok" and f"from train.init_from {tmp_path / 'lowres.safetensors'} (" in detail, detail
+    _, rows, _ = _doctor(capsys, run, f"train.init_from={tmp_path / 'wide.safetensors'}")
+    assert rows["resume"][0] == "FAIL" and rows["resume"][1].startswith("train.init_from: ") and "shapes differ" in rows["resume"][1]
+    _, rows, _ = _doctor(capsys, run)
+    assert rows["resume"][0] == "ok" and "train.init_from" not in rows["resume"][1]
