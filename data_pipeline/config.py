@@ -1,6 +1,7 @@
 """Typed settings of the data pipeline (the ``data:`` section of a run config)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .storage import without_userinfo
@@ -53,6 +54,10 @@ class DataConfig:
                                            "left into one moving right while its class label stays")
         if not self.shards:
             raise ConfigError("data.shards", "must name a folder, an s3:// prefix or a brace pattern of .tar shards")
+        for key in ("shards", "text_embeddings", "image_shards"):  # recorded as found, whatever the folder of a resume
+            value = getattr(self, key)
+            if value and not value.startswith("s3://"):
+                setattr(self, key, os.path.abspath(os.path.expanduser(value)))
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise ConfigError("data.endpoint_url", f"must start with http:// or https://; got {self.endpoint_url!r}")
         if without_userinfo(self.endpoint_url) != self.endpoint_url:  # botocore refuses it as "not a valid URI"

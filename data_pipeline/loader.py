@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -128,8 +129,11 @@ class VideoLoader:
     # -- checkpointing -------------------------------------------------------------------------------------
     def _layout(self) -> dict:
         s = self.stream
+        # which shards (and their sample counts): another dataset with as many shards is another layout
+        dataset = hashlib.sha256(json.dumps([s.urls, s.counts]).encode()).hexdigest()[:16]
         return {"rank": s.rank, "world_size": s.world_size, "workers": s.workers, "num_workers": self.cfg.num_workers,
-                "seed": s.seed, "shards": len(s.urls), "batch_size": s.batch_size, "shuffle_buffer": s.shuffle_buffer}
+                "seed": s.seed, "shards": len(s.urls), "dataset": dataset, "batch_size": s.batch_size,
+                "shuffle_buffer": s.shuffle_buffer}
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of this rank: epoch, every worker's cursor and counters, next worker."""
@@ -143,12 +147,13 @@ class VideoLoader:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state: unsupported version {sd.get('version')!r}")
         self._reset()
-        if sd["layout"] == self._layout():
+        layout = {k: v for k, v in self._layout().items() if k in sd["layout"] or k != "dataset"}  # saved before it
+        if sd["layout"] == layout:
             self._states = json.loads(json.dumps(sd["workers"]))
             self._next = int(sd["next_worker"])
             self._base = sd.get("base_stats", new_stats())
             return
-        changed = {k: (v, self._layout()[k]) for k, v in sd["layout"].items() if self._layout().get(k) != v}
+        changed = {k: (v, layout.get(k)) for k, v in sd["layout"].items() if layout.get(k) != v}
         epoch = int(sd.get("epoch", 0))
         log.warning("data loader state was saved with a different layout %s; restarting every worker at the start "
                     "of epoch %d", {k: f"{a} -> {b}" for k, (a, b) in changed.items()}, epoch)

@@ -105,15 +105,17 @@ def write_shard(storage: Storage, dest: str, i: int, items: list[Item], options:
     skipped, labels, captions = [], [-1], []
     for it in items:
         try:
-            writer.write(it.key, _sample(it, options, classes))
-            labels.append(it.label)
-            captions.append(it.caption)
+            sample = _sample(it, options, classes)
         except (OSError, VideoError) as exc:
             log.warning("make-shards: skipping %s: %s", it.path, exc)
             skipped.append({"path": it.path, "reason": str(exc)})
             if not isinstance(exc, VideoError):  # a file that could not be read (permissions, I/O): a rerun tries it
                 skipped[-1]["retry"] = True
             captions.append(None)
+            continue
+        writer.write(it.key, sample)  # a write error (a full disk) fails the shard: the tar is no longer whole
+        labels.append(it.label)
+        captions.append(it.caption)
     size = writer.close()
     if writer.samples:
         storage.put_file(local, join(dest, name))

@@ -339,6 +339,21 @@ class Storage:
         return tempfile.mkdtemp(prefix=f".hpdm-tmp-{socket.gethostname()}-{os.getpid()}-", dir=base)
 
 
+def disk_full(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
+    """Whether ``exc`` comes from a full disk or an exhausted quota: its errno, a library's message with the OS's
+    words (safetensors), or, for a writer that says neither (torch.save's "unexpected pos"), under 1 MiB free at
+    ``where``."""
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+           or any(s in str(e) for s in ("No space left on device", "Disk quota exceeded")) for e in _chain(exc)):
+        return True
+    if where is None:
+        return False
+    path = os.path.abspath(where)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free < 1 << 20
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write a local file through a temporary name: an interrupted write (a kill, a full disk) leaves the old file
     or none, never a truncated one under ``path``."""
@@ -347,9 +362,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError) and exc.filename in (tmp, None) and exc.errno:  # name the file the user knows
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc  # of the same subclass (PermissionError)
         raise
 
 

@@ -103,14 +103,15 @@ def _even(x: float) -> int:
 
 def encode(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 20, pix_fmt: str = "yuv420p") -> bytes:
     """Encode uint8 [T,H,W,3] (H, W even) as an mp4 in memory. ``yuv444p`` keeps full colour resolution (4:2:0
-    halves it, which blurs small coloured shapes into one another)."""
+    halves it, which blurs small coloured shapes into one another); ``libx264rgb`` with ``rgb24`` and ``crf`` 0
+    (then qp 0) keeps the exact frames."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         s.codec_context.thread_count = 1
-        if codec == "libx264":
-            s.options = {"crf": str(crf), "preset": "veryfast"}
+        if codec in ("libx264", "libx264rgb"):  # x264's crf 0 still rounds: qp 0 is lossless
+            s.options = {"qp": "0"} if crf == 0 else {"crf": str(crf), "preset": "veryfast"}
         for f in frames:
             c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
         c.mux(s.encode())

@@ -35,7 +35,7 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_pipeline.storage import Storage, StorageError, join, write_atomic
+from data_pipeline.storage import Storage, StorageError, disk_full, join, write_atomic
 from hpdm.distributed import on_rank0
 from hpdm.ema import full_parameters
 from hpdm.errors import CheckpointError, RankFailed
@@ -312,9 +312,28 @@ class Checkpointer:
         t0 = time.perf_counter()
         rank, tag = _rank(), f"step_{step:08d}"
         path = self.root / tag
+        before = self.named_latest()
+        try:
+            self._write(engine, ema, path, rank, {"step": step, "samples": samples, **state}, loader_state, rng)
+        except Exception as exc:
+            if not disk_full(exc, path):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            kept = f"the last complete checkpoint, {before}, is as it was" if before else "no checkpoint is affected"
+            raise CheckpointError(f"saving {path}: no space left on device ({first}); {kept}: free space, then run the "
+                                  "same command to go on") from exc
+        if rank == 0:
+            self._prune()
+            log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
+        _barrier()
+        if self.remote:
+            self._upload(path, rank)
+        return path
+
+    def _write(self, engine, ema, path: Path, rank: int, state: dict, loader_state: dict, rng: torch.Tensor) -> None:
         on_rank0(lambda: self._clear(path))
         # the version marker lets `hpdm convert-checkpoint` (DeepSpeed's ds_to_universal) convert this checkpoint
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False,
+        engine.save_checkpoint(str(self.root), tag=path.name, save_latest=False,
                                client_state={UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}})
         save_safetensors({"rng": rng}, path / f"rank_{rank:05d}.safetensors", metadata={"loader": json.dumps(loader_state)})
         with full_parameters(engine.module):  # collective under ZeRO-3
@@ -331,15 +350,12 @@ class Checkpointer:
             files = {k: v for s in sizes for k, v in s.items()}
             world = dist.get_world_size() if dist.is_initialized() else 1
             # the mark of a complete checkpoint: whole or absent, also when the process is killed while writing it
-            write_atomic(path / "state.json", json.dumps({"step": step, "samples": samples, "world_size": world,
-                                                          **state, "files": files}, indent=1))
-            self.set_latest(tag)
-            self._prune()
-            log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
-        _barrier()
-        if self.remote:
-            self._upload(path, rank)
-        return path
+            write_atomic(path / "state.json", json.dumps({**state, "world_size": world, "files": files}, indent=1))
+            try:
+                self.set_latest(path.name)
+            except BaseException:  # a complete folder newer than `latest` would be set aside on resume: unfinish it
+                (path / "state.json").unlink(missing_ok=True)
+                raise
 
     def _clear(self, path: Path) -> None:
         if is_complete(path):
@@ -388,6 +404,13 @@ class Checkpointer:
     def set_latest(self, tag: str) -> None:
         write_atomic(self.root / "latest", tag)
 
+    def named_latest(self) -> str:
+        """What ``latest`` names ('' when it is missing or unreadable); see newest_local for the one resumed from."""
+        try:
+            return (self.root / "latest").read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
     def _kept(self, names: list[str], latest: str) -> set[str]:
         return set(sorted(names, key=order)[-self.keep:]) | {latest}
 
@@ -420,7 +443,8 @@ class Checkpointer:
         state = read_state(path)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if state.get("world_size", world) != world and not (is_universal(path) or is_whole(path)):
-            raise CheckpointError(f"{path} was written by {state['world_size']} processes and this run has {world}: "
+            written = f"{state['world_size']} process{'es' if state['world_size'] != 1 else ''}"
+            raise CheckpointError(f"{path} was written by {written} and this run has {world}: "
                                   f"run `hpdm convert-checkpoint {path.parent.parent}` first")
         with no_pickle():
             loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)

@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from data_pipeline.storage import write_atomic
+from data_pipeline.storage import disk_full, write_atomic
 from hpdm.config import ConfigError, load_config
 from hpdm.distributed import close_distributed
 from hpdm.errors import RankFailed, UsageError, UserError, user_errors
@@ -107,7 +107,7 @@ def cmd_sample(args) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     result = generate(args.generator, args.out, num=args.num, label=args.label, text_emb=args.text_emb,
                       prompts=prompts or None, encoder=args.encoder, seed=args.seed, opts=_sample_options(args),
-                      batch=args.batch, fps=args.fps, raw=args.raw)
+                      batch=args.batch, fps=args.fps, raw=args.raw, lossless=args.lossless)
     print(f"wrote {len(result['files'])} videos of {'x'.join(map(str, result['resolution']))} to {args.out}"
           + (f" (rank {result['rank']} of {result['world']})" if result["world"] > 1 else ""))
     return 0
@@ -265,8 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hugging Face folder or cached name, e.g. google/t5-v1_1-xxl (bf16 on CUDA, else fp32 on the CPU)")
     p.add_argument("--text-emb", default=None, metavar="FILE", help="or precomputed embeddings: safetensors with "
                    "'text' [S,D] or [N,S,D] and optional 'mask' (with --prompt: one per prompt, or 1)")
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the mp4s (default: that of the training "
+                   "clips, data.fps over data.frame_stride, 24 for the synthetic set; 8 where the data kept native rates)")
     p.add_argument("--raw", action="store_true", help="use the raw instead of the EMA weights")
+    p.add_argument("--lossless", action="store_true", help="mp4s with the exact frames (H.264 RGB, qp 0), for measures "
+                   "such as eval-fvd --fake to agree with --generator's; larger, and not every player shows them")
     _add_sampler_args(p)
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("eval-fvd", help="FVD (and IS) with the StyleGAN-V protocol")
@@ -336,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A log handler that cannot write (wandb's log files on a full disk) stays silent rather than printing a
+    # traceback per message, thousands of lines that bury the error that ended the command.
+    logging.raiseExceptions = False
     for name in ("aiobotocore.credentials", "botocore.credentials"):  # "Found credentials in ..." for every client
         logging.getLogger(name).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
@@ -355,14 +361,18 @@ def main(argv: list[str] | None = None) -> int:
         where = e.filename or "a file"
         return _report(args, UserError(f"{where}: {(e.strerror or 'permission denied').lower()}; this user needs "
                                        "access to it: check its owner and mode and those of the folders above it"))
-    except RuntimeError as e:
-        if not _peer_lost(e):
+    except Exception as e:  # noqa: BLE001 (two more causes in the environment; anything else is a bug, re-raised)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if disk_full(e):  # a write of our own names its path; a library's (safetensors, wandb) may not
+            what = f"{e.filename}: {e.strerror.lower()}" if isinstance(e, OSError) and e.filename and e.strerror else \
+                "no space left on device" + ("" if isinstance(e, OSError) else f" ({first})")
+            return _report(args, UserError(f"{what}; free space, then run the same command again"))
+        if not (isinstance(e, RuntimeError) and _peer_lost(e)):
             raise
         if args.debug:
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"hpdm {args.command}: error: rank {os.environ.get('RANK', '?')}: another process of the job stopped "
-              f"({first[:200]}); its own error, printed by it, says why", file=sys.stderr)
+              f"({first}); its own error, printed by it, says why", file=sys.stderr)
         return 2
     close_distributed()
     return status

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import types
@@ -21,7 +22,7 @@ from data_pipeline.storage import without_userinfo, write_atomic
 from hpdm.config_file import merge, parse_overrides, read_yaml
 from hpdm.errors import ConfigError
 
-
+log = logging.getLogger(__name__)
 SEED_LIMIT = 2**32  # seeds are scaled and offset per rank and per video, and must stay within int64
 
 
@@ -177,7 +178,7 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.run_dir.strip():
             raise ConfigError("train.run_dir", "is empty; give the run a folder of its own")
-        self.run_dir = os.path.expanduser(self.run_dir)
+        self.run_dir = os.path.abspath(os.path.expanduser(self.run_dir))  # recorded as found: see follow_record
         if self.init_from and not self.init_from.startswith("s3://"):  # recorded as found, whatever the folder of a resume
             self.init_from = os.path.abspath(os.path.expanduser(self.init_from))
         _choice("train.optimizer", self.optimizer, ("lamb", "adamw"))
@@ -300,7 +301,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         data = read_yaml(Path(path))
     cfg = from_dict(Config, merge(data, parse_overrides(list(overrides))))
     cfg.validate()
+    if path is not None:
+        follow_record(cfg, Path(path), overrides)
     return cfg
+
+
+def follow_record(cfg: Config, path: Path, overrides) -> None:
+    """A run's recorded config (RUN/config.yaml) as --config continues RUN, also when its recorded train.run_dir
+    names another folder: a copied or moved run, or a relative path recorded from another working folder, would
+    otherwise train the original or start afresh elsewhere. A train.run_dir override still chooses the folder."""
+    if path.name != "config.yaml" or any(o.partition("=")[0].strip() == "train.run_dir" for o in overrides):
+        return
+    here = path.resolve().parent
+    if Path(cfg.train.run_dir).resolve() == here or not is_recorded_config(path):
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.warning("train.run_dir: %s is the record of the run in %s, which this continues (it records "
+                    "train.run_dir %s; override train.run_dir to train elsewhere)", path, here, cfg.train.run_dir)
+    cfg.train.run_dir = str(here)
 
 
 RECORD_HEADER = "# written by `hpdm train` at every start: the resolved config of this run (edits here are overwritten)\n"

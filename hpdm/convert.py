@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from data_pipeline.storage import disk_full
 from hpdm.checkpoint import (RAW_FILE, UNIVERSAL_MARK, Checkpointer, file_sizes, is_complete, is_universal, is_whole,
                              order, problems, read_state)
 from hpdm.errors import CheckpointError
@@ -33,6 +34,27 @@ def convert_to_universal(src: str | Path) -> tuple[Path, bool]:
     out = ckpt.parent / f"{ckpt.name}_universal"
     tmp = ckpt.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert(ds_to_universal, ckpt, tmp)
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and disk_full(exc, tmp)  # before the space is freed
+        shutil.rmtree(tmp, ignore_errors=True)  # a hidden folder that would keep the disk full
+        if full:
+            raise CheckpointError(f"converting {ckpt}: no space left on device on its filesystem (the universal "
+                                  f"checkpoint needs about as much again as {ckpt.name}); {ckpt.name} is as it was") from exc
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    (ckpt.parent / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal inside tmp's parent
+    run = Checkpointer(ckpt.parent.parent)
+    latest = order(ckpt.name)[0] >= order(run.newest_local())[0]
+    if latest:
+        run.set_latest(out.name)
+    return out, latest
+
+
+def _convert(ds_to_universal, ckpt: Path, tmp: Path) -> None:
+    """Write the universal form of ``ckpt`` into ``tmp``, with the files of ours it keeps and its state.json."""
     argv = sys.argv
     try:
         sys.argv = ["ds_to_universal", "--input_folder", str(ckpt), "--output_folder", str(tmp)]
@@ -50,12 +72,3 @@ def convert_to_universal(src: str | Path) -> tuple[Path, bool]:
     state = read_state(ckpt)
     state["files"] = file_sizes(tmp)
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    (ckpt.parent / "latest_universal").unlink(missing_ok=True)  # written by ds_to_universal inside tmp's parent
-    run = Checkpointer(ckpt.parent.parent)
-    latest = order(ckpt.name)[0] >= order(run.newest_local())[0]
-    if latest:
-        run.set_latest(out.name)
-    return out, latest
-

@@ -19,7 +19,7 @@ from data_pipeline.storage import write_atomic
 from hpdm import fvd
 from hpdm.errors import UsageError
 from hpdm.generate import at_least, conditions, default_device, rank_world, share, video_seed
-from hpdm.sampling import SampleOptions, TiledSampler
+from hpdm.sampling import SampleOptions, TiledSampler, sampling_record
 from hpdm.video_io import to_uint8
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,19 @@ def generated_clips(cfg, net, n: int, frames: int, seed: int, opts: SampleOption
             for i, x in zip(ids, levels[-1]):
                 yield i, to_uint8(x[:, :frames])
     return clips(), tuple(cfg.model.resolution[1:])
+
+
+def _sample_json(folder: Path) -> dict | None:
+    """The record `hpdm sample` left beside the videos of ``folder`` (None for videos from elsewhere); a warning
+    when they are 4:2:0 mp4s, whose scores differ from those of the same samples drawn by --generator."""
+    try:
+        record = json.loads((folder / "sample.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("lossless") is False and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("--fake: %s holds 4:2:0 H.264 videos, whose FVD differs from that of the same samples (by --generator "
+                    "or `hpdm sample --lossless`)", folder)
+    return record
 
 
 def _agree(value):
@@ -104,7 +117,9 @@ def evaluate(i3d: str, fake: str | None = None, generator: str | None = None, re
 
     if model is not None:
         clips, gen_size = generated_clips(*model, num_fake, frames, seed, opts, batch, rank, world, device)
+        fake_record = {"sampled": sampling_record(model[1], model[0], opts, seed, num_fake)}
     else:
+        fake_record = {"fake": str(Path(fake).resolve()), "sampled": _sample_json(Path(fake))}
         files = sorted(Path(fake).glob("*.mp4"))
         if not files:
             raise UsageError(f"--fake: {fake} holds no mp4 files")
@@ -139,7 +154,7 @@ def evaluate(i3d: str, fake: str | None = None, generator: str | None = None, re
     mu_g, sig_g = fvd.feature_stats(feats)
     result = {"fvd": fvd.frechet_distance(mu_g, sig_g, mu_r, sig_r), "num_fake": int(len(feats)), "num_real": num_real,
               "frames": frames, "size": list(size), "i3d_sha256": detector.sha256, "real_stats": str(cache),
-              "real_stats_cached": cached is not None}
+              "real_stats_cached": cached is not None, **fake_record}
     if probs is not None:
         result["is_mean"], result["is_std"] = fvd.inception_score(probs, is_splits)
         result["c3d_sha256"] = detectors[1].sha256

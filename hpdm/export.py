@@ -158,7 +158,8 @@ def generator_text_encoder(path: str | Path) -> dict | None:
 
 
 def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[Config, HPDM]:
-    """An eval-mode model with EMA (or raw) weights, and its config."""
+    """An eval-mode model with EMA (or raw) weights, and its config. The model's ``provenance`` says which file
+    (and checkpoint step) it was loaded from."""
     path = Path(path)
     if path.is_file():
         try:
@@ -175,7 +176,7 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
             raise CheckpointError(f"{path}: its config metadata is not an hpdm config ({e}); was it written by "
                                   "`hpdm export`?") from None
         cfg = _checked_config(data, path, "its config metadata")
-        source = path
+        source, origin = path, {"exported_from": meta.get("source")}
         tensors = load_file(str(path))
         if raw:
             tensors = {k[len(RAW_PREFIX):]: v for k, v in tensors.items() if k.startswith(RAW_PREFIX)}
@@ -186,6 +187,7 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
     else:
         ckpt = _checkpoint_folder(path)
         cfg = _run_config(ckpt)
+        origin = {"step": read_state(ckpt)["step"]}
         if not raw:
             source = ckpt / "ema.safetensors"
         else:  # older checkpoints hold them in the DeepSpeed model state (_raw_weights)
@@ -200,4 +202,6 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
     except RuntimeError as e:  # tensors missing, unexpected or of other shapes than the config's model
         raise CheckpointError(f"{path}: its weights do not fit the model of its own config: "
                               f"{'; '.join(line.strip() for line in str(e).splitlines()[1:3])[:400]}") from None
+    # what was loaded, for the records of samples and evaluations (sampling_record)
+    model.provenance = {"generator": str(path.resolve()), "weights": str(source.resolve()), "raw": raw, **origin}
     return cfg, model.to(device).eval()

@@ -6,6 +6,7 @@ With prompts, video ``i`` gets prompt ``i % len(prompts)`` and is named after it
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,11 +22,13 @@ from hpdm.diffusion import Condition
 from hpdm.distributed import on_rank0
 from hpdm.errors import UsageError
 from hpdm.prompts import CAPTION_HEIGHT, caption_strip, encode_prompts, video_name
-from hpdm.sampling import SampleOptions, TiledSampler, check_finite, cost_table
-from hpdm.video_io import to_uint8, write_mp4
+from hpdm.sampling import SampleOptions, TiledSampler, check_finite, cost_table, sampling_record
+from hpdm.video_io import clip_fps, to_uint8, write_mp4
 
 MAX_VIDEOS = 10_000_000  # -n: a condition, a seed and a name are made per video up front
-OUTPUTS = ("*.mp4", "grid.png", "grid_rank*.png", "cost.json", "cost_rank*.json", "prompts.json")  # what sample writes
+GRID_VIDEOS = 64  # rows of grid.png: a process's first videos
+# what sample writes
+OUTPUTS = ("*.mp4", "grid.png", "grid_rank*.png", "cost.json", "cost_rank*.json", "prompts.json", "sample.json")
 
 
 def at_least(option: str, value: float, low: float = 1, high: float | None = None) -> None:
@@ -184,19 +187,23 @@ def load_text_emb(text_emb: str, text_dim: int | None = None, text_tokens: int |
 
 
 def write_png(path: str | Path, img: np.ndarray) -> None:
-    """uint8 [H,W,3] as a PNG (Pillow comes with matplotlib)."""
+    """uint8 [H,W,3] as a PNG (Pillow comes with matplotlib), whole or not at all (write_atomic)."""
     from PIL import Image  # noqa: PLC0415
 
-    Image.fromarray(img).save(path, format="PNG")
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
+
+
+def grid_frames(video: np.ndarray, columns: int = 8) -> np.ndarray:
+    """The ``columns`` evenly spaced frames of ``video`` [T,H,W,3] that its row of a grid shows."""
+    return video[np.linspace(0, len(video) - 1, min(columns, len(video))).round().astype(int)]
 
 
 def frame_grid(videos: list[np.ndarray], columns: int = 8, captions: list[str] | None = None) -> np.ndarray:
     """One row per video, ``columns`` evenly spaced frames per row; uint8 [rows*H, columns*W, 3]. With
     ``captions``, each row has its caption in a strip of CAPTION_HEIGHT pixels above it."""
-    rows = []
-    for v in videos:
-        idx = np.linspace(0, len(v) - 1, min(columns, len(v))).round().astype(int)
-        rows.append(np.concatenate(list(v[idx]), axis=1))
+    rows = [np.concatenate(list(grid_frames(v, columns)), axis=1) for v in videos]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     if captions is not None:
@@ -207,10 +214,13 @@ def frame_grid(videos: list[np.ndarray], columns: int = 8, captions: list[str] |
 
 def generate(generator: str, out: str | Path, num: int | None = None, label: int | None = None,
              text_emb: str | None = None, prompts: list[str] | None = None, encoder: str | None = None, seed: int = 0,
-             opts: SampleOptions = SampleOptions(), batch: int = 1, fps: float = 8.0, raw: bool = False,
-             progress: bool = True, hook=None) -> dict:
-    """Sample this rank's share of ``num`` videos (default and least: one per prompt; else 4) into ``out``; returns
-    {"files", "grid", "cost", "resolution", "prompts" (file name -> prompt), "rank", "world"}."""
+             opts: SampleOptions = SampleOptions(), batch: int = 1, fps: float | None = None, raw: bool = False,
+             lossless: bool = False, progress: bool = True, hook=None) -> dict:
+    """Sample this rank's share of ``num`` videos (default and least: one per prompt; else 4) into ``out``, with
+    ``sample.json`` saying what they were drawn with (and each video's class); returns {"files", "grid", "cost",
+    "resolution", "prompts" (file name -> prompt), "rank", "world"}. ``lossless``: mp4s holding the exact frames
+    (H.264 RGB at qp 0: larger, and not every player shows them), so that measures of the files agree with those of
+    the samples (4:2:0 H.264 blurs small coloured shapes)."""
     from hpdm.export import generator_text_encoder, load_generator  # noqa: PLC0415
 
     num = (len(prompts) if prompts else 4) if num is None else num
@@ -219,7 +229,7 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
         raise UsageError(f"-n: {num} is fewer than the {len(prompts)} prompts, so some would get no video; give "
                          f"-n >= {len(prompts)}, or leave it out for one video per prompt")
     at_least("--batch", batch)
-    if not 0.01 <= fps <= 1000:  # mp4 stores the rate as a fraction with a denominator up to 1001
+    if fps is not None and not 0.01 <= fps <= 1000:  # mp4 stores the rate as a fraction with a denominator up to 1001
         raise UsageError(f"--fps: must be in [0.01, 1000]; got {fps}")
     check_seed(seed)
     out = Path(out)
@@ -227,6 +237,7 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
     on_rank0(lambda: check_out(out))  # rank 0 checks while the others wait: no rank has written a video yet
     device = default_device()
     cfg, net = load_generator(generator, raw=raw, device=device)
+    fps = clip_fps(cfg) if fps is None else fps
     m = cfg.model
     sampler = TiledSampler(net, cfg, opts, device=device, hook=hook)  # checks the options before the encoder loads
     cond = conditions(m.cond, m.num_classes, num, seed, label, text_emb, prompts, encoder, m.text_dim, m.text_tokens,
@@ -237,6 +248,10 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
     except OSError as e:
         raise UsageError(f"--out: cannot create {out}: {e.strerror or e}") from None
     mine = share(num, rank, world)
+    if rank == 0:
+        labels = cond.labels.tolist() if cond.labels is not None else None
+        write_atomic(out / "sample.json", json.dumps(sampling_record(
+            net, cfg, opts, seed, num, label=label, labels=labels, fps=fps, lossless=lossless), indent=1))
     if prompts and rank == 0:
         write_atomic(out / "prompts.json", json.dumps({video_name(i, p): p for i, p in enumerate(prompt_of)}, indent=1,
                                                       ensure_ascii=False))
@@ -250,12 +265,13 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
         for i, x in zip(ids, levels[-1]):
             video = to_uint8(x)
             path = out / video_name(i, prompt_of[i])
-            write_mp4(path, video, fps=fps)
+            write_mp4(path, video, fps=fps, lossless=lossless)
             files.append(str(path))
-            frames.append(video)
+            if len(frames) < GRID_VIDEOS:  # a row of 8 frames each: thousands of whole videos would not fit in memory
+                frames.append(grid_frames(video))
     grid = out / ("grid.png" if world == 1 else f"grid_rank{rank}.png")
     if frames:
-        write_png(grid, frame_grid(frames, captions=[prompt_of[i] for i in mine] if prompts else None))
+        write_png(grid, frame_grid(frames, captions=[prompt_of[i] for i in mine[:len(frames)]] if prompts else None))
     cost = [s.row() for s in stats] if stats else []
     write_atomic(out / ("cost.json" if world == 1 else f"cost_rank{rank}.json"), json.dumps(
         {"device": str(device), "overlap": opts.overlap, "levels": cost}, indent=1))

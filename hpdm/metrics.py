@@ -122,8 +122,17 @@ class Metrics:
 
             self.run.log({key: wandb.Image(str(path))}, step=samples)
 
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.run is not None:
-            self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        """Close the file and finish wandb; after a failure (a full disk) wandb's own errors are a warning, so that
+        they do not replace the error that ended training."""
+        try:
+            if self.file is not None:
+                self.file.close()
+        finally:
+            if self.run is not None:
+                try:
+                    self.run.finish(exit_code=1 if failed else 0)
+                except Exception as exc:  # noqa: BLE001
+                    if not failed:
+                        raise
+                    log.warning("wandb did not finish (%s): its files in %s may be incomplete", exc, self.run.dir)

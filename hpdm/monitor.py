@@ -4,12 +4,14 @@ loss and of that measure over training, drawn from the run's ``metrics.jsonl``.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_pipeline.storage import write_atomic
 from hpdm.config import Config
 from hpdm.diffusion import Condition
 from hpdm.generate import frame_grid, video_seed, write_png
@@ -104,7 +106,8 @@ def plot_progress(run_dir: Path) -> Path | None:
         ax.set(xlabel="clips seen", ylim=(0, 1.02), title="synthetic measure of samples")
         ax.legend(loc="lower right")
     fig.tight_layout()
-    out = Path(run_dir) / "progress.png"
-    fig.savefig(out, dpi=90)
+    out, buf = Path(run_dir) / "progress.png", io.BytesIO()
+    fig.savefig(buf, dpi=90, format="png")
     plt.close(fig)
+    write_atomic(out, buf.getvalue())
     return out

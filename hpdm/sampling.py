@@ -85,6 +85,27 @@ class SampleOptions:
                     else f"1 value or {levels} (one per level of the model)")
             raise UsageError(f"--steps: give {want}; got {','.join(map(str, self.steps))}")
 
+    def settings(self, cfg) -> dict:
+        """The settings in effect for a generator of config ``cfg``: its diffusion.* where an option is unset.
+        Recorded beside samples and in evaluation results (``sampling_record``), so they can be drawn again."""
+        d, levels = cfg.diffusion, cfg.model.levels
+        steps = self.steps or (d.steps,)
+        return {"steps": list(steps) if len(steps) == levels else level_steps(steps[0], levels),
+                # an unconditional model's two branches are one: guidance would only double the work
+                "guidance": 1.0 if cfg.model.cond == "none" else d.guidance if self.guidance is None else self.guidance,
+                "s_churn": d.s_churn if self.s_churn is None else self.s_churn,
+                "fine_start": d.fine_start if self.fine_start is None else self.fine_start,
+                "overlap": self.overlap, "level0_order": self.level0_order, "fine_order": self.fine_order,
+                "fine_churn": self.fine_churn, "coarse": self.coarse}
+
+
+def sampling_record(net, cfg, opts: SampleOptions, seed: int, num: int, **extra) -> dict:
+    """What ``num`` samples of the generator ``net`` (loaded by ``load_generator``) were drawn with: the weights
+    (file, checkpoint step, EMA or raw), seed, count and sampler settings; written as ``sample.json`` beside
+    sampled videos and into the results of the evaluations."""
+    return {"generator": getattr(net, "provenance", None), "seed": seed, "videos": num, **extra,
+            "sampler": opts.settings(cfg), "resolution": list(cfg.model.resolution)}
+
 
 def overlap_fraction(overlap: str) -> float | None:
     """0.5 for half, None for full (one-token stride), else the given fraction."""
@@ -180,15 +201,21 @@ class TiledSampler:
         self.opts, self.hook = opts, hook
         self.device = device or next(net.parameters()).device
         self.edm = EDM(cfg.diffusion)
-        steps = opts.steps or (cfg.diffusion.steps,)
-        self.steps = list(steps) if len(steps) == self.m.levels else level_steps(steps[0], self.m.levels)
-        self.guidance = cfg.diffusion.guidance if opts.guidance is None else opts.guidance
+        settings = opts.settings(cfg)
+        self.steps, self.guidance = settings["steps"], settings["guidance"]
         untrained = self.m.cond != "none" and self.m.cond_dropout == 0  # guidance's unconditional branch
-        if self.guidance != 1 and untrained and os.environ.get("RANK", "0") == "0":
-            log.warning("guidance %g (%s) needs a model trained with model.cond_dropout > 0, and this one's is 0: its "
-                        "unconditional branch was not trained, so the videos may be meaningless; use --guidance 1",
-                        self.guidance, "diffusion.guidance" if opts.guidance is None else "--guidance")
-        self.fine_start = cfg.diffusion.fine_start if opts.fine_start is None else opts.fine_start
+        if os.environ.get("RANK", "0") == "0":
+            if self.guidance != 1 and untrained:
+                log.warning("guidance %g (%s) needs a model trained with model.cond_dropout > 0, and this one's is 0: "
+                            "its unconditional branch was not trained, so the videos may be meaningless; use "
+                            "--guidance 1", self.guidance, "diffusion.guidance" if opts.guidance is None else "--guidance")
+            if self.m.cond == "none" and opts.guidance not in (None, 1):
+                log.warning("--guidance: no effect on an unconditional model (it has no condition to drop)")
+            fine = [o for o, v, unset in (("--fine-start", opts.fine_start, None), ("--coarse", opts.coarse, "renoise"),
+                                          ("--fine-order", opts.fine_order, 1)) if v != unset]
+            if self.m.levels == 1 and fine:
+                log.warning("%s: no effect on a one-level model (they set how finer levels are sampled)", ", ".join(fine))
+        self.fine_start, self.s_churn = settings["fine_start"], settings["s_churn"]
         if self.fine_start > cfg.diffusion.sigma_max:  # the schedule would start above any trained noise level
             option = "diffusion.fine_start" if opts.fine_start is None else "--fine-start"
             raise UsageError(f"{option}: must be <= the model's diffusion.sigma_max ({cfg.diffusion.sigma_max:g}); "
@@ -326,8 +353,8 @@ class TiledSampler:
             t0 = time.perf_counter()
             x0 = self._noise(gens, (3, *level_resolution(l, P)))
             if l == 0:
-                churn = self.cfg.diffusion.s_churn if self.opts.s_churn is None else self.opts.s_churn
-                x = self._solve(lambda x, s: self._denoise_level0(x, s, cond, st), x0, self.steps[0], churn, st.order, gens, bar)
+                x = self._solve(lambda x, s: self._denoise_level0(x, s, cond, st), x0, self.steps[0], self.s_churn,
+                                st.order, gens, bar)
             else:
                 fixed = [self._noise(gens, (3, *level_resolution(k, P))) for k in range(l)]
                 def denoise(x, s, l=l, fixed=fixed, st=st):

@@ -197,7 +197,7 @@ def evaluate_generator(generator: str, num: int, opts, seed: int = 0, batch: int
     from hpdm.export import load_generator  # noqa: PLC0415
     from hpdm.generate import MAX_VIDEOS, at_least, check_seed, default_device  # noqa: PLC0415
     from hpdm.monitor import sample_levels  # noqa: PLC0415
-    from hpdm.sampling import check_finite  # noqa: PLC0415
+    from hpdm.sampling import check_finite, sampling_record  # noqa: PLC0415
 
     at_least("-n", num, high=MAX_VIDEOS)
     at_least("--batch", batch)
@@ -220,7 +220,7 @@ def evaluate_generator(generator: str, num: int, opts, seed: int = 0, batch: int
                          f"than this machine's {memory / 2**30:,.0f} GiB; give fewer")
     levels, labels = sample_levels(net, cfg, num, seed, device, opts, batch, progress)
     check_finite(levels, cfg.diffusion.guidance if opts.guidance is None else opts.guidance)
-    return level_reports(levels, labels)
+    return {**level_reports(levels, labels), "sampled": sampling_record(net, cfg, opts, seed, num)}
 
 
 def report_table(result: dict) -> str:

@@ -37,7 +37,7 @@ from hpdm.pyramid import boxes_from_offsets
 from hpdm.run_lock import RunLock, check_run_dir_writable
 from hpdm.step_rng import draw_step_randomness, restore_generator, step_generator
 from hpdm.text_encoder import TextEncoder, encoder_change, text_identity
-from hpdm.video_io import to_uint8, write_mp4
+from hpdm.video_io import clip_fps, to_uint8, write_mp4
 from kernels import gather_pyramid
 from kernels._triton import interpreting
 
@@ -110,7 +110,7 @@ def _sample_rank0(ema: EMA, cfg: Config, step: int, run_dir: Path, metrics: Metr
     log.info("samples at step %d: %s%s", step, grid, f" ({shown})" if shown else "")
     if video:
         path = run_dir / "samples" / f"step_{step:08d}.mp4"
-        write_mp4(path, to_uint8(levels[-1][0]))
+        write_mp4(path, to_uint8(levels[-1][0]), fps=clip_fps(cfg))
         log.info("sample written to %s", path)
 
 
@@ -306,7 +306,12 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
         step, samples = state["step"], state["samples"]
         _apply_optimizer_settings(engine, schedule, t, state["config"].get("train", {}), rank)
         loader.load_state_dict(loader_state)
-        if rng is not None and not restore_generator(gen, rng) and rank == 0:
+        seed = state["config"].get("train", {}).get("seed", t.seed)
+        if seed != t.seed:  # a new seed (to get past a loss spike) is new noise, not only a new data order
+            if rank == 0:
+                log.warning("train.seed %d -> %d: noise, noise levels and pyramid boxes are drawn from the new seed "
+                            "from here on", seed, t.seed)
+        elif rng is not None and not restore_generator(gen, rng) and rank == 0:
             log.warning("the checkpoint's random state is from a %s generator; this run draws on %s from a seed "
                         "derived from it, so its noise differs from an uninterrupted run's", "CPU" if device.type
                         == "cuda" else "CUDA", device.type)
@@ -381,8 +386,10 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
             _samples(ema, cfg, step, run_dir, metrics, samples, device, video=True, cond=monitor)
         elif rank == 0 and step > first_step:  # the loss up to the last step, also without samples
             plot_progress(run_dir)
-    finally:
-        metrics.close()
+    except BaseException:
+        metrics.close(failed=True)
+        raise
+    metrics.close()
     dist.barrier()
     return {**last, "step": step, "samples": samples, "rank": rank, "preempted": preempted,
             "trained_steps": step - first_step}

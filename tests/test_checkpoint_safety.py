@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpdm.checkpoint import Checkpointer
 from hpdm.config import config_differences, load_config
@@ -239,3 +240,41 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
                            "loss was") and "at step 1" in line and "train.lr" in line, line
     assert (run / "checkpoints" / "latest").read_text() == "step_00000001"
     assert not (run / "checkpoints" / "step_00000002").exists()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("a bug")])
+def test_a_failed_conversion_leaves_no_hidden_folder(run, monkeypatch, error):
+    """A conversion that failed (a full disk) left checkpoints/.step_N_universal.tmp, which training ignores and
+    nothing removed: the disk stayed full after the user freed what they could see."""
+    import hpdm.convert
+
+    def fail(ds_to_universal, ckpt, tmp):
+        tmp.mkdir()
+        (tmp / "mp_rank_00_model_states.pt").write_bytes(b"half")
+        raise error
+
+    monkeypatch.setattr(hpdm.convert, "_convert", fail)
+    with pytest.raises(CheckpointError if isinstance(error, OSError) else ValueError) as exc:
+        hpdm.convert.convert_to_universal(run)
+    if isinstance(error, OSError):
+        assert str(exc.value) == (f"converting {_folder(run, 6)}: no space left on device on its filesystem (the universal "
+                                  "checkpoint needs about as much again as step_00000006); step_00000006 is as it was")
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".") or "universal" in p.name]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
+
+
+def test_a_new_seed_on_resume_draws_new_noise(run, template, tmp_path):
+    """train.seed changed on resume reshuffled the data but the noise went on from the checkpoint's generator,
+    whatever the seed, while config.yaml recorded the new one."""
+    from safetensors import safe_open
+
+    shutil.copytree(run, tmp_path / "same")
+    out = _train(run, template / "data", "train.steps=7", "train.seed=5").stderr
+    assert "train.seed 0 -> 5: noise, noise levels and pyramid boxes are drawn from the new seed" in out
+    assert "train.seed" not in _train(tmp_path / "same", template / "data", "train.steps=7").stderr
+
+    def rng(r):
+        with safe_open(str(_folder(r, 7) / "rank_00000.safetensors"), framework="pt") as f:
+            return f.get_tensor("rng")
+
+    assert not torch.equal(rng(run), rng(tmp_path / "same"))

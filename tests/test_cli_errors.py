@@ -1,10 +1,14 @@
 """Every user mistake ends in one line, `hpdm <command>: error: <what and where>`, and exit status 2; a traceback
 only for bugs or with --debug (issue 14, items 8 and 9). Runs the real command, as a user would."""
+import errno
+import io
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+import safetensors
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -170,3 +174,31 @@ def test_a_collective_broken_by_another_rank_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no peer to blame, the traceback stays
     with pytest.raises(RuntimeError):
         hpdm.cli.main(["info"])
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/shard-000003.tar"),
+     "/data/shard-000003.tar: no space left on device"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "no space left on device"),
+    (safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     "no space left on device (Error while serializing: I/O error: No space left on device (os error 28))")])
+def test_a_full_disk_is_one_line_and_its_log_errors_silent(monkeypatch, capsys, error, line):
+    """A full disk printed a traceback from every command, and wandb's log files on it a traceback per log
+    message (15,000 lines), burying the cause."""
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full(args):
+        handler = logging.StreamHandler(FullDisk())
+        logging.getLogger("wandb.test").addHandler(handler)
+        try:
+            logging.getLogger("wandb.test").warning("a message that cannot be written")
+        finally:
+            logging.getLogger("wandb.test").removeHandler(handler)
+        raise error
+
+    monkeypatch.setattr(hpdm.cli, "cmd_info", full)
+    monkeypatch.setattr(logging, "raiseExceptions", True)  # Python's default, which main changes
+    assert hpdm.cli.main(["info"]) == 2
+    assert capsys.readouterr().err == f"hpdm info: error: {line}; free space, then run the same command again\n"

@@ -16,6 +16,8 @@ from hpdm.cli import main
 from hpdm.config import ConfigError, DiffusionConfig, ModelConfig, TrainConfig, load_config
 from hpdm.model import HPDM
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.mark.parametrize("overrides,key", [
     (["model.latent_dimm=3"], "model.latent_dimm"),
@@ -229,3 +231,25 @@ def test_every_shipped_config_loads_and_builds(path):
     with torch.device("meta"):
         net = HPDM(cfg.model)
     assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_a_runs_recorded_config_continues_that_run_from_anywhere(tmp_path, monkeypatch, caplog):
+    """`hpdm train --config RUN/config.yaml` trained the original folder of a copied run (its recorded run_dir),
+    and from another working folder started afresh in a new folder (a relative run_dir and data.shards)."""
+    from hpdm.config import save_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.run_dir=runs/a", "data.shards=data/x"])
+    assert cfg.train.run_dir == str(tmp_path / "runs" / "a") and cfg.data.shards == str(tmp_path / "data" / "x")
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["data.shards=s3://b/x"]).data.shards == "s3://b/x"
+    (tmp_path / "copy").mkdir()
+    save_config(cfg, tmp_path / "copy" / "config.yaml")  # the record of runs/a, copied to copy/
+    monkeypatch.chdir(tmp_path / "copy")
+    with caplog.at_level("WARNING"):
+        moved = load_config("config.yaml")
+    assert moved.train.run_dir == str(tmp_path / "copy") and moved.data.shards == str(tmp_path / "data" / "x")
+    assert f"is the record of the run in {tmp_path / 'copy'}, which this continues" in caplog.text
+    assert load_config("config.yaml", ["train.run_dir=../b"]).train.run_dir == str(tmp_path / "b")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("# my own\ntrain:\n  run_dir: ../runs/c\n")  # not a record
+    assert load_config(tmp_path / "mine" / "config.yaml").train.run_dir == str(tmp_path / "runs" / "c")

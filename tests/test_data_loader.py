@@ -1,6 +1,7 @@
 """Streaming: the split across ranks and workers, shapes and labels, exact resume, layout changes."""
 import json
 import logging
+import shutil
 from collections import Counter
 
 import pytest
@@ -99,6 +100,27 @@ def test_changed_world_size_restarts_at_the_saved_epoch(tiny_shards, caplog):
     assert two.epoch == 1 and two.stats["seen"] == one.stats["seen"]
     batch = _take(two, 1)[0]
     assert batch["video"].shape == (4, 4, 16, 16, 3)
+
+
+def test_another_dataset_with_as_many_shards_restarts_at_the_saved_epoch(tiny_shards, tmp_path, caplog):
+    """The saved cursors (shard, byte offset) were applied to another dataset's shards when it had as many, and
+    the samples they missed were counted as bad data. A state saved before the dataset was recorded still resumes."""
+    shutil.copytree(tiny_shards["many"], tmp_path / "other")
+    kw = dict(frames=4, size=(16, 16), batch_size=4, seed=1)
+    one = build_loader(_cfg(tiny_shards["many"]), **kw)
+    _take(one, 4)
+    state = one.state_dict()
+    other = build_loader(_cfg(str(tmp_path / "other")), **kw)
+    with caplog.at_level(logging.WARNING):
+        other.load_state_dict(state)
+    assert "'dataset': " in caplog.text and "'shards'" not in caplog.text and "epoch 1" in caplog.text
+    assert _take(other, 3) and other.stats["skipped"] == 0
+    caplog.clear()
+    old = json.loads(json.dumps(state))
+    del old["layout"]["dataset"]
+    same = build_loader(_cfg(tiny_shards["many"]), **kw)
+    same.load_state_dict(old)
+    assert "different layout" not in caplog.text and same.state_dict()["workers"] == state["workers"]
 
 
 def test_clip_indices_follow_fps_and_stride():

@@ -1,6 +1,7 @@
 """make-shards: sources (UCF-style folders, JSONL/CSV manifests), the index, resume, re-encoding, the CLI,
 and the synthetic dataset written through the same path."""
 import argparse
+import errno
 import io
 import json
 import os
@@ -183,6 +184,26 @@ def test_rerun_resumes_instead_of_starting_over(tiny_manifest, tmp_path, monkeyp
     calls.clear()
     make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, reencode="all", progress=False)  # other options: redo
     assert len(calls) == 12
+
+
+def test_a_shard_that_cannot_be_written_fails_instead_of_leaving_its_video_out(tiny_manifest, tmp_path, monkeypatch):
+    """A full disk while a video went into the tar was taken for an unreadable video: the video was 'left out', the
+    tar (its offsets past a half-written member) was corrupt or short, and make-shards exited 0."""
+    dest, real, writes = str(tmp_path / "ds"), shards_write.TarWriter.write, []
+
+    def write(self, key, fields):
+        writes.append(key)
+        if len(writes) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, fields)
+
+    monkeypatch.setattr(shards_write.TarWriter, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        make_shards(str(tiny_manifest), dest, shard_size_mb=0.02, progress=False)
+    assert not os.path.exists(os.path.join(dest, "index.json"))
+    monkeypatch.setattr(shards_write.TarWriter, "write", real)
+    index = make_shards(str(tiny_manifest), dest, shard_size_mb=0.02, progress=False)  # the rerun completes it
+    assert index["num_samples"] == 12 and not index["skipped"]
 
 
 def test_rerun_after_the_manifest_changed_writes_the_changed_shards_again(tiny_manifest, tmp_path):

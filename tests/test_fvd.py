@@ -130,6 +130,14 @@ def test_eval_fvd_samples_on_the_fly_and_reads_shards(tmp_path, tiny_shards):
                  "--out", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["num_fake"] == 3 and r["size"] == [64, 64] and np.isfinite(r["fvd"])
+    # what the fake videos were: a --generator's settings, or the sample.json of `hpdm sample`'s folder
+    assert r["sampled"]["generator"]["weights"] == gen and r["sampled"]["seed"] == 0 and r["sampled"]["videos"] == 3
+    assert r["sampled"]["sampler"]["steps"] == [1, 1, 1] and "fake" not in r
+    assert main(["sample", gen, "--out", str(tmp_path / "s"), "-n", "3", "--steps", "1", "--tile-batch", "64"]) == 0
+    assert main(["eval-fvd", "--i3d", i3d, "--fake", str(tmp_path / "s"), "--real-shards", tiny_shards["one"],
+                 "--num-fake", "3", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["fake"] == str(tmp_path / "s") and r["sampled"] == json.loads((tmp_path / "s" / "sample.json").read_text())
 
 
 def test_detector_errors_name_the_option(tmp_path):

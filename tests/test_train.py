@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-FAULTS = os.path.join(os.path.dirname(__file__), "faults")
+FAULTS = os.pathsep.join(filter(None, [os.path.join(os.path.dirname(__file__), "faults"), os.environ.get("PYTHONPATH")]))
 OVERRIDES = ["train.steps=6", "train.save_every=3", "train.log_every=1", "train.batch_size=4", "train.warmup_steps=2",
              "data.synthetic_videos=12", "data.shuffle_buffer=8", "diffusion.steps=2"]
 
@@ -71,16 +71,26 @@ def test_a_signal_while_starting_stops_before_the_first_step(tmp_path, sig="SIGU
 
 @pytest.mark.slow
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    """A full disk during a save: one line naming the checkpoint that is intact (it was a traceback: safetensors'
+    and torch.save's errors are no OSError), and a resume from it. A save whose last step, pointing `latest` at
+    it, fails leaves no complete folder that `latest` does not name (the next resume set such a folder aside)."""
     run, data = tmp_path / "run", tmp_path / "data"
     _train(run, data, "train.sample_at_end=false")
     ckpts = run / "checkpoints"
-    # rank 0's write of the step-9 EMA file fails after DeepSpeed has written its shards: a crash mid-save
+
+    def fail_at(name, *overrides):
+        env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": FAULTS, "HPDM_FAULT_SAVE": name}
+        proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml",
+                               f"train.run_dir={run}", f"data.shards={data}", *OVERRIDES, *overrides],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr.strip().splitlines()[-1]
+
+    # rank 0's write of the step-9 EMA file fails after DeepSpeed has written its shards
     cmd_overrides = ("train.steps=9", "train.sample_at_end=false")
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": FAULTS, "HPDM_FAULT_SAVE": "step_00000009/ema.safetensors"}
-    proc = subprocess.run([sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny.yaml",
-                           f"train.run_dir={run}", f"data.shards={data}", *OVERRIDES, *cmd_overrides],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode != 0 and "No space left on device (injected)" in proc.stderr
+    error = fail_at("step_00000009/ema.safetensors", *cmd_overrides)
+    assert error.startswith(f"hpdm train: error: saving {ckpts / 'step_00000009'}: no space left on device (Error while "
+                            "serializing") and "the last complete checkpoint, step_00000006, is as it was" in error, error
     assert (ckpts / "latest").read_text() == "step_00000006"
     assert any((ckpts / "step_00000009").glob("*optim_states.pt")) and not (ckpts / "step_00000009" / "state.json").exists()
 
@@ -88,6 +98,13 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert "(step 6, 24 samples)" in out
     assert (ckpts / "latest").read_text() == "step_00000009"
     assert json.loads((ckpts / "step_00000009" / "state.json").read_text())["step"] == 9
+
+    error = fail_at("checkpoints/latest", "train.steps=12", "train.sample_at_end=false")
+    assert "step_00000012: no space left on device" in error and "step_00000009, is as it was" in error, error
+    assert (ckpts / "latest").read_text() == "step_00000009" and not (ckpts / "step_00000012" / "state.json").exists()
+    out = _train(run, data, "train.steps=12", "train.sample_at_end=false")
+    assert "(step 9, 36 samples)" in out and not (ckpts / "set-aside").exists()
+    assert (ckpts / "latest").read_text() == "step_00000012"
 
 
 @pytest.mark.slow

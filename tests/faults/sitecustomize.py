@@ -1,6 +1,7 @@
 """Fault injection for end-to-end tests: put this folder on PYTHONPATH and set
 
-    HPDM_FAULT_SAVE=NAME     saving a safetensors file whose name ends in NAME raises OSError (a full disk)
+    HPDM_FAULT_SAVE=NAME     saving a safetensors file, or writing a small file (write_atomic), whose name ends in NAME
+                             fails as on a full disk
     HPDM_FAULT_UPLOAD=NAME   uploading a file whose name ends in NAME raises StorageError (storage gone)
     HPDM_FAULT_SIGNAL=SIG    the process sends itself signal SIG (e.g. SIGUSR1) while training starts (preparing the data)
 
@@ -8,16 +9,26 @@ Python imports this module at start-up, before hpdm binds the functions it patch
 import os
 
 if os.environ.get("HPDM_FAULT_SAVE"):
+    import errno
+
     import safetensors.torch
 
-    _save = safetensors.torch.save_file
+    from data_pipeline import storage
+
+    _save, _write_atomic = safetensors.torch.save_file, storage.write_atomic
 
     def save_file(tensors, filename, *args, **kwargs):
-        if str(filename).endswith(os.environ["HPDM_FAULT_SAVE"]):
-            raise OSError(28, "No space left on device (injected)", str(filename))
+        if str(filename).endswith(os.environ["HPDM_FAULT_SAVE"]):  # what safetensors raises on a full disk
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                              "error 28) (injected)")
         return _save(tensors, filename, *args, **kwargs)
 
-    safetensors.torch.save_file = save_file
+    def write_atomic(path, data):
+        if str(path).endswith(os.environ["HPDM_FAULT_SAVE"]):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
+        return _write_atomic(path, data)
+
+    safetensors.torch.save_file, storage.write_atomic = save_file, write_atomic
 
 if os.environ.get("HPDM_FAULT_UPLOAD"):
     from data_pipeline import storage
