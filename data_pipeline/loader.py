@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .decode import ClipSpec
-from .shardlist import is_pattern, resolve_shards
+from .shardlist import is_pattern, load_index, resolve_shards
 from .shards_write import TEXT_DIR
 from .storage import Storage, StorageError, join
 from .stream import DataError, ShardStream, add_stats, check_skips, fresh_cursor, new_stats
@@ -69,8 +69,8 @@ class VideoLoader:
     Evaluation: each ``iter()`` is one pass from the start.
     """
 
-    def __init__(self, cfg: DataConfig, stream: ShardStream):
-        self.cfg, self.stream = cfg, stream
+    def __init__(self, cfg: DataConfig, stream: ShardStream, dataset: str = ""):
+        self.cfg, self.stream, self.dataset = cfg, stream, dataset  # dataset: see dataset_identity
         self.workers = stream.workers
         self.pin = torch.cuda.is_available()
         self._reset()
@@ -129,10 +129,8 @@ class VideoLoader:
     # -- checkpointing -------------------------------------------------------------------------------------
     def _layout(self) -> dict:
         s = self.stream
-        # which shards (and their sample counts): another dataset with as many shards is another layout
-        dataset = hashlib.sha256(json.dumps([s.urls, s.counts]).encode()).hexdigest()[:16]
         return {"rank": s.rank, "world_size": s.world_size, "workers": s.workers, "num_workers": self.cfg.num_workers,
-                "seed": s.seed, "shards": len(s.urls), "dataset": dataset, "batch_size": s.batch_size,
+                "seed": s.seed, "shards": len(s.urls), "dataset": self.dataset, "batch_size": s.batch_size,
                 "shuffle_buffer": s.shuffle_buffer}
 
     def state_dict(self) -> dict:
@@ -177,7 +175,6 @@ def text_location(cfg: DataConfig) -> str:
 def matching_text_urls(cfg: DataConfig, storage: Storage, urls: list[str], tokens: int, dim: int) -> list[str]:
     """The embedding shard of each video shard, after checking the embeddings fit the model and were made from
     these video shards as they are now (``text_shards.check_made_from``)."""
-    from .shardlist import load_index  # noqa: PLC0415
     from .text_shards import check_made_from, read_text_index, text_shard_urls  # noqa: PLC0415
 
     where = text_location(cfg)
@@ -214,7 +211,17 @@ def build_loader(cfg: DataConfig, *, frames: int, size: tuple[int, int], batch_s
                          shuffle_buffer=cfg.shuffle_buffer if train else 0, max_skip_fraction=cfg.max_skip_fraction,
                          skip_check_after=cfg.skip_check_after, text_urls=text_urls,
                          text_dim=text[1] if text else 0, text_tokens=text[0] if text else 0)
-    return VideoLoader(cfg, stream)
+    return VideoLoader(cfg, stream, dataset_identity(storage, cfg.shards, urls, counts))
+
+
+def dataset_identity(storage: Storage, spec: str, urls: list[str], counts: list) -> str:
+    """What tells another dataset from this one wherever it is stored: the shards' names, sample counts and (from
+    the index) sizes. A loader state resumes exactly only on the same dataset; another one, even with as many
+    shards, restarts the epoch, since the saved byte offsets would point into other files."""
+    index = None if is_pattern(spec) else load_index(storage, spec)
+    sizes = [s.get("bytes") for s in index["shards"]] if index else None
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    return hashlib.sha256(json.dumps([names, counts, sizes]).encode()).hexdigest()[:16]
 
 
 def split_batch(micro: int, fraction: float) -> tuple[int, int]:

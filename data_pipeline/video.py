@@ -111,7 +111,7 @@ def encode(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int = 20
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         s.codec_context.thread_count = 1
         if codec in ("libx264", "libx264rgb"):  # x264's crf 0 still rounds: qp 0 is lossless
-            s.options = {"qp": "0"} if crf == 0 else {"crf": str(crf), "preset": "veryfast"}
+            s.options = {"qp" if crf == 0 else "crf": str(crf), "preset": "veryfast"}
         for f in frames:
             c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
         c.mux(s.encode())

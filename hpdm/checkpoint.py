@@ -365,8 +365,9 @@ class Checkpointer:
         try:
             path.mkdir(parents=True)
         except OSError as exc:  # DeepSpeed would say "Parent directory ... does not exist"
-            latest = self.root / "latest"
-            kept = f"; {latest.read_text().strip()}, the last checkpoint, is as it was" if latest.is_file() else ""
+            if disk_full(exc):  # save says so
+                raise
+            kept = f"; {self.named_latest()}, the last checkpoint, is as it was" if self.named_latest() else ""
             raise CheckpointError(f"cannot write the checkpoint {path} ({exc.strerror or exc}): fix the owner or "
                                   f"mode of {self.root}, or the file system{kept}") from None
 

@@ -364,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 (two more causes in the environment; anything else is a bug, re-raised)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if disk_full(e):  # a write of our own names its path; a library's (safetensors, wandb) may not
-            what = f"{e.filename}: {e.strerror.lower()}" if isinstance(e, OSError) and e.filename and e.strerror else \
-                "no space left on device" + ("" if isinstance(e, OSError) else f" ({first})")
+            said = isinstance(e, OSError) and e.strerror  # "no space left on device" or "disk quota exceeded"
+            what = (f"{e.filename}: " if said and e.filename else "") + (
+                e.strerror.lower() if said else f"no space left on device ({first})")
             return _report(args, UserError(f"{what}; free space, then run the same command again"))
         if not (isinstance(e, RuntimeError) and _peer_lost(e)):
             raise

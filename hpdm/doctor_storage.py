@@ -175,13 +175,13 @@ def check_resume(cfg: Config) -> list:
 
 def _check_init_from(cfg: Config, detail: str) -> tuple[str, str]:
     """(status, detail) of a run starting at step 0: whether ``train.init_from`` fits the model, as training checks
-    it (on a model without storage, so that no memory goes to its weights)."""
+    it, from the source's config and tensor shapes (on a model without storage: no weights are read or made)."""
     if not cfg.train.init_from:
         return OK, detail
     import torch  # noqa: PLC0415
 
     from hpdm.errors import user_errors  # noqa: PLC0415
-    from hpdm.finetune import init_from_generator  # noqa: PLC0415
+    from hpdm.finetune import check_source  # noqa: PLC0415
     from hpdm.model import HPDM  # noqa: PLC0415
     from hpdm.text_encoder import text_identity  # noqa: PLC0415
 
@@ -192,7 +192,7 @@ def _check_init_from(cfg: Config, detail: str) -> tuple[str, str]:
     try:
         with torch.device("meta"):
             model = HPDM(cfg.model)
-        fresh = init_from_generator(model, cfg.train.init_from, cfg.diffusion, text_id)
+        fresh = check_source(model, cfg.train.init_from, cfg.diffusion, text_id)[1]
     except ConfigError as exc:
         return FAIL, str(exc)
     return OK, f"{detail}, from train.init_from {cfg.train.init_from} ({len(fresh)} new tensors)"

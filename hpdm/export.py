@@ -157,25 +157,46 @@ def generator_text_encoder(path: str | Path) -> dict | None:
     return read_state(_checkpoint_folder(path)).get("text_encoder")
 
 
+def _file_config(path: Path) -> tuple[Config, dict]:
+    """The config of an exported generator file and its metadata, from its header."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a safetensors file ({e}): give a file written by `hpdm export`, a "
+                              "checkpoint folder or a run folder") from None
+    if "config" not in meta:
+        raise CheckpointError(f"{path} carries no config metadata: was it written by `hpdm export`?")
+    try:
+        data = yaml.safe_load(meta["config"])
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: its config metadata is not an hpdm config ({e}); was it written by "
+                              "`hpdm export`?") from None
+    return _checked_config(data, path, "its config metadata"), meta
+
+
+def generator_shapes(path: str | Path) -> tuple[Config, dict[str, tuple[int, ...]]]:
+    """The config and EMA tensor shapes of a generator (export, checkpoint or run folder), from file headers: what
+    ``hpdm doctor`` checks a fine-tuning source by, without reading its weights."""
+    path = Path(path)
+    if path.is_file():
+        cfg, file = _file_config(path)[0], path
+    else:
+        ckpt = _checkpoint_folder(path)
+        cfg, file = _run_config(ckpt), ckpt / "ema.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return cfg, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(RAW_PREFIX)}
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e})") from None
+
+
 def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[Config, HPDM]:
     """An eval-mode model with EMA (or raw) weights, and its config. The model's ``provenance`` says which file
     (and checkpoint step) it was loaded from."""
     path = Path(path)
     if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except SafetensorError as e:
-            raise CheckpointError(f"{path} is not a safetensors file ({e}): give a file written by `hpdm export`, a "
-                                  "checkpoint folder or a run folder") from None
-        if "config" not in meta:
-            raise CheckpointError(f"{path} carries no config metadata: was it written by `hpdm export`?")
-        try:
-            data = yaml.safe_load(meta["config"])
-        except yaml.YAMLError as e:
-            raise CheckpointError(f"{path}: its config metadata is not an hpdm config ({e}); was it written by "
-                                  "`hpdm export`?") from None
-        cfg = _checked_config(data, path, "its config metadata")
+        cfg, meta = _file_config(path)
         source, origin = path, {"exported_from": meta.get("source")}
         tensors = load_file(str(path))
         if raw:

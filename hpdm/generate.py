@@ -66,6 +66,8 @@ def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is a file; give a folder for the videos")
     old = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
+    if old == ["sample.json"] and "sampler" in _json_dict(out / "sample.json"):  # of a run stopped before its first video
+        old = []
     if old:
         what = "videos" if all(name.endswith(".mp4") for name in old) else "the output of a sample"
         ours = any(re.fullmatch(r"(video_)?\d{5}.*\.mp4", n) for n in old)
@@ -74,6 +76,14 @@ def check_out(out: Path) -> None:
                          f"{' of an unfinished `hpdm sample` (it has no cost.json)' if unfinished else ''}, which new "
                          "ones would join or replace; give an empty or new folder"
                          f"{', or remove that one' if unfinished else ''}")
+
+
+def _json_dict(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes()) if path.stat().st_size < 1 << 26 else None
+    except (OSError, ValueError):
+        data = None
+    return data if isinstance(data, dict) else {}
 
 
 def share(n: int, rank: int, world: int) -> list[int]:
@@ -250,8 +260,9 @@ def generate(generator: str, out: str | Path, num: int | None = None, label: int
     mine = share(num, rank, world)
     if rank == 0:
         labels = cond.labels.tolist() if cond.labels is not None else None
-        write_atomic(out / "sample.json", json.dumps(sampling_record(
-            net, cfg, opts, seed, num, label=label, labels=labels, fps=fps, lossless=lossless), indent=1))
+        record = sampling_record(net, cfg, opts, seed, num, label=label, labels=labels, encoder=encoder,
+                                 text_emb=text_emb and str(Path(text_emb).resolve()), fps=fps, lossless=lossless)
+        write_atomic(out / "sample.json", json.dumps(record, indent=1 if num <= GRID_VIDEOS else None))
     if prompts and rank == 0:
         write_atomic(out / "prompts.json", json.dumps({video_name(i, p): p for i, p in enumerate(prompt_of)}, indent=1,
                                                       ensure_ascii=False))

@@ -123,16 +123,17 @@ class Metrics:
             self.run.log({key: wandb.Image(str(path))}, step=samples)
 
     def close(self, failed: bool = False) -> None:
-        """Close the file and finish wandb; after a failure (a full disk) wandb's own errors are a warning, so that
-        they do not replace the error that ended training."""
-        try:
-            if self.file is not None:
-                self.file.close()
-        finally:
-            if self.run is not None:
-                try:
-                    self.run.finish(exit_code=1 if failed else 0)
-                except Exception as exc:  # noqa: BLE001
-                    if not failed:
-                        raise
-                    log.warning("wandb did not finish (%s): its files in %s may be incomplete", exc, self.run.dir)
+        """Close the file and finish wandb (both, whatever fails); after a failure (a full disk) their errors are
+        warnings, so that they do not replace the error that ended training."""
+        errors = []
+        for what, close in (("metrics.jsonl", self.file and self.file.close),
+                            ("wandb", self.run and (lambda: self.run.finish(exit_code=1 if failed else 0)))):
+            try:
+                if close:
+                    close()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+                if failed:
+                    log.warning("%s was not closed cleanly (%s)", what, exc)
+        if errors and not failed:
+            raise errors[0]

@@ -219,7 +219,7 @@ def evaluate_generator(generator: str, num: int, opts, seed: int = 0, batch: int
         raise UsageError(f"-n: {num:,} videos keep {held / 2**30:,.0f} GiB of canvases in memory for the measure, more "
                          f"than this machine's {memory / 2**30:,.0f} GiB; give fewer")
     levels, labels = sample_levels(net, cfg, num, seed, device, opts, batch, progress)
-    check_finite(levels, cfg.diffusion.guidance if opts.guidance is None else opts.guidance)
+    check_finite(levels, opts.settings(cfg)["guidance"])
     return {**level_reports(levels, labels), "sampled": sampling_record(net, cfg, opts, seed, num)}
 
 

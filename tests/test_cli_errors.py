@@ -179,7 +179,7 @@ def test_a_collective_broken_by_another_rank_is_one_line(monkeypatch, capsys):
 @pytest.mark.parametrize("error, line", [
     (OSError(errno.ENOSPC, "No space left on device", "/data/shard-000003.tar"),
      "/data/shard-000003.tar: no space left on device"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), "no space left on device"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
     (safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
      "no space left on device (Error while serializing: I/O error: No space left on device (os error 28))")])
 def test_a_full_disk_is_one_line_and_its_log_errors_silent(monkeypatch, capsys, error, line):
@@ -202,3 +202,24 @@ def test_a_full_disk_is_one_line_and_its_log_errors_silent(monkeypatch, capsys, 
     monkeypatch.setattr(logging, "raiseExceptions", True)  # Python's default, which main changes
     assert hpdm.cli.main(["info"]) == 2
     assert capsys.readouterr().err == f"hpdm info: error: {line}; free space, then run the same command again\n"
+
+
+def test_a_full_disk_is_told_from_writers_that_do_not_say_so(tmp_path, monkeypatch):
+    """torch.save's error on a full disk names neither ENOSPC nor the disk ('unexpected pos'): the free space where
+    it wrote decides. write_atomic's errors name the file the user knows, not its temporary name."""
+    import shutil
+    from collections import namedtuple
+
+    from data_pipeline import storage
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3095296 vs 3095184")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    assert storage.disk_full(torch_error, tmp_path / "run" / "checkpoints")  # the nearest existing folder
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 1 << 30))
+    assert not storage.disk_full(torch_error, tmp_path) and not storage.disk_full(torch_error)
+    target = tmp_path / "state.json"
+    (tmp_path / f"state.json.tmp{os.getpid()}").mkdir()  # the temporary name cannot be written
+    with pytest.raises(IsADirectoryError) as exc:
+        storage.write_atomic(target, "{}")
+    assert exc.value.filename == str(target)

@@ -179,9 +179,10 @@ def test_text_models_need_fitting_embeddings_or_an_encoder(capsys, tiny_shards, 
     assert rows["bad encoder"][0] == "FAIL" and "no-t5" in rows["bad encoder"][1]
 
 
-def test_init_from_is_checked_before_training(capsys, tmp_path):
+def test_init_from_is_checked_before_training(capsys, tmp_path, monkeypatch):
     """Doctor said nothing of train.init_from: a generator that does not fit the model was found only when training
-    had prepared its data."""
+    had prepared its data. It checks from the file headers: loading a 4B-parameter source takes minutes."""
+    import hpdm.export
     from hpdm.config import Config
     from hpdm.model import HPDM
     from tests.test_sampling import export_model
@@ -192,6 +193,7 @@ def test_init_from_is_checked_before_training(capsys, tmp_path):
     wide = Config(model=base.__class__(**{**vars(fits.model), "token_dim": 2 * base.token_dim}))
     export_model(HPDM(wide.model), wide, tmp_path / "wide.safetensors")
     run = f"train.run_dir={tmp_path / 'run'}"
+    monkeypatch.setattr(hpdm.export, "load_generator", None)  # no weights are read
     _, rows, _ = _doctor(capsys, run, f"train.init_from={tmp_path / 'lowres.safetensors'}")
     status, detail = rows["resume"]
     assert status == "ok" and f"from train.init_from {tmp_path / 'lowres.safetensors'} (" in detail, detail

@@ -156,3 +156,36 @@ def test_wandb_mode_is_checked_up_front_and_a_new_start_is_a_new_wandb_run(tmp_p
     os.replace(tmp_path / "run", tmp_path / "moved")  # a moved run folder is the same run
     copy = run_id("copy", 8)
     assert copy not in ids and run_id("copy", 8) == copy and run_id("moved", 8) == ids[2]
+
+
+def test_closing_the_metrics_of_a_failed_run_keeps_its_error(tmp_path, monkeypatch, caplog):
+    """After a failure (a full disk), wandb's finish (or the file's close) raised in the trainer's clean-up and
+    replaced the error that said which checkpoint was intact. Both are closed, whatever fails first."""
+    from hpdm.metrics import Metrics
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    calls = []
+
+    class Failing:
+        dir = str(tmp_path)
+
+        def close(self):
+            calls.append("file")
+            raise OSError(28, "No space left on device")
+
+        def finish(self, exit_code=0):
+            calls.append(("wandb", exit_code))
+            raise OSError(28, "No space left on device")
+
+    for failed in (True, False):
+        metrics = Metrics({"train": {}}, tmp_path, "hpdm-test", 0)
+        metrics.file.close()
+        metrics.file, metrics.run = Failing(), Failing()
+        calls.clear()
+        if failed:
+            metrics.close(failed=True)
+            assert "wandb was not closed cleanly" in caplog.text
+        else:
+            with pytest.raises(OSError):
+                metrics.close()
+        assert calls == ["file", ("wandb", int(failed))]
