@@ -445,8 +445,9 @@ class Checkpointer:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if state.get("world_size", world) != world and not (is_universal(path) or is_whole(path)):
             written = f"{state['world_size']} process{'es' if state['world_size'] != 1 else ''}"
-            raise CheckpointError(f"{path} was written by {written} and this run has {world}: "
-                                  f"run `hpdm convert-checkpoint {path.parent.parent}` first")
+            raise (CheckpointError if _rank() == 0 else RankFailed)(  # every rank meets it: rank 0 says it
+                f"{path} was written by {written} and this run has {world}: run `hpdm convert-checkpoint "
+                f"{path.parent.parent}` first")
         with no_pickle():
             loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:

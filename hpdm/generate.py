@@ -66,8 +66,8 @@ def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is a file; give a folder for the videos")
     old = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
-    if old == ["sample.json"] and "sampler" in _json_dict(out / "sample.json"):  # of a run stopped before its first video
-        old = []
+    if set(old) <= {"sample.json", "prompts.json"} and "sampler" in _json_dict(out / "sample.json"):
+        old = []  # written first, by a run that stopped before its first video
     if old:
         what = "videos" if all(name.endswith(".mp4") for name in old) else "the output of a sample"
         ours = any(re.fullmatch(r"(video_)?\d{5}.*\.mp4", n) for n in old)

@@ -278,3 +278,16 @@ def test_a_new_seed_on_resume_draws_new_noise(run, template, tmp_path):
             return f.get_tensor("rng")
 
     assert not torch.equal(rng(run), rng(tmp_path / "same"))
+
+
+def test_a_checkpoint_of_another_world_size_is_said_once(run, monkeypatch):
+    """Every rank printed the convert-checkpoint advice, which every rank meets."""
+    import hpdm.checkpoint as checkpoint
+    from hpdm.errors import RankFailed
+
+    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda: 2)
+    for rank, error in ((0, CheckpointError), (1, RankFailed)):
+        monkeypatch.setattr(checkpoint, "_rank", lambda r=rank: r)
+        with pytest.raises(error, match="was written by 1 process and this run has 2: run `hpdm convert-checkpoint"):
+            Checkpointer(run).load(None, None, _folder(run, 6))

@@ -276,6 +276,7 @@ def test_what_was_sampled_is_recorded_and_lossless_videos_hold_the_samples(paths
     monkeypatch.setattr(hpdm.generate, "GRID_VIDEOS", 2)
     out.mkdir()
     (out / "sample.json").write_text('{"sampler": {}}')  # of a run stopped before its first video: no reason to refuse
+    (out / "prompts.json").write_text("{}")  # which a text model's run writes first too
     assert main(["sample", run, "--out", str(out), "-n", "3", "--seed", "5", "--steps", "2", "--lossless"]) == 0
     record = json.loads((out / "sample.json").read_text())
     ckpt = Path(run) / "checkpoints" / "step_00000001"
