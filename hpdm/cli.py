@@ -126,11 +126,10 @@ def _check_json_out(out: str | None, key: str) -> None:
     if Path(out).is_dir():
         raise UsageError(f"--out: {out} is a folder; give the JSON file to write, e.g. {Path(out) / 'result.json'}")
     if Path(out).exists():
-        try:  # a result is a few KB; anything large is not one
-            earlier = json.loads(Path(out).read_bytes()) if Path(out).stat().st_size < 1 << 20 else None
-        except (OSError, ValueError):
-            earlier = None
-        if not isinstance(earlier, dict) or key not in earlier:
+        from hpdm.generate import json_object  # noqa: PLC0415
+
+        earlier = json_object(Path(out), limit=1 << 20)  # a result is a few KB; anything large is not one
+        if earlier is None or key not in earlier:
             raise UsageError(f"--out: {out} exists and is not an earlier result of this command, which it would "
                              "replace; give another path (or remove the file)")
 

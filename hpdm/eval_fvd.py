@@ -18,7 +18,7 @@ import torch.distributed as dist
 from data_pipeline.storage import write_atomic
 from hpdm import fvd
 from hpdm.errors import UsageError
-from hpdm.generate import at_least, conditions, default_device, rank_world, share, video_seed
+from hpdm.generate import at_least, conditions, default_device, json_object, rank_world, share, video_seed
 from hpdm.sampling import SampleOptions, TiledSampler, sampling_record
 from hpdm.video_io import to_uint8
 
@@ -63,11 +63,8 @@ def generated_clips(cfg, net, n: int, frames: int, seed: int, opts: SampleOption
 def _sample_json(folder: Path) -> dict | None:
     """The record `hpdm sample` left beside the videos of ``folder`` (None for videos from elsewhere); a warning
     when they are 4:2:0 mp4s, whose scores differ from those of the same samples drawn by --generator."""
-    try:
-        record = json.loads((folder / "sample.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(record, dict) and record.get("lossless") is False and int(os.environ.get("RANK", "0")) == 0:
+    record = json_object(folder / "sample.json")
+    if record is not None and record.get("lossless") is False and int(os.environ.get("RANK", "0")) == 0:
         log.warning("--fake: %s holds 4:2:0 H.264 videos, whose FVD differs from that of the same samples (by --generator "
                     "or `hpdm sample --lossless`)", folder)
     return record

@@ -66,7 +66,7 @@ def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is a file; give a folder for the videos")
     old = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []
-    if set(old) <= {"sample.json", "prompts.json"} and "sampler" in _json_dict(out / "sample.json"):
+    if set(old) <= {"sample.json", "prompts.json"} and "sampler" in (json_object(out / "sample.json") or {}):
         old = []  # written first, by a run that stopped before its first video
     if old:
         what = "videos" if all(name.endswith(".mp4") for name in old) else "the output of a sample"
@@ -78,12 +78,14 @@ def check_out(out: Path) -> None:
                          f"{', or remove that one' if unfinished else ''}")
 
 
-def _json_dict(path: Path) -> dict:
+def json_object(path: Path, limit: int = 1 << 26) -> dict | None:
+    """The JSON object in ``path`` (one of our records or results), or None: missing, unreadable, over ``limit``
+    bytes, or not an object."""
     try:
-        data = json.loads(path.read_bytes()) if path.stat().st_size < 1 << 26 else None
+        data = json.loads(path.read_bytes()) if path.stat().st_size < limit else None
     except (OSError, ValueError):
         data = None
-    return data if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) else None
 
 
 def share(n: int, rank: int, world: int) -> list[int]:
