@@ -19,6 +19,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from . import local_files
+
 log = logging.getLogger(__name__)
 
 _TRANSIENT_NAMES = {
@@ -228,7 +230,7 @@ class Storage:
         fs, path = self._fs_path(url)
         if fs is None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            write_atomic(path, data)
+            local_files.write_atomic(path, data)  # looked up here: the fault injector patches it
             return
         self.retry(lambda: fs.pipe_file(path, data), url, "writing")
 
@@ -335,55 +337,8 @@ class Storage:
         base = None if is_s3(dest) else dest
         if base:
             os.makedirs(base, exist_ok=True)
-            _remove_orphaned_tmpdirs(base)
+            local_files.remove_orphaned_tmpdirs(base)
         return tempfile.mkdtemp(prefix=f".hpdm-tmp-{socket.gethostname()}-{os.getpid()}-", dir=base)
-
-
-def disk_full(exc: BaseException, where: str | os.PathLike | None = None) -> bool:
-    """Whether ``exc`` comes from a full disk or an exhausted quota: its errno, a library's message with the OS's
-    words (safetensors), or, for a writer that says neither (torch.save's "unexpected pos"), under 1 MiB free at
-    ``where``."""
-    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-           or any(s in str(e) for s in ("No space left on device", "Disk quota exceeded")) for e in _chain(exc)):
-        return True
-    if where is None:
-        return False
-    path = os.path.abspath(where)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return shutil.disk_usage(path).free < 1 << 20
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a local file through a temporary name: an interrupted write (a kill, a full disk) leaves the old file
-    or none, never a truncated one under ``path``."""
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError) and exc.filename in (tmp, None) and exc.errno:  # name the file the user knows
-            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc  # of the same subclass (PermissionError)
-        raise
-
-
-def _remove_orphaned_tmpdirs(base: str) -> None:
-    for name in (n for n in os.listdir(base) if n.startswith(".hpdm-tmp-")):
-        host, _, pid = name.removeprefix(".hpdm-tmp-").rpartition("-")[0].rpartition("-")  # HOST-PID-RANDOM
-        if host != socket.gethostname() or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running (or the number was reused): not ours to remove
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # another user's running process
-            continue
-        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-        log.info("removed %s, left by an interrupted write (process %s)", os.path.join(base, name), pid)
 
 
 class RetryingReader:

@@ -33,19 +33,18 @@ import torch.distributed as dist
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from data_pipeline.storage import Storage, StorageError, disk_full, join, write_atomic
+from data_pipeline.local_files import disk_full, write_atomic
+from data_pipeline.storage import Storage, StorageError, join
+from hpdm.checkpoint_folder import (RAW_FILE, file_sizes, is_checkpoint_name, is_complete, is_universal, is_whole,
+                                    order, problems, read_state, save_safetensors)
 from hpdm.distributed import on_rank0
 from hpdm.ema import full_parameters
 from hpdm.errors import CheckpointError, RankFailed
 from hpdm.safe_load import load_safetensors, no_pickle
 
 log = logging.getLogger(__name__)
-UNIVERSAL_MARK = "universal"  # file in a checkpoint folder converted by `hpdm convert-checkpoint`
-RAW_FILE = "raw.safetensors"
 _OWN_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank_(\d+)\.")  # files that rank N writes
-_TAG = re.compile(r"^step_(\d+)(_universal)?$")
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -61,99 +60,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def order(tag: str) -> tuple[int, int]:
-    """Sort key of checkpoint names: by step, a converted copy after its source; other names first."""
-    m = _TAG.match(tag)
-    return (int(m.group(1)), bool(m.group(2))) if m else (-1, 0)
-
-
-def is_complete(path: Path) -> bool:
-    return (path / "state.json").is_file()
-
-
-def is_universal(path: Path) -> bool:
-    return (path / UNIVERSAL_MARK).is_file()
-
-
-def is_whole(path: Path) -> bool:
-    """Whether DeepSpeed kept the optimizer state whole (ZeRO-0: no per-rank ``*optim_states.pt``), so that any
-    number of processes resumes from it as it is."""
-    return not any(path.glob("*optim_states.pt"))
-
-
-def read_state(path: Path) -> dict:
-    """A checkpoint's state.json, or a CheckpointError that names it."""
-    f = path / "state.json"
-    try:
-        state = json.loads(f.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{f}: cannot be read ({exc})") from exc
-    if not isinstance(state, dict) or not {"step", "samples", "config"} <= state.keys():
-        raise CheckpointError(f"{f}: not an hpdm checkpoint state (needs step, samples and config)")
-    return state
-
-
-def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """safetensors' ``save_file`` with the mode a plain write gets from the umask: it makes every file 0600, so
-    another user of a group-shared run folder could not resume, sample or export from it."""
-    save_file(tensors, str(path), metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def check_readable(path: Path) -> None:
-    """Raise a CheckpointError for a file of checkpoint ``path`` that this user may not read. Not damage, to skip
-    over (an older checkpoint used, this one set aside), but a permission to fix."""
-    f = path
-    try:
-        for f in [path, *path.iterdir()]:
-            if f.is_dir():
-                os.listdir(f)
-            else:
-                open(f, "rb").close()
-    except PermissionError as exc:
-        raise CheckpointError(f"{f}: permission denied ({exc.strerror}): this user cannot read it; fix its owner or "
-                              "mode (a checkpoint that cannot be read is not taken for a damaged one)") from None
-
-
-def problems(path: Path) -> list[str]:
-    """What makes a checkpoint folder unusable, each naming its file; empty when it is complete and intact.
-    Raises a CheckpointError when the user may not read it."""
-    if not path.is_dir():
-        return [f"{path} does not exist"]
-    check_readable(path)
-    if not is_complete(path):
-        return [f"{path} has no state.json (its save did not finish)"]
-    try:
-        state = read_state(path)
-    except CheckpointError as exc:
-        return [str(exc)]
-    found = []
-    for name, size in state.get("files", {}).items():  # sizes recorded at save (older checkpoints have none)
-        f = path / name
-        if not f.is_file():
-            found.append(f"{f} is missing")
-        elif f.stat().st_size != size:
-            found.append(f"{f} has {f.stat().st_size} bytes; {size} were written")
-    for name in ("ema.safetensors", "rank_00000.safetensors", RAW_FILE):
-        f = path / name
-        if name == RAW_FILE and not f.is_file():
-            continue  # written since issue 10 only
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except Exception as exc:  # noqa: BLE001 (missing, truncated or not safetensors)
-            found.append(f"{f} cannot be read ({exc})")
-    return found
-
-
-def file_sizes(folder: Path, names=None) -> dict[str, int]:
-    """{path relative to ``folder``: size} of ``names`` (default: every file below it)."""
-    files = [folder / n for n in names] if names is not None else [p for p in folder.rglob("*") if p.is_file()]
-    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(files)}
-
-
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int = 3, remote: str = "", storage: Storage | None = None):
         self.root = Path(run_dir) / "checkpoints"
@@ -163,7 +69,7 @@ class Checkpointer:
     # -- finding ---------------------------------------------------------------------------------------
     def folders(self) -> list[Path]:
         """Checkpoint folders, oldest first."""
-        return sorted((p for p in self.root.glob("step_*") if p.is_dir() and _TAG.match(p.name)), key=lambda p: order(p.name))
+        return sorted((p for p in self.root.glob("step_*") if p.is_dir() and is_checkpoint_name(p.name)), key=lambda p: order(p.name))
 
     def newest_local(self) -> str:
         """The checkpoint named by ``latest`` when it is intact, else the newest intact one (with a warning).
@@ -172,7 +78,7 @@ class Checkpointer:
         f = self.root / "latest"
         try:
             named = f.read_bytes().decode().strip() if f.is_file() else ""
-            named_wrong = (problems(self.root / named) if _TAG.match(named) else ["not a checkpoint folder of this run"]
+            named_wrong = (problems(self.root / named) if is_checkpoint_name(named) else ["not a checkpoint folder of this run"]
                            ) if named else []
         except (OSError, UnicodeDecodeError) as exc:  # garbled: fall back like any other broken pointer
             named, named_wrong = "?", [f"unreadable ({exc})"]
@@ -208,7 +114,7 @@ class Checkpointer:
             if self.remote and self.storage.exists(join(self.remote, "latest")):
                 named = self.storage.read_bytes(join(self.remote, "latest")).decode(errors="replace").strip()
                 # the one `latest` names, then older ones (newer folders are uploads that have not finished)
-                tags = {t for t in self._remote_tags() if not _TAG.match(named) or order(t) <= order(named)}
+                tags = {t for t in self._remote_tags() if not is_checkpoint_name(named) or order(t) <= order(named)}
                 for remote in sorted(tags, key=order, reverse=True):
                     if order(remote) <= order(tag or "none"):  # a converted local copy (step_N_universal) beats step_N
                         break
@@ -233,7 +139,7 @@ class Checkpointer:
         return self.root / tag if tag else None
 
     def _remote_tags(self) -> list[str]:
-        return [t for t in (u.rstrip("/").rsplit("/", 1)[1] for u in self.storage.list(self.remote)) if _TAG.match(t)]
+        return [t for t in (u.rstrip("/").rsplit("/", 1)[1] for u in self.storage.list(self.remote)) if is_checkpoint_name(t)]
 
     def _remote_state(self, tag: str) -> dict | None:
         """The remote checkpoint's state.json (None where there is none), or a DamagedCheckpoint naming it."""

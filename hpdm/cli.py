@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from data_pipeline.storage import disk_full, write_atomic
+from data_pipeline.local_files import disk_full, write_atomic
 from hpdm.config import ConfigError, load_config
 from hpdm.distributed import close_distributed
 from hpdm.errors import RankFailed, UsageError, UserError, user_errors

@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from data_pipeline.config import DataConfig
-from data_pipeline.storage import without_userinfo, write_atomic
+from data_pipeline.local_files import write_atomic
+from data_pipeline.storage import without_userinfo
 from hpdm.config_file import merge, parse_overrides, read_yaml
 from hpdm.errors import ConfigError
 

@@ -7,9 +7,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from data_pipeline.storage import disk_full
-from hpdm.checkpoint import (RAW_FILE, UNIVERSAL_MARK, Checkpointer, file_sizes, is_complete, is_universal, is_whole,
-                             order, problems, read_state)
+from data_pipeline.local_files import disk_full
+from hpdm.checkpoint import Checkpointer
+from hpdm.checkpoint_folder import (RAW_FILE, UNIVERSAL_MARK, file_sizes, is_complete, is_universal, is_whole, order,
+                                    problems, read_state)
 from hpdm.errors import CheckpointError
 from hpdm.safe_load import no_pickle
 

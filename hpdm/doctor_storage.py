@@ -148,7 +148,8 @@ def check_resume(cfg: Config) -> list:
     """Whether the run folder's newest intact checkpoint resumes under this config (as `hpdm train` checks)."""
     from data_pipeline.storage import StorageError  # noqa: PLC0415
     from data_pipeline.stream import DataError  # noqa: PLC0415
-    from hpdm.checkpoint import Checkpointer, read_state  # noqa: PLC0415
+    from hpdm.checkpoint import Checkpointer  # noqa: PLC0415
+    from hpdm.checkpoint_folder import read_state  # noqa: PLC0415
     from hpdm.config import resume_differences  # noqa: PLC0415
     from hpdm.errors import CheckpointError, UserError  # noqa: PLC0415
     from hpdm.text_encoder import encoder_change, text_identity  # noqa: PLC0415

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch.distributed as dist
 
-from data_pipeline.storage import write_atomic
+from data_pipeline.local_files import write_atomic
 from hpdm import fvd
 from hpdm.errors import UsageError
 from hpdm.generate import at_least, conditions, default_device, json_object, rank_world, share, video_seed

@@ -15,7 +15,8 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from hpdm.checkpoint import RAW_FILE, Checkpointer, is_complete, problems, read_state, save_safetensors
+from hpdm.checkpoint import Checkpointer
+from hpdm.checkpoint_folder import RAW_FILE, is_complete, problems, read_state, save_safetensors
 from hpdm.config import Config, ConfigError, from_dict
 from hpdm.errors import CheckpointError, UsageError
 from hpdm.model import HPDM

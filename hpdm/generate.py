@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.storage import write_atomic
+from data_pipeline.local_files import write_atomic
 from hpdm.config import SEED_LIMIT
 from hpdm.diffusion import Condition
 from hpdm.distributed import on_rank0

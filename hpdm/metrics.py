@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.storage import without_userinfo, write_atomic
+from data_pipeline.local_files import write_atomic
+from data_pipeline.storage import without_userinfo
 from hpdm.errors import UserError
 
 log = logging.getLogger(__name__)

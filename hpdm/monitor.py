@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.storage import write_atomic
+from data_pipeline.local_files import write_atomic
 from hpdm.config import Config
 from hpdm.diffusion import Condition
 from hpdm.generate import frame_grid, video_seed, write_png

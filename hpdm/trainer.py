@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from data_pipeline import DataError, build_train_loader, prepare_dataset
 from data_pipeline.storage import Storage
-from hpdm.checkpoint import Checkpointer, is_universal, read_state
+from hpdm.checkpoint import Checkpointer
+from hpdm.checkpoint_folder import is_universal, read_state
 from hpdm.config import Config, ConfigError, is_recorded_config, resume_differences, save_config
 from hpdm.diffusion import EDM, Condition
 from hpdm.distributed import Preemption, init_distributed, on_rank0

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.storage import write_atomic
+from data_pipeline.local_files import write_atomic
 from data_pipeline.video import encode
 
 

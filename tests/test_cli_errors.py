@@ -210,16 +210,16 @@ def test_a_full_disk_is_told_from_writers_that_do_not_say_so(tmp_path, monkeypat
     import shutil
     from collections import namedtuple
 
-    from data_pipeline import storage
+    from data_pipeline import local_files
 
     torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3095296 vs 3095184")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
-    assert storage.disk_full(torch_error, tmp_path / "run" / "checkpoints")  # the nearest existing folder
+    assert local_files.disk_full(torch_error, tmp_path / "run" / "checkpoints")  # the nearest existing folder
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 1 << 30))
-    assert not storage.disk_full(torch_error, tmp_path) and not storage.disk_full(torch_error)
+    assert not local_files.disk_full(torch_error, tmp_path) and not local_files.disk_full(torch_error)
     target = tmp_path / "state.json"
     (tmp_path / f"state.json.tmp{os.getpid()}").mkdir()  # the temporary name cannot be written
     with pytest.raises(IsADirectoryError) as exc:
-        storage.write_atomic(target, "{}")
+        local_files.write_atomic(target, "{}")
     assert exc.value.filename == str(target)

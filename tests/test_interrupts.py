@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import DataConfig, make_shards, prepare_dataset, shards_write
-from data_pipeline.storage import Storage, write_atomic
+from data_pipeline.local_files import write_atomic
+from data_pipeline.storage import Storage
 from data_pipeline.stream import DataError
 from hpdm.config import load_config
 from hpdm.doctor_storage import check_data

@@ -16,7 +16,8 @@ from data_pipeline.shardlist import check_readable
 from data_pipeline.sources import SourceError
 from data_pipeline.storage import Storage, StorageError
 from hpdm import cli
-from hpdm.checkpoint import Checkpointer, save_safetensors
+from hpdm.checkpoint import Checkpointer
+from hpdm.checkpoint_folder import save_safetensors
 from hpdm.config import load_config
 from hpdm.doctor_storage import check_data, check_run_dir
 from hpdm.errors import CheckpointError, ConfigError, UsageError

@@ -289,7 +289,7 @@ def _fake_checkpoint(folder, run, step):
 
     from safetensors.torch import save_file
 
-    from hpdm.checkpoint import file_sizes
+    from hpdm.checkpoint_folder import file_sizes
 
     folder.mkdir(parents=True)
     for name in ("ema.safetensors", "rank_00000.safetensors"):
@@ -302,7 +302,8 @@ def test_a_damaged_remote_checkpoint_is_passed_over_for_an_older_intact_one(tmp_
     """A new node resumed from a remote checkpoint with a missing file (or a garbled state.json) marked complete
     (then 'no intact checkpoint'), although intact older ones were there; a garbled state.json was a traceback."""
     from data_pipeline.storage import Storage
-    from hpdm.checkpoint import Checkpointer, read_state
+    from hpdm.checkpoint import Checkpointer
+    from hpdm.checkpoint_folder import read_state
     from hpdm.errors import CheckpointError
 
     s3_server.env(monkeypatch)

@@ -13,9 +13,9 @@ if os.environ.get("HPDM_FAULT_SAVE"):
 
     import safetensors.torch
 
-    from data_pipeline import storage
+    from data_pipeline import local_files
 
-    _save, _write_atomic = safetensors.torch.save_file, storage.write_atomic
+    _save, _write_atomic = safetensors.torch.save_file, local_files.write_atomic
 
     def save_file(tensors, filename, *args, **kwargs):
         if str(filename).endswith(os.environ["HPDM_FAULT_SAVE"]):  # what safetensors raises on a full disk
@@ -28,7 +28,7 @@ if os.environ.get("HPDM_FAULT_SAVE"):
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
         return _write_atomic(path, data)
 
-    safetensors.torch.save_file, storage.write_atomic = save_file, write_atomic
+    safetensors.torch.save_file, local_files.write_atomic = save_file, write_atomic
 
 if os.environ.get("HPDM_FAULT_UPLOAD"):
     from data_pipeline import storage

@@ -10,7 +10,8 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from hpdm.checkpoint import Checkpointer, read_state
+from hpdm.checkpoint import Checkpointer
+from hpdm.checkpoint_folder import read_state
 from hpdm.config import Config, from_dict
 from hpdm.convert import convert_to_universal
 from hpdm.distributed import init_distributed
