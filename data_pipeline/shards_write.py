@@ -160,10 +160,15 @@ def existing_work(storage: Storage, dest: str) -> dict[str, dict]:
     return {n.replace(".meta.json", ".tar"): _sidecar(storage, u) for n, u in names.items() if n.endswith(".meta.json")}
 
 
-def _done(sides: dict[str, dict], i: int, items: list[Item], options: dict, classes: list[str]) -> dict | None:
+def _done(storage: Storage, dest: str, sides: dict[str, dict], i: int, items: list[Item], options: dict,
+          classes: list[str]) -> dict | None:
     side = sides.get(shard_name(i))
     if (not side or side["keys"] != [it.key for it in items] or side.get("options") != options
             or side.get("state") == "writing"):
+        return None
+    if side["samples"] and (size := storage.size(join(dest, shard_name(i)))) != side["bytes"]:
+        log.warning("make-shards: %s %s; writing it again", shard_name(i), "is missing" if size is None else
+                    f"has {size} bytes where {side['bytes']} were written")
         return None
     if side.get("inputs") != inputs_digest(items, classes):
         log.info("make-shards: %s: labels, captions, class names or source files changed since it was written; "
@@ -205,7 +210,7 @@ def make_shards(src: str, dest: str, *, shard_size_mb: float = 256.0, workers: i
     groups = plan_shards(items, int(shard_size_mb * (1 << 20)))
     sides: dict[int, dict] = {}
     for i, g in enumerate(groups):
-        side = _done(existing, i, g, options, classes)
+        side = _done(storage, dest, existing, i, g, options, classes)
         if side is not None:
             sides[i] = side
     todo = [i for i in range(len(groups)) if i not in sides]

@@ -215,6 +215,19 @@ class Storage:
             return os.path.exists(path)
         return self.retry(lambda: fs.exists(path), url, "checking")
 
+    def size(self, url: str) -> int | None:
+        """Bytes in a file or object; None where there is none."""
+        fs, path = self._fs_path(url)
+        if fs is None:
+            return os.path.getsize(path) if os.path.isfile(path) else None
+
+        def size():
+            try:
+                return fs.size(path)
+            except FileNotFoundError:
+                return None
+        return self.retry(size, url, "checking")
+
     def read_bytes(self, url: str) -> bytes:
         fs, path = self._fs_path(url)
         if fs is None:

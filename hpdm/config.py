@@ -165,7 +165,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_skipped_steps: int = 20  # stop when DeepSpeed skips more optimizer steps than this in a row (non-finite grads)
     checkpoint_uri: str = ""  # s3://bucket/prefix: every checkpoint is also uploaded there, and resumed from there
-    profile_steps: tuple[int, int] = (0, 0)  # [start, end): trace these steps with torch.profiler (Perfetto JSON)
+    profile_steps: tuple[int, int] = (0, 0)  # [start, end), numbered as in the logs: trace them (torch.profiler)
     sample_at_end: bool = True  # a full-resolution video and a sample grid from the EMA when training ends
     sample_every: int = 0  # every N steps a grid of samples (and the synthetic measure) from the EMA; 0: never
     sample_videos: int = 4  # videos per sample grid (classes in turn)

@@ -199,14 +199,20 @@ def _check_init_from(cfg: Config, detail: str) -> tuple[str, str]:
     return OK, f"{detail}, from train.init_from {cfg.train.init_from} ({len(fresh)} new tensors)"
 
 
-def _checkpoint_bytes(cfg: Config) -> int:
-    """Rough size of one checkpoint: fp32 weights, two optimizer moments and the EMA (16 bytes a parameter)."""
+def checkpoint_bytes(cfg: Config) -> int:
+    """Size of one checkpoint, per parameter: DeepSpeed's module weights (none at ZeRO-3, where its optimizer
+    files hold them), an fp32 master copy (bf16, or ZeRO 1-2 partitions), two optimizer moments, the fp32 EMA and
+    the raw weights in the training precision. It said 16 bytes, 21-34 % under what runs wrote."""
     import torch  # noqa: PLC0415
 
     from hpdm.model import HPDM  # noqa: PLC0415
 
+    t = cfg.train
+    weight = 2 if t.precision == "bf16" else 4
+    module = 0 if t.zero_stage == 3 else weight
+    master = 4 if t.precision == "bf16" or t.zero_stage > 0 else 0
     with torch.device("meta"):
-        return 16 * sum(p.numel() for p in HPDM(cfg.model).parameters())
+        return (module + master + 8 + 4 + weight) * sum(p.numel() for p in HPDM(cfg.model).parameters())
 
 
 def check_disk(cfg: Config) -> list:
@@ -215,7 +221,7 @@ def check_disk(cfg: Config) -> list:
         path = path.parent
     free = shutil.disk_usage(path).free
     try:
-        one = _checkpoint_bytes(cfg)
+        one = checkpoint_bytes(cfg)
     except Exception:  # noqa: BLE001 (an estimate only)
         one = 0
     need = one * (cfg.train.keep_checkpoints + 1)  # the kept ones plus the one being written

@@ -330,7 +330,9 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     guard = DivergenceGuard(t.max_skipped_steps, device, engine.skipped_steps)
     record = {"config": cfg.to_dict(), "deepspeed": ds_config, "text_encoder": text_id}
     batches = iter(loader)
-    bar = tqdm(total=t.steps * t.batch_size, initial=samples, unit="clip", disable=rank != 0, dynamic_ncols=True)
+    # the clips still to train at today's batch size (a resume may have changed it) after those already trained
+    bar = tqdm(total=samples + max(t.steps - step, 0) * t.batch_size, initial=samples, unit="clip",
+               disable=rank != 0, dynamic_ncols=True)
     last: dict = {}
     preempted, first_step, monitor = preemption.requested(device), step, None
     if preempted and rank == 0:
@@ -338,8 +340,9 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
     try:
         try:
             while step < t.steps and not preempted:
-                profiler.at(step)
+                profiler.at(step + 1)
                 timed = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+                lr = engine.get_lr()[0]  # this step's: engine.step() moves the schedule on to the next one's
                 t0 = time.perf_counter()
                 levels = 1 if step < t.level0_steps else m.levels
                 level_losses, times, batch, own_norm = _step(engine, edm, cfg, batches, gen, micro, accum, device,
@@ -360,7 +363,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                     level_losses = level_losses.cpu()
                     grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
                     last = {"loss": level_losses.mean().item(), **{f"loss/level{l}": v.item() for l, v in enumerate(level_losses)},
-                            "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                            "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                             "samples_per_s": t.batch_size / dt, "time/step_s": dt, **times,
                             "tflops_per_gpu": flops * t.batch_size / dt / world / 1e12, **memory_gib(device),
                             "train/skipped_steps": guard.skipped_total, **_skip_counts(loader, world), "step": step}
@@ -379,7 +382,7 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
                     if rank == 0:
                         log.warning("preempted (signal %s): checkpoint at step %d written, exiting", preemption.signal, step)
                     break
-            profiler.at(step)
+            profiler.finish()
         finally:
             batches.close()  # shut the data-loader workers down, also when the step raised
             bar.close()

@@ -16,6 +16,7 @@ import torch
 from hpdm.checkpoint import Checkpointer
 from hpdm.config import config_differences, load_config
 from hpdm.doctor import check_resume
+from hpdm.doctor_storage import checkpoint_bytes
 from hpdm.errors import CheckpointError, UsageError
 from hpdm.export import export, load_generator
 
@@ -132,6 +133,15 @@ def test_export_never_writes_into_a_checkpoint(run):
     assert export(run, run / "model.safetensors") == run / "model.safetensors"
     assert load_generator(run / "model.safetensors")[0].model == load_generator(run)[0].model
     assert not list(run.glob("*.part"))
+
+
+def test_doctor_sizes_a_checkpoint_as_it_is_written(template):
+    """`hpdm doctor`'s disk check: the estimate of one checkpoint against what the run wrote (fp32, ZeRO-1). It
+    counted 16 bytes a parameter and was a third under: no raw weights and no fp32 partitions of ZeRO."""
+    folder = template / "run" / "checkpoints" / "step_00000006"
+    written = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    cfg = load_config("configs/tiny.yaml", [*BASE[2:], f"train.run_dir={template / 'run'}"])
+    assert checkpoint_bytes(cfg) == pytest.approx(written, rel=0.05)
 
 
 def test_config_differences_name_the_keys():

@@ -15,6 +15,12 @@ def test_shards_written_to_and_streamed_back_from_s3(s3_server, monkeypatch, tin
     dest = f"s3://{s3_server.bucket}/tiny"
     index = make_shards(str(tiny_manifest), dest, shard_size_mb=0.02, progress=False)
     assert index["num_samples"] == 12
+    storage = Storage()  # a rerun checks that each shard is there whole: one deleted is written again
+    first = f"{dest}/{index['shards'][0]['name']}"
+    assert storage.size(first) == index["shards"][0]["bytes"] and storage.size(f"{dest}/nothing.tar") is None
+    storage.remove(first)
+    assert make_shards(str(tiny_manifest), dest, shard_size_mb=0.02, progress=False) == index
+    assert storage.size(first) == index["shards"][0]["bytes"]
     kw = dict(frames=8, size=(16, 16), batch_size=4, train=False)
     remote = list(build_loader(DataConfig(shards=dest, num_workers=2), **kw))
     local = list(build_loader(DataConfig(shards=tiny_shards["one"], num_workers=0), **kw))

@@ -181,6 +181,14 @@ def test_rerun_resumes_instead_of_starting_over(tiny_manifest, tmp_path, monkeyp
     calls.clear()
     index = make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, progress=False)
     assert calls == [4] and index["num_samples"] == 12
+    # a shard deleted or cut short since it was written (its sidecar says done): written again, not counted as there
+    os.remove(os.path.join(dest, "shard-000002.tar"))
+    with open(os.path.join(dest, "shard-000007.tar"), "r+b") as f:
+        f.truncate(1000)
+    calls.clear()
+    index = make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, progress=False)
+    assert sorted(calls) == [2, 7] and index["num_samples"] == 12
+    assert all(os.path.getsize(os.path.join(dest, s["name"])) == s["bytes"] for s in index["shards"])
     calls.clear()
     make_shards(str(tiny_manifest), dest, shard_size_mb=1e-6, reencode="all", progress=False)  # other options: redo
     assert len(calls) == 12

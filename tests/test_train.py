@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from hpdm.optim import lr_factor
+
 FAULTS = os.pathsep.join(filter(None, [os.path.join(os.path.dirname(__file__), "faults"), os.environ.get("PYTHONPATH")]))
 OVERRIDES = ["train.steps=6", "train.save_every=3", "train.log_every=1", "train.batch_size=4", "train.warmup_steps=2",
              "data.synthetic_videos=12", "data.shuffle_buffer=8", "diffusion.steps=2"]
@@ -29,7 +31,7 @@ def _train(run_dir, data_dir, *extra, wandb="disabled"):
 @pytest.mark.slow
 def test_train_checkpoint_sample_and_resume(tmp_path):
     run, data = tmp_path / "run", tmp_path / "data"
-    out = _train(run, data, wandb="offline")
+    out = _train(run, data, "train.decay=cosine", wandb="offline")
     assert (data / "index.json").is_file(), "the synthetic dataset was not written"
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000006"
@@ -40,6 +42,9 @@ def test_train_checkpoint_sample_and_resume(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    # the learning rate each step trained with (it logged the next step's: 0 at the last step of a cosine run)
+    assert [r["lr"] for r in logged] == pytest.approx([0.002 * lr_factor(s, 2, 6, "cosine") for s in range(6)])
+    assert logged[0]["lr"] == pytest.approx(0.001) and logged[-1]["lr"] > 0
     assert [r["step"] for r in rows if "synthetic/one_shape" in r] == [6]  # the measure of the samples at the end
     assert all(r["loss"] > 0 and r["time/step_s"] > 0 and "loss/level2" in r for r in logged)
     ema = load_file(str(ckpts / "step_00000006" / "ema.safetensors"))
@@ -50,10 +55,12 @@ def test_train_checkpoint_sample_and_resume(tmp_path):
     assert list(run.glob("wandb/offline-run-*")), "no offline wandb run was written"
     assert "done: step 6, 24 clips" in out
 
-    out = _train(run, data, "train.steps=8", "train.sample_at_end=false")
+    # a resume at another batch size: the progress bar counts what is left at the new one (it ended at 67 %)
+    out = _train(run, data, "train.steps=8", "train.batch_size=8", "train.sample_at_end=false")
     assert "resumed from" in out and "(step 6, 24 samples)" in out
     assert (ckpts / "latest").read_text() == "step_00000008"
-    assert json.loads((ckpts / "step_00000008" / "state.json").read_text())["samples"] == 32
+    assert json.loads((ckpts / "step_00000008" / "state.json").read_text())["samples"] == 40
+    assert "100%" in out and "40/40" in out
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000006", "step_00000008"]
 
 
@@ -264,9 +271,11 @@ def test_level0_steps_train_level_0_alone_first(tmp_path):
                  "train.precision=bf16", "train.sample_at_end=false", "train.profile_steps=[1,3]")
     assert "training level 0 alone until step 2, then all 3 levels" in out
     assert "FP16_UnfusedOptimizer" not in out  # bf16 at ZeRO-1
-    # train.profile_steps: a trace of steps 1 and 2, and the table of the operators that took the most time
+    # train.profile_steps: a trace of steps 1 and 2 as the logs number them (it held steps 2 and 3), each a range
+    # named for its step, and the table of the operators that took the most time
     trace = json.loads((run / "profile" / "trace_rank0_steps1-3.json").read_text())
     assert any(e.get("name") == "aten::conv3d" for e in trace["traceEvents"])
+    assert sorted({e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("step ")}) == ["step 1", "step 2"]
     ops = (run / "profile" / "ops_rank0_steps1-3.txt").read_text()
     assert "aten::mm" in ops and "aten::gelu_backward" in ops and "Self CPU time total" in ops  # fwd and bwd
     rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
