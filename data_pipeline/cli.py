@@ -50,8 +50,9 @@ def run(args: argparse.Namespace, embed: dict | None = None) -> int:
                         reencode=args.reencode, max_side=args.max_side, storage=Storage(args.endpoint_url),
                         progress=not args.no_progress, embed=embed)
     text = f", their captions' embeddings in {args.dest.rstrip('/')}/text" if embed else ""
-    print(f"make-shards: {index['num_samples']} videos in {len(index['shards'])} shards at {args.dest}"
-          f" ({len(index['class_names'])} classes, {len(index['skipped'])} unreadable videos left out{text})")
+    shards = len(index["shards"])
+    print(f"make-shards: {index['num_samples']} clips (videos or images) in {shards} shard{'s' * (shards != 1)} at "
+          f"{args.dest} ({len(index['class_names'])} classes, {len(index['skipped'])} unreadable files left out{text})")
     return 0
 
 

@@ -11,9 +11,9 @@ from .storage import without_userinfo
 class DataConfig:
     shards: str = "data/synthetic"  # folder or s3://bucket/prefix holding index.json, or a brace pattern of .tar shards
     synthetic: bool = False  # write the synthetic moving-shapes dataset to `shards` first if it has no index
-    synthetic_videos: int = 512
-    num_workers: int = 2
-    shuffle_buffer: int = 256
+    synthetic_videos: int = 512  # clips of the synthetic dataset
+    num_workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
+    shuffle_buffer: int = 256  # samples buffered per worker for shuffling (0: shard order)
     frame_stride: int = 1  # take every n-th frame (after fps resampling)
     fps: float = 0.0  # resample clips to this frame rate; 0 keeps the native rate
     flip: bool = True  # random horizontal flip in training (must be off for the synthetic set: see validate)
@@ -28,7 +28,7 @@ class DataConfig:
     # model.cond: text reads captions' embeddings from shards written by `hpdm embed-text` (default: SHARDS/text),
     # or, when text_encoder is set, encodes captions on the fly with that frozen Hugging Face encoder.
     text_embeddings: str = ""
-    text_encoder: str = ""
+    text_encoder: str = ""  # a local Hugging Face encoder folder or cache name, for captions on the fly
     # Joint image-video training (HPDM's T2V batch: 4096 videos + 4096 images): shards of still images (folder,
     # s3:// prefix or brace pattern; empty: videos only), each image repeated along time into a still clip.
     image_shards: str = ""

@@ -28,6 +28,7 @@ from .stream import DataError, ShardStream, add_stats, check_skips, fresh_cursor
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+LATER_KEYS = ("dataset", "text_embeddings")  # layout keys added since version 1: ignored where absent
 
 
 def _worker_init(_):
@@ -131,7 +132,7 @@ class VideoLoader:
         s = self.stream
         return {"rank": s.rank, "world_size": s.world_size, "workers": s.workers, "num_workers": self.cfg.num_workers,
                 "seed": s.seed, "shards": len(s.urls), "dataset": self.dataset, "batch_size": s.batch_size,
-                "shuffle_buffer": s.shuffle_buffer}
+                "shuffle_buffer": s.shuffle_buffer, "text_embeddings": s.text_urls is not None}
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of this rank: epoch, every worker's cursor and counters, next worker."""
@@ -145,7 +146,9 @@ class VideoLoader:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state: unsupported version {sd.get('version')!r}")
         self._reset()
-        layout = {k: v for k, v in self._layout().items() if k in sd["layout"] or k != "dataset"}  # saved before it
+        # "text_embeddings": precomputed embeddings are read through cursors into their own shards, which an
+        # encoder on the fly has not (switching between them crashed or blamed the embeddings)
+        layout = {k: v for k, v in self._layout().items() if k in sd["layout"] or k not in LATER_KEYS}
         if sd["layout"] == layout:
             self._states = json.loads(json.dumps(sd["workers"]))
             self._next = int(sd["next_worker"])

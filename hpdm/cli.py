@@ -15,7 +15,7 @@ from hpdm.config import ConfigError, load_config
 from hpdm.distributed import close_distributed
 from hpdm.errors import RankFailed, UsageError, UserError, user_errors
 
-# The CPU demo config of the repository (an editable install or a checkout); used when --config is not given.
+# The repository's CPU smoke-test config (an editable install or a checkout); used when --config is not given.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
@@ -74,8 +74,9 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default="", help="steps per level, e.g. 128,64,32, or one number for level 0 (halved per "
                                                "level); default: the run's diffusion.steps, halved per level")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: diffusion.guidance)")
-    p.add_argument("--overlap", default="half", help="tile overlap: half (metrics), full (one-token stride) or a fraction")
-    p.add_argument("--tile-batch", type=int, default=16, help="tiles per network call")
+    p.add_argument("--overlap", default="half",
+                   help="tile overlap: half (metrics; the default), full (one-token stride) or a fraction")
+    p.add_argument("--tile-batch", type=int, default=16, help="tiles per network call (default 16)")
     p.add_argument("--churn", type=float, default=None, help="level-0 S_churn (default: diffusion.s_churn)")
     p.add_argument("--level0-order", type=int, default=2, choices=(1, 2), help="level-0 sampler: 2 Heun, 1 Euler")
     p.add_argument("--fine-order", type=int, default=1, choices=(1, 2), help="finer levels' sampler order")
@@ -83,8 +84,8 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fine-start", type=float, default=None,
                    help="finer levels start at this sigma from the coarser level upsampled, 0 from pure noise "
                         "(default: diffusion.fine_start)")
-    p.add_argument("--batch", type=int, default=1, help="videos sampled together")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="videos sampled together (default 1; eval-synthetic: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the random classes (default 0)")
 
 
 def _sample_options(args):
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-shards", default=None, help="or the project's shards (folder, s3:// prefix or brace pattern)")
     p.add_argument("--num-fake", type=int, default=2048, help="generated videos (2048 or 10000)")
     p.add_argument("--num-real", type=int, default=None, help="real videos (default: --num-fake)")
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16, the protocol's)")
     p.add_argument("--size", default=None, help="HxW of the clips (default: the generated videos')")
     p.add_argument("--cache-dir", default=None, help="where real statistics are cached (default: ~/.cache/hpdm/fvd)")
     p.add_argument("--out", default=None, help="also write the result JSON here")

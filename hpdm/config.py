@@ -48,12 +48,12 @@ class ModelConfig:
     levels: int = 3  # level l is cut from the video downsampled 2**(levels-1-l) times; level 0 is the whole video
     patchify: tuple[int, int, int] = (1, 4, 4)  # pixel tube per data token
     token_dim: int = 1024  # data-token width
-    latent_dim: int = 256
-    num_latents: int = 768
+    latent_dim: int = 256  # width of the latent tokens, which do most of the compute
+    num_latents: int = 768  # latent tokens per sample
     blocks: int = 6  # RIN blocks
     latent_layers: int = 4  # latent self-attention layers per block
     levels_per_block: tuple[int, ...] = (1, 1, 2, 2, 3, 3)  # adaptive computation: levels each block processes
-    head_dim: int = 64
+    head_dim: int = 64  # attention head width (divides token_dim and latent_dim)
     mlp_ratio: float = 4.0  # latent MLPs
     token_conv: int = 3  # kernel of the depthwise convolution over the token grid in every block (0: none)
     # Hidden channels of a per-frame 3x3 convolutional pass over the output pixels (0: none); not in the paper, but
@@ -61,7 +61,7 @@ class ModelConfig:
     pixel_head: int = 0
     data_mlp_ratio: float = 8.0  # data-token MLP of the write layer (4 latent layers and 8 put S/M/L within 7 % of the paper)
     cond: str = "class"  # class | text | none
-    num_classes: int = 101
+    num_classes: int = 101  # classes of model.cond: class (UCF-101: 101); labels are 0..num_classes-1
     text_dim: int = 4096  # width of the text embeddings (T5-11B: 4096); must match the encoder's
     text_tokens: int = 128  # tokens per caption: longer ones are cut, shorter ones padded (and masked)
     cond_dropout: float = 0.1  # drop the class/text condition for classifier-free guidance
@@ -110,13 +110,13 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    sigma_data: float = 0.5
+    sigma_data: float = 0.5  # EDM's standard deviation of the data in [-1, 1]
     p_mean: float = -1.2  # log-normal training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
-    p_std: float = 1.2
+    p_std: float = 1.2  # see p_mean
     independent_levels: bool = False  # one sigma per level instead of one per sample
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    sigma_min: float = 0.002  # lowest noise level of the sampler
+    sigma_max: float = 80.0  # highest noise level of the sampler (level 0 starts there)
+    rho: float = 7.0  # spacing of the sampler's noise levels (EDM's rho)
     steps: int = 128  # sampling steps for level 0; halved at each further level
     guidance: float = 1.0  # classifier-free guidance scale (1: none)
     s_churn: float = 40.0  # stochasticity of the level-0 sampler (0: deterministic)
@@ -137,17 +137,17 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"
-    steps: int = 40_000
+    run_dir: str = "runs/default"  # checkpoints, config.yaml, metrics.jsonl, samples; a rerun resumes from it
+    steps: int = 40_000  # optimizer steps the run trains for; raise it and rerun to train on
     batch_size: int = 768  # global, in clips
     micro_batch: int = 0  # per process and step; 0: batch_size / world_size (no accumulation)
     optimizer: str = "lamb"  # lamb | adamw
-    lr: float = 0.005
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.01
-    warmup_steps: int = 10_000
+    lr: float = 0.005  # peak learning rate (after warm-up)
+    betas: tuple[float, float] = (0.9, 0.99)  # the optimizer's moment decays
+    weight_decay: float = 0.01  # decoupled weight decay (AdamW and LAMB)
+    warmup_steps: int = 10_000  # linear warm-up of the learning rate over these optimizer steps
     decay: str = "none"  # none | cosine (after warm-up)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     ema_halflife: float = 500_000.0  # in samples (clips)
     precision: str = "fp32"  # fp32 (the paper's) | bf16
     # Recompute each RIN block in the backward pass, keeping only block inputs: less activation memory for about
@@ -157,19 +157,19 @@ class TrainConfig:
     # modulation, norm and residual element-wise work. compile_mode "reduce-overhead" adds CUDA graphs. Free to
     # change between resumes, like checkpointing.
     compile: bool = False
-    compile_mode: str = "default"
-    zero_stage: int = 0
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 1000
-    keep_checkpoints: int = 3
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (1: optimizer state, 2: + gradients, 3: + weights partitioned)
+    seed: int = 0  # data order, noise and pyramid boxes; a resume with another one draws from it from there on
+    log_every: int = 10  # steps between logged metrics (the last step is always logged)
+    save_every: int = 1000  # steps between checkpoints (also at the end and on preemption)
+    keep_checkpoints: int = 3  # newest checkpoints kept, locally and at checkpoint_uri
     max_skipped_steps: int = 20  # stop when DeepSpeed skips more optimizer steps than this in a row (non-finite grads)
     checkpoint_uri: str = ""  # s3://bucket/prefix: every checkpoint is also uploaded there, and resumed from there
     profile_steps: tuple[int, int] = (0, 0)  # [start, end), numbered as in the logs: trace them (torch.profiler)
     sample_at_end: bool = True  # a full-resolution video and a sample grid from the EMA when training ends
     sample_every: int = 0  # every N steps a grid of samples (and the synthetic measure) from the EMA; 0: never
     sample_videos: int = 4  # videos per sample grid (classes in turn)
-    wandb_project: str = "hpdm"
+    wandb_project: str = "hpdm"  # wandb project (offline unless WANDB_MODE says otherwise)
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed keys merged over the generated config
     init_from: str = ""  # a lower-resolution generator (exported file, checkpoint or run) to start from (hpdm/finetune.py)
     # Train level 0 alone for the first N steps, then every level: the coarse generator learns the clips' layout

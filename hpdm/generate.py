@@ -62,7 +62,7 @@ def check_out(out: Path) -> None:
     videos of an earlier run left beside new ones would mix in a metric, its grid or prompts.json be replaced."""
     from hpdm.export import check_output  # noqa: PLC0415
 
-    check_output("--out", out, "samples")
+    check_output("--out", out, "videos")  # not samples/, where training writes its videos
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is a file; give a folder for the videos")
     old = sorted({p.name for pattern in OUTPUTS for p in out.glob(pattern)}) if out.is_dir() else []

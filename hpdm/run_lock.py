@@ -1,6 +1,8 @@
 """One trainer per run folder: an exclusive ``flock`` on ``run_dir/train.lock`` for the life of the process.
 
-The kernel drops the lock when the process dies, so a job killed with SIGKILL leaves nothing to clean up.
+The kernel drops the lock when the process dies, so a job killed with SIGKILL leaves nothing to clean up. Forked
+children (the DataLoader workers) close their copy of the file at once: sharing it, they held the lock for
+seconds after the trainer was killed, and a restart in that time was refused.
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ class RunLock:
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
+        os.register_at_fork(after_in_child=self._close_in_child)
+
+    def _close_in_child(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # the child's reference only: no LOCK_UN, which would release the parent's lock
 
     def release(self) -> None:
         if not self.file.closed:

@@ -1,6 +1,6 @@
 """Frozen text encoders for text-to-video: any Hugging Face encoder (T5, UMT5, MT5, the text tower of CLIP or
 SigLIP, or an ``AutoModel`` with an encoder), from a local folder or a model name already in the Hugging Face
-cache. hpdm never downloads one (fetch it first: ``huggingface-cli download google/t5-v1_1-xxl``) and never runs
+cache. hpdm never downloads one (fetch it first: ``hf download google/t5-v1_1-xxl``) and never runs
 a model's own code: a folder that needs it (``auto_map``), pickle weights, or no tokenizer is refused up front.
 
 Captions become ``[N, max_tokens, width]`` embeddings (padding zeroed) and a ``[N, max_tokens]`` mask, so every
@@ -69,7 +69,7 @@ def _folder(source: str, option: str) -> str:
 
         return snapshot_download(source, local_files_only=True)
     except (OSError, ValueError):
-        raise TextEncoderError(f"{missing} (hpdm never downloads one: run `huggingface-cli download {source}` "
+        raise TextEncoderError(f"{missing} (hpdm never downloads one: run `hf download {source}` "
                                "first)") from None
 
 

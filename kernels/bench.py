@@ -30,9 +30,10 @@ from hpdm.pyramid import boxes_from_offsets, sample_offsets
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="gather,fusion,conv", help="comma list of: gather, fusion, conv")
-    parser.add_argument("--out", default="kernel_bench.json", help="JSON results path (PNG beside it)")
-    parser.add_argument("--reps", type=number_at_least(1), default=20)
-    parser.add_argument("--warmup", type=number_at_least(0), default=5)
+    parser.add_argument("--out", default="kernel_bench.json", help="JSON results path, ending in .json (the plot goes "
+                                                                   "beside it as .png; default: kernel_bench.json)")
+    parser.add_argument("--reps", type=number_at_least(1), default=20, help="timed repetitions per case (default 20)")
+    parser.add_argument("--warmup", type=number_at_least(0), default=5, help="untimed calls first (default 5)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: smoke test through the Triton interpreter at tiny sizes")
@@ -251,10 +252,13 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # kernel modules are imported lazily, after this
         args.no_compile = True
-    wanted = args.kernels.split(",")
-    if not set(wanted) <= {"gather", "fusion", "conv"}:
-        raise UsageError(f"--kernels: unknown {', '.join(sorted(set(wanted) - {'gather', 'fusion', 'conv'}))}; "
-                         "choose from gather, fusion, conv")
+    wanted = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = sorted(set(wanted) - {"gather", "fusion", "conv"})
+    if unknown or not wanted:
+        raise UsageError(f"--kernels: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; choose from "
+                         "gather, fusion, conv")
+    if Path(args.out).suffix != ".json":  # the plot, written to OUT.png, would replace the results
+        raise UsageError(f"--out: {args.out} must end in .json (the plot is written beside it as .png)")
     copy_gbs = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 1 << 24, args.warmup, args.reps)
     rows = []
     plan = [(kernel, case, setup) for kernel, cases, setup in (("gather", gather_cases, _gather_setup),

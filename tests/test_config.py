@@ -253,3 +253,18 @@ def test_a_runs_recorded_config_continues_that_run_from_anywhere(tmp_path, monke
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.yaml").write_text("# my own\ntrain:\n  run_dir: ../runs/c\n")  # not a record
     assert load_config(tmp_path / "mine" / "config.yaml").train.run_dir == str(tmp_path / "runs" / "c")
+
+
+def test_the_key_reference_is_current_and_says_what_every_key_does():
+    """docs/config.md is written from the dataclasses and their comments: a key added, removed, renamed or given
+    another default without regenerating it fails here, and so does a key without a comment saying what it does."""
+    from hpdm.config_reference import reference
+
+    text = reference()
+    assert (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text() == text, \
+        "docs/config.md is stale: python -m hpdm.config_reference > docs/config.md"
+    rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| `")]
+    keys = {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert {r[0].strip("| `") for r in rows} == keys
+    assert not [r[0] for r in rows if not r[3].strip(" |")], "keys without a meaning"
+

@@ -278,7 +278,7 @@ def test_cli_make_shards(tiny_manifest, tmp_path, capsys):
     args = parser.parse_args([str(tiny_manifest), str(tmp_path / "out"), "--shard-size-mb", "0.05", "--workers", "1",
                               "--no-progress"])
     assert cli.run(args) == 0
-    assert "12 videos in" in capsys.readouterr().out
+    assert "12 clips (videos or images) in " in capsys.readouterr().out
     assert json.load(open(tmp_path / "out" / "index.json"))["num_samples"] == 12
     assert cli.main([str(tmp_path / "nothing-here"), str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err

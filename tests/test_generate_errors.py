@@ -87,7 +87,7 @@ INSIDE = {  # name: (arguments, what the error line says after `hpdm <command>: 
                           "--out: {run}/checkpoints/latest is inside the checkpoints folder {run}/checkpoints"),
     "sample --out CKPT": (("sample", "{ckpt}", "--out", "{ckpt}"), f"--out: {CKPT_PATH} is the checkpoint {CKPT_PATH}, "
                                                                    "which it would change; write elsewhere, e.g. "
-                                                                   "{tmp}/run/samples"),
+                                                                   "{tmp}/run/videos"),  # samples/ holds the trainer's
     "sample --out checkpoints": (("sample", "{run}", "--out", "{run}/checkpoints"),
                                  "--out: {run}/checkpoints is the checkpoints folder {run}/checkpoints"),
     "sample --out CKPT/sub": (("sample", "{run}", "--out", "{ckpt}/videos"),

@@ -35,6 +35,14 @@ def test_an_unknown_kernel_is_refused(capsys):
     assert main(["bench-kernels", "--device", "cpu", "--kernels", "gather,convolution"]) == 2
     assert capsys.readouterr().err == ("hpdm bench-kernels: error: --kernels: unknown convolution; choose from gather, "
                                        "fusion, conv\n")
+    assert main(["bench-kernels", "--device", "cpu", "--kernels", ","]) == 2  # said "unknown ;"
+    assert capsys.readouterr().err.endswith("--kernels: none given; choose from gather, fusion, conv\n")
+
+
+def test_an_out_that_the_plot_would_replace_is_refused(tmp_path, capsys):
+    """The plot goes to OUT with .png: `--out x.png` wrote the results, then replaced them with the plot."""
+    assert main(["bench-kernels", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--out: " in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("kernel,module,name", [("gather", "patch_gather", "gather_pyramid_reference"),

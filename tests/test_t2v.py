@@ -75,6 +75,25 @@ def test_resume_with_text_equals_the_uninterrupted_run(tiny_shards, embedded, ki
         assert torch.equal(a["text"], b["text"]) and torch.equal(a["text_mask"], b["text_mask"])
 
 
+@pytest.mark.parametrize("saved_with", ["embeddings", "encoder"])
+def test_a_resume_that_switches_between_embeddings_and_an_encoder_restarts_the_epoch(tiny_shards, embedded, saved_with,
+                                                                                   caplog):
+    """Precomputed embeddings need cursors into their shards; an encoder on the fly (no text in the loader) has
+    none. A resume across the switch raised a TypeError one way and blamed intact embeddings the other."""
+    cfg = _cfg(tiny_shards["many"], embedded["many"])
+    kw = dict(frames=4, size=(16, 16), batch_size=2, seed=7)
+    with_text, without = dict(kw, text=(TOKENS, WIDTH)), kw
+    before, after = (with_text, without) if saved_with == "embeddings" else (without, with_text)
+    first = build_loader(cfg, **before)
+    _take(first, 3)
+    second = build_loader(cfg, **after)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert "text_embeddings" in caplog.text and "restarting every worker at the start of epoch 0" in caplog.text
+    batches = _take(second, 8)  # more than an epoch (12 clips)
+    assert [b["key"] for b in batches] == [b["key"] for b in _take(build_loader(cfg, **after), 8)]
+    assert all(("text" in b) == ("text" in after) for b in batches)
+
+
 def test_missing_or_mismatched_embeddings_stop_with_a_clear_error(tiny_shards, embedded, tmp_path):
     many = tiny_shards["many"]
     kw = dict(frames=4, size=(16, 16), batch_size=2, text=(TOKENS, WIDTH))
