@@ -40,9 +40,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from data_pipeline.cli import number_at_least  # noqa: E402
 from hpdm.config import Config, load_config  # noqa: E402
 from hpdm.diffusion import EDM, Condition  # noqa: E402
-from hpdm.flops import activation_bytes, state_bytes, training_flops_per_sample  # noqa: E402
+from hpdm.flops import activation_bytes, as_on_gpu, state_bytes, training_flops_per_sample  # noqa: E402
 from hpdm.metrics import peak_flops  # noqa: E402
 from hpdm.model import HPDM  # noqa: E402
 from hpdm.optim import build_optimizer  # noqa: E402
@@ -61,7 +62,7 @@ def memory_estimate_gib(cfg: Config, micro: int) -> float:
     with torch.device("meta"):
         params = sum(p.numel() for p in HPDM(cfg.model).parameters())
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    act = activation_bytes(cfg.model, micro, dtype, checkpointed=cfg.train.activation_checkpointing)
+    act = activation_bytes(as_on_gpu(cfg.model), micro, dtype, checkpointed=cfg.train.activation_checkpointing)
     return (sum(state_bytes(params, cfg.train.precision).values()) + act) / 2**30
 
 
@@ -182,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, configs/tiny.yaml, micro-batch 2, a few steps, fp32")
     p.add_argument("--config", default=None, help="default: configs/ucf101_hpdm_s.yaml (configs/tiny.yaml with --smoke)")
-    p.add_argument("--steps", type=int, default=None, help="measured steps per path (default 20; smoke 3)")
-    p.add_argument("--warmup", type=int, default=None, help="steps discarded first (default 5; smoke 1)")
-    p.add_argument("--micro-batch", type=int, default=None, help="clips per step (default 4; smoke 2)")
+    p.add_argument("--steps", type=number_at_least(1), default=None, help="measured steps per path (default 20; smoke 3)")
+    p.add_argument("--warmup", type=number_at_least(0), default=None, help="steps discarded first (default 5; smoke 1)")
+    p.add_argument("--micro-batch", type=number_at_least(1), default=None, help="clips per step (default 4; smoke 2)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--data", default=None, help="shards for the trainer (default: a synthetic set under --work)")
-    p.add_argument("--videos", type=int, default=None, help="synthetic clips written (default 64; smoke 16)")
+    p.add_argument("--videos", type=number_at_least(1), default=None, help="synthetic clips written (default 64; smoke 16)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "hpdm-train-bench"))
     p.add_argument("--out", default=None, help="JSON output")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both paths (the bare step "
@@ -195,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     smoke = a.smoke
     config = str(Path(a.config or ("configs/tiny.yaml" if smoke else "configs/ucf101_hpdm_s.yaml")).resolve())
-    steps, warmup = a.steps or (3 if smoke else 20), a.warmup if a.warmup is not None else (1 if smoke else 5)
-    micro = a.micro_batch or (2 if smoke else 4)
+    steps = a.steps if a.steps is not None else 3 if smoke else 20
+    warmup = a.warmup if a.warmup is not None else 1 if smoke else 5
+    micro = a.micro_batch if a.micro_batch is not None else 2 if smoke else 4
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     threads = 1 if smoke else 0  # one thread: steadier on a small shared CPU, and the same on both paths
     if threads:
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     res, work = base.model.resolution, Path(a.work)
     data = [f"data.shards={a.data}"] if a.data else [
         f"data.shards={work / 'synthetic-{}-{}'.format('x'.join(map(str, res)), base.model.num_classes)}",
-        "data.synthetic=true", "data.flip=false", f"data.synthetic_videos={a.videos or (16 if smoke else 64)}"]
+        "data.synthetic=true", "data.flip=false", f"data.synthetic_videos={a.videos if a.videos is not None else 16 if smoke else 64}"]
     if smoke:
         data.append("data.num_workers=1")
     with_targets = device.type == "cuda" and Path(config).name == "ucf101_hpdm_s.yaml"

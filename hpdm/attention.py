@@ -17,9 +17,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hpdm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SDPA_KERNELS = ("cudnn", "flash", "efficient")
+BACKENDS = ("sdpa", *(f"sdpa-{k}" for k in SDPA_KERNELS), "fa3", "fa2", "xformers")  # HPDM_ATTENTION's choices
 
 
 def _import(name: str, attr: str):
@@ -132,6 +135,8 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = No
     """Name of the backend that ``attention`` uses for these inputs (timing them on first sight on CUDA)."""
     forced = os.environ.get("HPDM_ATTENTION")
     if forced:
+        if forced not in BACKENDS:
+            raise UserError(f"HPDM_ATTENTION: unknown backend {forced!r}; choose from {', '.join(BACKENDS)}")
         return forced
     if not _tunable(q):
         return "sdpa"
@@ -154,6 +159,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         qkv = (a.transpose(1, 2) for a in (q, k, v))
         return F.scaled_dot_product_attention(*qkv, attn_mask=mask[:, None, None]).transpose(1, 2)
     fn = backend_fn(select_backend(q, k, v))
-    if fn is None:
-        raise RuntimeError(f"attention backend {select_backend(q, k, v)!r} is not installed")
+    if fn is None:  # only a forced backend can be missing
+        raise UserError(f"HPDM_ATTENTION: {select_backend(q, k, v)} is not installed (or does not import)")
     return fn(q, k, v)

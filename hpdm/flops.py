@@ -7,6 +7,8 @@ forward passes (forward, and backward for inputs and weights). The MFU that the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import torch
@@ -133,6 +135,12 @@ def _saved_tensors(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype) -> tu
 def _size(*parts: Tensors) -> int:
     """Bytes of the distinct tensors in ``parts``."""
     return sum(t.numel() * t.element_size() for t in {k: t for d in parts for k, t in d.items()}.values())
+
+
+def as_on_gpu(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` as a GPU runs it: ``model.kernels: auto`` takes the fused kernels there, which save slightly other
+    tensors for backward than the references that a CPU (and a meta-tensor forward) runs (1.5 % less for HPDM-S)."""
+    return dataclasses.replace(cfg, kernels="fused") if cfg.kernels == "auto" else cfg
 
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, dtype: torch.dtype = torch.float32,

@@ -9,7 +9,7 @@ import torch
 from hpdm.config import Config
 from hpdm.ds_config import deepspeed_config
 from hpdm.errors import UsageError
-from hpdm.flops import activation_bytes, forward_flops_per_level, parameter_counts, state_bytes
+from hpdm.flops import activation_bytes, as_on_gpu, forward_flops_per_level, parameter_counts, state_bytes
 from hpdm.model import HPDM
 
 MAX_COUNT = 1_000_000  # far beyond any machine; larger numbers overflow the estimate's byte counts
@@ -33,6 +33,11 @@ def _micro_batch(cfg: Config, micro_batch: int | None, processes: int | None) ->
                "--processes P or --micro-batch N")
 
 
+def size(n: int) -> str:
+    """Bytes as GiB, or as MiB below one (a tiny config's figures were all 0.00 GiB)."""
+    return f"{n / 2**30:>9.2f} GiB" if n >= 2**30 else f"{n / 2**20:>9.1f} MiB"
+
+
 def print_info(cfg: Config, micro_batch: int | None = None, processes: int | None = None) -> None:
     """The report of `hpdm info`, on stdout."""
     micro, why = _micro_batch(cfg, micro_batch, processes)
@@ -53,16 +58,16 @@ def print_info(cfg: Config, micro_batch: int | None = None, processes: int | Non
     total = sum(forward_flops_per_level(m))
     print(f"{'all':<8}{'':>16}{'':>8}{total / 1e9:>20.2f}   (training: {3 * total / 1e9:.2f} GFLOP/sample)")
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    act, ckpt = activation_bytes(m, micro, dtype), activation_bytes(m, micro, dtype, checkpointed=True)
+    gpu = as_on_gpu(m)
+    act, ckpt = activation_bytes(gpu, micro, dtype), activation_bytes(gpu, micro, dtype, checkpointed=True)
     state = state_bytes(counts["total"], cfg.train.precision)
-    gib = lambda n: f"{n / 2**30:>9.2f} GiB"  # noqa: E731
     print(f"\nmemory estimate per process, micro-batch {micro} ({why}), {cfg.train.precision} (no ZeRO "
           "partitioning; no allocator overhead, workspaces or backward temporaries):")
-    print(f"  {'activation memory, micro-batch ' + str(micro):<52}{gib(act)}   (tensors saved for backward, fused attention)")
-    print(f"  {'  with train.activation_checkpointing':<52}{gib(ckpt)}   (block inputs + one block recomputed)")
-    print(f"  {'weights':<52}{gib(state['weights'])}")
-    print(f"  {'gradients':<52}{gib(state['gradients'])}")
+    print(f"  {'activation memory, micro-batch ' + str(micro):<52}{size(act)}   (saved for backward, {gpu.kernels} kernels)")
+    print(f"  {'  with train.activation_checkpointing':<52}{size(ckpt)}   (block inputs + one block recomputed)")
+    print(f"  {'weights':<52}{size(state['weights'])}")
+    print(f"  {'gradients':<52}{size(state['gradients'])}")
     master = " + fp32 master weights" if cfg.train.precision == "bf16" else ""
-    print(f"  {'optimizer state':<52}{gib(state['optimizer'])}   (two fp32 moments{master})")
+    print(f"  {'optimizer state':<52}{size(state['optimizer'])}   (two fp32 moments{master})")
     fixed = sum(state.values())
-    print(f"  {'total':<52}{gib(fixed + act)}   ({(fixed + ckpt) / 2**30:.2f} GiB with activation checkpointing)")
+    print(f"  {'total':<52}{size(fixed + act)}   ({size(fixed + ckpt).strip()} with activation checkpointing)")

@@ -95,9 +95,14 @@ _fusion_op.register_autograd(_fusion_backward, setup_context=_fusion_setup)
 def context_fusion_fused(x: torch.Tensor, ctx: torch.Tensor, box: torch.Tensor,
                          ctx_boxes: torch.Tensor) -> torch.Tensor:
     """The Triton kernels (the custom op ``hpdm::context_fusion``: autograd with a deterministic backward,
-    traceable by torch.compile); same contract as the reference."""
+    traceable by torch.compile); same contract as the reference. Shapes are checked (a mismatch read out of
+    bounds); box values are not, which would synchronise: every box must have lo < hi on each axis, as the
+    model's do (the backward's gradient assumes it)."""
     if x.dim() != 5 or ctx.dim() != 6 or ctx.shape[0] != x.shape[0] or ctx.shape[-1] != x.shape[-1]:
         raise ValueError(f"x must be [B,t,h,w,D] and ctx [B,K,tc,hc,wc,D], got {tuple(x.shape)} and {tuple(ctx.shape)}")
+    if tuple(box.shape) != (x.shape[0], 6) or tuple(ctx_boxes.shape) != (*ctx.shape[:2], 6):
+        raise ValueError(f"box must be [B,6] and ctx_boxes [B,K,6] for x {tuple(x.shape)} and ctx {tuple(ctx.shape)}, "
+                         f"got {tuple(box.shape)} and {tuple(ctx_boxes.shape)}")
     return _fusion_op(x, ctx, box, ctx_boxes)
 
 

@@ -44,9 +44,19 @@ def check_boxes(video_shape: Sequence[int], offsets: torch.Tensor, patch: Sequen
                          f"{tuple(video_shape)}")
 
 
+def check_offsets(video: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Raise ValueError unless ``offsets`` is an integer [B,L,3] tensor of the video's batch (the kernel read out of
+    bounds for another batch; float offsets were truncated)."""
+    if offsets.dtype.is_floating_point or offsets.dtype.is_complex or offsets.dtype == torch.bool:
+        raise ValueError(f"offsets must be an integer tensor, got {offsets.dtype}")
+    if offsets.dim() != 3 or offsets.shape[-1] != 3 or offsets.shape[0] != video.shape[0]:
+        raise ValueError(f"offsets must be [B,L,3] for the video's batch of {video.shape[0]}, got {tuple(offsets.shape)}")
+
+
 def gather_pyramid_reference(video: torch.Tensor, offsets: torch.Tensor, patch: tuple[int, int, int],
                              dtype: torch.dtype = torch.float32, factors: Factors | None = None) -> torch.Tensor:
     """Plain-PyTorch reference. video uint8 [B,T,H,W,3], offsets int [B,L,3] -> [B,L,3,t,h,w] in ``dtype``."""
+    check_offsets(video, offsets)
     B, L = offsets.shape[:2]
     pt, ph, pw = patch
     fs = level_factors(L, factors)
@@ -71,6 +81,7 @@ def gather_pyramid_fused(video: torch.Tensor, offsets: torch.Tensor, patch: tupl
     (checking device offsets would synchronise); a box outside the video is then undefined behaviour."""
     if video.dtype != torch.uint8 or video.dim() != 5 or video.shape[-1] != 3:
         raise ValueError(f"video must be uint8 [B,T,H,W,3], got {video.dtype} {tuple(video.shape)}")
+    check_offsets(video, offsets)
     fs = level_factors(offsets.shape[1], factors)
     if not offsets.is_cuda:
         check_boxes(video.shape[1:4], offsets, patch, fs)

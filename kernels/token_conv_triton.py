@@ -96,7 +96,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid:
     M = B * N
     block_c = min(BLOCK_C, triton.next_power_of_2(C))
     _conv_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(C, block_c))](
-        x, _taps(weight), bias if bias is not None else x, y, M, C, N, *grid, weight.shape[-1], flip,
+        x, _taps(weight), bias.contiguous() if bias is not None else x, y, M, C, N, *grid, weight.shape[-1], flip,
         bias is not None, BLOCK_M, block_c, MANUAL_BF16_ROUNDING, num_warps=4)
     return y
 

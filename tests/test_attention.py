@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hpdm import attention as attn
+from hpdm.errors import UserError
 
 
 def _qkv(nq=5, nk=7, d=8, dtype=torch.float32):
@@ -59,6 +60,10 @@ def test_forced_backend(monkeypatch):
     monkeypatch.setenv("HPDM_ATTENTION", "sdpa-flash")
     q, k, _ = _qkv()
     assert attn.select_backend(q, k) == "sdpa-flash"
+    for name in ("bogus", "sdpa-foo"):  # a bare KeyError
+        monkeypatch.setenv("HPDM_ATTENTION", name)
+        with pytest.raises(UserError, match=f"HPDM_ATTENTION: unknown backend '{name}'; choose from sdpa, sdpa-cudnn"):
+            attn.attention(q, k, k)
 
 
 @pytest.mark.gpu

@@ -84,6 +84,14 @@ def test_context_without_grad_and_no_context():
     assert context_fusion(x, ctx[:, :0], box, cboxes[:, :0], impl="fused") is x
 
 
+def test_boxes_of_another_batch_or_level_count_are_rejected():
+    """The fused kernel read out of bounds (a segfault on CPU) where the reference raised."""
+    x, ctx, box, cboxes = _case(2, 3, (2, 4, 4), (2, 3, 5), 8)
+    for b, cb in ((box[:1], cboxes), (box, cboxes[:, :1])):
+        with pytest.raises(ValueError, match=r"box must be \[B,6\] and ctx_boxes \[B,K,6\]"):
+            context_fusion(x, ctx, b, cb, impl="fused")
+
+
 def test_reference_gradcheck_float64():
     x, ctx, box, cboxes = _case(1, 3, (2, 2, 3), (2, 2, 3), D=2, dtype=torch.float64)
     x.requires_grad_()

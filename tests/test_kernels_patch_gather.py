@@ -91,6 +91,16 @@ def test_box_outside_the_video_is_rejected():
         gather_pyramid(video, torch.tensor([[[0, 0, 0], [0, 4, 0]]]), (1, 3, 3), impl="fused")
 
 
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_offsets_of_another_batch_or_not_integers_are_rejected(impl):
+    """The kernel read out of bounds for offsets of another batch (a segfault on CPU) and truncated float ones."""
+    video = _video(3, 2, 6, 6)
+    with pytest.raises(ValueError, match=r"offsets must be \[B,L,3\] for the video's batch of 3, got \(1, 2, 3\)"):
+        gather_pyramid(video, torch.zeros(1, 2, 3, dtype=torch.int64), (1, 3, 3), impl=impl)
+    with pytest.raises(ValueError, match="offsets must be an integer tensor, got torch.float32"):
+        gather_pyramid(video, torch.full((3, 2, 3), 0.5), (1, 3, 3), impl=impl)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU-only behaviour")
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -198,3 +198,13 @@ def test_fused_at_the_gpu_recipes_size_matches_the_cpu(dtype):
         for name, gpu, cpu in zip(("output", "grad x", "grad weight", "grad bias"), *results):
             err = (gpu.float().cpu() - cpu).norm() / cpu.norm()
             assert err < (1e-5 if dtype == torch.float32 else 1e-2), (name, B, C, grid, k, err.item())
+
+
+def test_a_strided_bias_is_read_as_its_values():
+    """The kernel read the bias with stride 1: a view such as b[::2] gave outputs off by up to 3."""
+    x, w, b, _ = _token_case(2, 6, (2, 3, 2), 3, bias=True)
+    strided = torch.randn(12, generator=torch.Generator().manual_seed(1)).to(DEVICE)[::2]
+    torch.testing.assert_close(token_conv(x, (2, 3, 2), w, strided, impl="fused"),
+                               token_conv(x, (2, 3, 2), w, strided.contiguous(), impl="reference"),
+                               rtol=1e-5, atol=1e-4)
+

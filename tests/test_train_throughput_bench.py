@@ -49,3 +49,13 @@ def test_smoke_writes_every_case(tmp_path):
         assert set(na["levels_per_block"]) == {3}
         assert na["flops_per_clip"] > ad["flops_per_clip"]
         assert na["memory_estimate_gib"] > ad["memory_estimate_gib"] > 0  # every block keeps every level
+
+
+@pytest.mark.parametrize("option", ["--steps=0", "--micro-batch=0", "--warmup=-1", "--videos=0"])
+def test_bad_counts_are_refused_not_replaced(option):
+    """--steps 0 and --micro-batch 0 fell back to the defaults; --warmup -1 measured the warm-up step and recorded
+    one step more than it measured."""
+    proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--smoke", option], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"argument {option.split('=')[0]}: must be" in proc.stderr, proc.stderr[-2000:]
+
