@@ -133,9 +133,12 @@ def export(src: str | Path, out: str | Path, raw: bool = False) -> Path:
     part = out.with_name(out.name + ".part")  # renamed when whole: a failed write leaves no truncated file at out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        text = read_state(ckpt).get("text_encoder")  # which encoder prompts must go through (hpdm sample checks)
+        state = read_state(ckpt)
+        text = state.get("text_encoder")  # which encoder prompts must go through (hpdm sample checks)
         save_safetensors({k: v.contiguous() for k, v in tensors.items()}, part,
-                         metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False), "source": str(ckpt)}
+                         metadata={"config": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                                   "source": str(ckpt.resolve()), "step": str(state["step"]),
+                                   "samples": str(state["samples"])}
                          | ({"text_encoder": json.dumps(text)} if text else {}))
         os.replace(part, out)
     except BaseException as e:  # also an interrupt: no half-written .part left beside the output
@@ -198,7 +201,8 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
     path = Path(path)
     if path.is_file():
         cfg, meta = _file_config(path)
-        source, origin = path, {"exported_from": meta.get("source")}
+        source, origin = path, {"exported_from": meta.get("source"),  # step and samples: exports since 2026-12-07
+                                **{k: int(meta[k]) for k in ("step", "samples") if meta.get(k, "").isdigit()}}
         tensors = load_file(str(path))
         if raw:
             tensors = {k[len(RAW_PREFIX):]: v for k, v in tensors.items() if k.startswith(RAW_PREFIX)}
@@ -209,7 +213,8 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
     else:
         ckpt = _checkpoint_folder(path)
         cfg = _run_config(ckpt)
-        origin = {"step": read_state(ckpt)["step"]}
+        state = read_state(ckpt)
+        origin = {"step": state["step"], "samples": state["samples"]}
         if not raw:
             source = ckpt / "ema.safetensors"
         else:  # older checkpoints hold them in the DeepSpeed model state (_raw_weights)

@@ -21,18 +21,22 @@ from hpdm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Dense peak TFLOP/s per GPU: (bf16, tf32). fp32 runs use TF32 matmuls on these GPUs.
-PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183), "A10": (125, 62)}
+# Dense peak TFLOP/s per GPU (NVIDIA's datasheets, half the "with sparsity" figures): (bf16, tf32). fp32 runs use
+# TF32 matmuls on these GPUs. The PCIe and NVL cards of a chip run at lower clocks than its SXM module.
+PEAK_TFLOPS = {"H100 PCIe": (756, 378), "H100 NVL": (835, 418), "H200 NVL": (835, 418), "H200": (989, 494),
+               "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183), "L40": (181, 90), "A10": (125, 62)}
 
 
-def peak_flops(device: torch.device, precision: str) -> float | None:
+def peak_flops(device: torch.device, precision: str, name: str | None = None) -> float | None:
+    """The dense peak FLOP/s of ``device`` (``name``: its CUDA name) for MFU; None where it is not known."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, tf32) in PEAK_TFLOPS.items():
-        if key in name:
-            return 1e12 * (bf16 if precision == "bf16" else tf32)
-    return None
+    name = name or torch.cuda.get_device_name(device)
+    key = next((k for k in sorted(PEAK_TFLOPS, key=len, reverse=True) if k in name), None)  # "H100 NVL" before "H100"
+    if key is None:
+        return None
+    bf16, tf32 = PEAK_TFLOPS[key]
+    return 1e12 * (bf16 if precision == "bf16" else tf32)
 
 
 def memory_gib(device: torch.device) -> dict[str, float]:

@@ -216,6 +216,15 @@ def test_export_still_writes_outside_the_checkpoints(paths, tmp_path):
 
     with safe_open(str(out), framework="pt") as f:
         assert yaml.safe_load(f.metadata()["config"])["model"]["levels"] == 1
+    # an export says where it came from, whatever folder it is later read from (it held the path as typed, and no
+    # step or sample count)
+    from hpdm.export import load_generator  # noqa: PLC0415
+
+    ckpt = (Path(paths["run"]) / "checkpoints" / "step_00000001").resolve()
+    state = json.loads((ckpt / "state.json").read_text())
+    _, model = load_generator(out)
+    assert model.provenance == {"generator": str(out.resolve()), "weights": str(out.resolve()), "raw": False,
+                                "exported_from": str(ckpt), "step": state["step"], "samples": state["samples"]}
 
 
 @pytest.mark.parametrize("name", ["grid.png", "grid_rank1.png", "cost.json", "prompts.json"])
@@ -280,8 +289,9 @@ def test_what_was_sampled_is_recorded_and_lossless_videos_hold_the_samples(paths
     assert main(["sample", run, "--out", str(out), "-n", "3", "--seed", "5", "--steps", "2", "--lossless"]) == 0
     record = json.loads((out / "sample.json").read_text())
     ckpt = Path(run) / "checkpoints" / "step_00000001"
+    samples = json.loads((ckpt / "state.json").read_text())["samples"]
     assert record["generator"] == {"generator": str(Path(run).resolve()), "weights": str(ckpt / "ema.safetensors"),
-                                   "raw": False, "step": 1}
+                                   "raw": False, "step": 1, "samples": samples}
     assert record["seed"] == 5 and record["videos"] == 3 and record["label"] is None and record["lossless"]
     assert record["labels"] == conditions("class", cfg.model.num_classes, 3, seed=5).labels.tolist()
     assert record["sampler"]["steps"] == level_steps(2, 1) and record["sampler"]["guidance"] == cfg.diffusion.guidance

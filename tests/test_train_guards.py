@@ -121,15 +121,17 @@ def test_a_profile_window_that_a_resume_enters_traces_the_rest_of_it(tmp_path, c
     """A run resumed inside train.profile_steps traced nothing, and one resumed after it did not say so."""
     from hpdm.profiler import StepProfiler
 
-    prof = StepProfiler((2, 5), tmp_path, 0, torch.device("cpu"), first=3)
-    for step in range(3, 6):
+    prof = StepProfiler((2, 5), tmp_path, 0, torch.device("cpu"), first=3)  # steps 2-4 wanted, 1-3 done
+    for step in range(4, 7):  # called before each step, numbered as in the logs
         prof.at(step)
         torch.ones(8).sum()
-    assert json.loads((tmp_path / "trace_rank0_steps3-5.json").read_text())["traceEvents"]
-    assert (tmp_path / "ops_rank0_steps3-5.txt").is_file()
+    trace = json.loads((tmp_path / "trace_rank0_steps4-5.json").read_text())["traceEvents"]
+    assert {e["name"] for e in trace if e.get("name", "").startswith("step ")} == {"step 4"}
+    assert (tmp_path / "ops_rank0_steps4-5.txt").is_file()
     with caplog.at_level("WARNING"):
-        late = StepProfiler((2, 5), tmp_path / "late", 0, torch.device("cpu"), first=5)
+        late = StepProfiler((2, 5), tmp_path / "late", 0, torch.device("cpu"), first=4)
         late.at(5)
+        late.finish()
     assert "train.profile_steps [2, 5] lies before step 5, where this run resumes" in caplog.text
     assert not (tmp_path / "late").exists()
 
@@ -189,3 +191,18 @@ def test_closing_the_metrics_of_a_failed_run_keeps_its_error(tmp_path, monkeypat
             with pytest.raises(OSError):
                 metrics.close()
         assert calls == ["file", ("wandb", int(failed))]
+
+
+def test_mfu_takes_the_peak_of_the_card_not_of_its_chip():
+    """Every H100 and H200 got the SXM module's peak: MFU on PCIe and NVL cards read 16-24 % low; an L40 had none."""
+    from hpdm.metrics import peak_flops
+
+    cuda = torch.device("cuda")
+    assert peak_flops(cuda, "bf16", "NVIDIA H100 80GB HBM3") == peak_flops(cuda, "bf16", "NVIDIA H200") == 989e12
+    assert peak_flops(cuda, "bf16", "NVIDIA H100 PCIe") == 756e12 and peak_flops(cuda, "fp32", "NVIDIA H100 PCIe") == 378e12
+    assert peak_flops(cuda, "bf16", "NVIDIA H100 NVL") == peak_flops(cuda, "bf16", "NVIDIA H200 NVL") == 835e12
+    assert peak_flops(cuda, "bf16", "NVIDIA L40") == 181e12 and peak_flops(cuda, "bf16", "NVIDIA L40S") == 362e12
+    assert peak_flops(cuda, "bf16", "NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops(cuda, "bf16", "NVIDIA A10") == 125e12
+    assert peak_flops(cuda, "bf16", "NVIDIA RTX 6000 Ada Generation") is None
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+
