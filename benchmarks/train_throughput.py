@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     res, work = base.model.resolution, Path(a.work)
     data = [f"data.shards={a.data}"] if a.data else [
         f"data.shards={work / 'synthetic-{}-{}'.format('x'.join(map(str, res)), base.model.num_classes)}",
-        "data.synthetic=true", "data.flip=false", f"data.synthetic_videos={a.videos if a.videos is not None else 16 if smoke else 64}"]
+        "data.synthetic=true", "data.flip=false",
+        f"data.synthetic_videos={a.videos if a.videos is not None else 16 if smoke else 64}"]
     if smoke:
         data.append("data.num_workers=1")
     with_targets = device.type == "cuda" and Path(config).name == "ucf101_hpdm_s.yaml"

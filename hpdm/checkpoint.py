@@ -69,7 +69,8 @@ class Checkpointer:
     # -- finding ---------------------------------------------------------------------------------------
     def folders(self) -> list[Path]:
         """Checkpoint folders, oldest first."""
-        return sorted((p for p in self.root.glob("step_*") if p.is_dir() and is_checkpoint_name(p.name)), key=lambda p: order(p.name))
+        return sorted((p for p in self.root.glob("step_*") if p.is_dir() and is_checkpoint_name(p.name)),
+                      key=lambda p: order(p.name))
 
     def newest_local(self) -> str:
         """The checkpoint named by ``latest`` when it is intact, else the newest intact one (with a warning).
@@ -78,8 +79,8 @@ class Checkpointer:
         f = self.root / "latest"
         try:
             named = f.read_bytes().decode().strip() if f.is_file() else ""
-            named_wrong = (problems(self.root / named) if is_checkpoint_name(named) else ["not a checkpoint folder of this run"]
-                           ) if named else []
+            named_wrong = ((problems(self.root / named) if is_checkpoint_name(named)
+                            else ["not a checkpoint folder of this run"]) if named else [])
         except (OSError, UnicodeDecodeError) as exc:  # garbled: fall back like any other broken pointer
             named, named_wrong = "?", [f"unreadable ({exc})"]
         if named and not named_wrong:
@@ -139,7 +140,8 @@ class Checkpointer:
         return self.root / tag if tag else None
 
     def _remote_tags(self) -> list[str]:
-        return [t for t in (u.rstrip("/").rsplit("/", 1)[1] for u in self.storage.list(self.remote)) if is_checkpoint_name(t)]
+        names = (u.rstrip("/").rsplit("/", 1)[1] for u in self.storage.list(self.remote))
+        return [t for t in names if is_checkpoint_name(t)]
 
     def _remote_state(self, tag: str) -> dict | None:
         """The remote checkpoint's state.json (None where there is none), or a DamagedCheckpoint naming it."""

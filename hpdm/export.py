@@ -201,7 +201,7 @@ def load_generator(path: str | Path, raw: bool = False, device="cpu") -> tuple[C
     path = Path(path)
     if path.is_file():
         cfg, meta = _file_config(path)
-        source, origin = path, {"exported_from": meta.get("source"),  # step and samples: exports since 2026-12-07
+        source, origin = path, {"exported_from": meta.get("source"),  # older exports lack step and samples
                                 **{k: int(meta[k]) for k in ("step", "samples") if meta.get(k, "").isdigit()}}
         tensors = load_file(str(path))
         if raw:

@@ -25,9 +25,7 @@ class StepProfiler:
 
     def at(self, step: int) -> None:
         """Called before step ``step`` runs."""
-        if self.label is not None:
-            self.label.__exit__(None, None, None)
-            self.label = None
+        self._end_label()
         if step >= self.end:
             self.finish()
         elif step == self.start:
@@ -41,9 +39,7 @@ class StepProfiler:
         """Write what was traced (the whole window, or up to a preemption inside it)."""
         if self.prof is None:
             return
-        if self.label is not None:
-            self.label.__exit__(None, None, None)
-            self.label = None
+        self._end_label()
         self.prof.stop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.prof.export_chrome_trace(str(self.path))
@@ -53,3 +49,8 @@ class StepProfiler:
         log.info("profiler trace written to %s (open it in https://ui.perfetto.dev), top operators to %s",
                  self.path, table.name)
         self.prof = None
+
+    def _end_label(self) -> None:
+        if self.label is not None:
+            self.label.__exit__(None, None, None)
+            self.label = None
