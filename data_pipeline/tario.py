@@ -6,6 +6,7 @@ an error record instead of an exception, so the loader can count it and go on.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -122,11 +123,23 @@ class TarWriter:
         self.samples = 0
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
-        for ext in sorted(fields, key=lambda e: (e != "json", e)):  # metadata first: cheap to inspect
-            data = fields[ext]
-            self._tf.addfile(tar_bytes_header(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        with self._named():
+            for ext in sorted(fields, key=lambda e: (e != "json", e)):  # metadata first: cheap to inspect
+                data = fields[ext]
+                self._tf.addfile(tar_bytes_header(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self.samples += 1
 
     def close(self) -> int:
-        self._tf.close()
+        with self._named():
+            self._tf.close()
         return os.path.getsize(self.path)
+
+    @contextlib.contextmanager
+    def _named(self):
+        """A write error (a full disk) names this file: tarfile's errors name none."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is None and exc.errno:
+                raise OSError(exc.errno, exc.strerror, self.path) from exc
+            raise

@@ -214,6 +214,19 @@ def test_a_shard_that_cannot_be_written_fails_instead_of_leaving_its_video_out(t
     assert index["num_samples"] == 12 and not index["skipped"]
 
 
+def test_a_tar_write_error_names_the_tar(tmp_path, monkeypatch):
+    """tarfile's errors name no file, so a full disk during make-shards said only "no space left on device"."""
+    writer = shards_write.TarWriter(str(tmp_path / "shard.tar"))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer._tf, "addfile", full)
+    with pytest.raises(OSError) as exc:
+        writer.write("clip", {"json": b"{}"})
+    assert (exc.value.errno, exc.value.filename) == (errno.ENOSPC, str(tmp_path / "shard.tar"))
+
+
 def test_rerun_after_the_manifest_changed_writes_the_changed_shards_again(tiny_manifest, tmp_path):
     """A relabelled video, a new caption and a source that appeared: a rerun once kept the old shards."""
     rows = [json.loads(line) for line in open(tiny_manifest)][:3]
