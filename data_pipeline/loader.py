@@ -154,10 +154,14 @@ class VideoLoader:
             self._next = int(sd["next_worker"])
             self._base = sd.get("base_stats", new_stats())
             return
-        changed = {k: (v, layout.get(k)) for k, v in sd["layout"].items() if layout.get(k) != v}
+        # said once, by rank 0 (a new rank is handed rank 0's state by design); the layout's batch_size is the
+        # per-process micro-batch
+        names = {"batch_size": "micro-batch per process", "world_size": "processes", "num_workers": "data.num_workers"}
+        changed = [f"{names.get(k, k)} {v} -> {layout.get(k)}" for k, v in sd["layout"].items()
+                   if layout.get(k) != v and k != "rank"]
         epoch = int(sd.get("epoch", 0))
-        log.warning("data loader state was saved with a different layout %s; restarting every worker at the start "
-                    "of epoch %d", {k: f"{a} -> {b}" for k, (a, b) in changed.items()}, epoch)
+        log.log(logging.WARNING if self.stream.rank == 0 else logging.DEBUG, "the data position was saved with %s; "
+                "restarting every worker at the start of epoch %d", ", ".join(changed) or "another rank", epoch)
         totals = sd.get("base_stats", new_stats())
         for st in sd.get("workers", []):
             if st:

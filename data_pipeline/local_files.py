@@ -1,8 +1,9 @@
 """Local files that a kill or a full disk cannot leave half written.
 
 :func:`write_atomic` writes through a temporary name; :func:`disk_full` recognises a full disk or quota in the
-errors of the writers we use (OSError, safetensors, torch.save); :func:`remove_orphaned_tmpdirs` clears the scratch
-folders of killed processes. Tests' fault injector (``tests/faults``) patches :func:`write_atomic` here.
+errors of the writers we use (OSError, safetensors, torch.save); :func:`remove_orphaned_tmpdirs` and
+:func:`remove_stale_temporaries` clear what killed processes left. Tests' fault injector (``tests/faults``)
+patches :func:`write_atomic` here.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import socket
 
@@ -48,18 +50,40 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
+def _gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host (a reused number counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's running process
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Remove the ``NAME.tmpPID`` files (:func:`write_atomic`) and folders (a conversion's) in ``folder`` of
+    processes on this host that are gone: a kill at the moment of a rename leaves them, and nothing else would.
+    Called by the one process that holds the folder's run lock."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        m = re.fullmatch(r".+\.tmp(\d+)", name)
+        if m and _gone(int(m.group(1))):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            log.info("removed %s, left by an interrupted write (process %s)", path, m.group(1))
+
+
 def remove_orphaned_tmpdirs(base: str) -> None:
     """Remove the ``.hpdm-tmp-HOST-PID-*`` folders in ``base`` of processes on this host that are gone."""
     for name in (n for n in os.listdir(base) if n.startswith(".hpdm-tmp-")):
         host, _, pid = name.removeprefix(".hpdm-tmp-").rpartition("-")[0].rpartition("-")  # HOST-PID-RANDOM
-        if host != socket.gethostname() or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running (or the number was reused): not ours to remove
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # another user's running process
+        if host != socket.gethostname() or not pid.isdigit() or not _gone(int(pid)):
             continue
         shutil.rmtree(os.path.join(base, name), ignore_errors=True)
         log.info("removed %s, left by an interrupted write (process %s)", os.path.join(base, name), pid)

@@ -12,6 +12,8 @@ PR_SET_PDEATHSIG = 1
 
 def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the parent reports it
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # the trainer's preemption handler, inherited, only set a flag: the
+        signal.signal(sig, signal.SIG_DFL)  # workers of a trainer killed while writing the synthetic set lived on
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the parent when it is killed alone (by a
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # scheduler, the OOM killer)
 

@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from data_pipeline.local_files import disk_full
+from data_pipeline.local_files import disk_full, remove_stale_temporaries
 from hpdm.checkpoint import Checkpointer
 from hpdm.checkpoint_folder import (RAW_FILE, UNIVERSAL_MARK, file_sizes, is_complete, is_universal, is_whole, order,
                                     problems, read_state)
@@ -33,8 +33,8 @@ def convert_to_universal(src: str | Path) -> tuple[Path, bool]:
         raise CheckpointError(f"{ckpt} needs no conversion: it holds the whole optimizer state (ZeRO-0), which any "
                               "number of processes resumes from")
     out = ckpt.parent / f"{ckpt.name}_universal"
-    tmp = ckpt.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temporaries(ckpt.parent)  # those of killed conversions (and writes), which no one else removes
+    tmp = ckpt.parent / f".{out.name}.tmp{os.getpid()}"
     try:
         _convert(ds_to_universal, ckpt, tmp)
     except BaseException as exc:

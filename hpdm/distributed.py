@@ -143,7 +143,8 @@ class Preemption:
                 raise KeyboardInterrupt
             if os.environ.get("RANK", "0") == "0":
                 log.warning("Ctrl-C: checkpointing after this step, then exiting (Ctrl-C again: stop at once, unsaved)")
-        self.signal = signum
+        if self.signal is None:  # the first is what the user sent (DeepSpeed's launcher follows a Ctrl-C with SIGTERM)
+            self.signal = signum
 
     def close(self) -> None:
         for sig, handler in self.previous.items():

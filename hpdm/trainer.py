@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline import DataError, build_train_loader, prepare_dataset
+from data_pipeline.local_files import remove_stale_temporaries
 from data_pipeline.storage import Storage
 from hpdm.checkpoint import Checkpointer
 from hpdm.checkpoint_folder import is_universal, read_state
@@ -182,6 +184,8 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
     lock = RunLock(run_dir)
     try:
         check_run_dir_writable(run_dir)
+        for folder in (run_dir, run_dir / "checkpoints"):  # what killed writers left: a kill at a rename, a conversion
+            remove_stale_temporaries(folder)
         recorded = run_dir / "config.yaml"
         if recorded.is_file() and not is_recorded_config(recorded):  # e.g. the --config given: it would be replaced
             raise ConfigError("train.run_dir", f"{recorded} was not written by `hpdm train`, which records the run's "
@@ -218,6 +222,14 @@ def _apply_optimizer_settings(engine, schedule, t, saved: dict, rank: int) -> No
                if k in saved and saved[k] != json.loads(json.dumps(getattr(t, k)))]
     schedule.base_lrs = [t.lr] * len(schedule.base_lrs)
     factor = lr_factor(schedule.last_epoch, t.warmup_steps, t.steps, t.decay)
+    # train.steps under cosine decay (or warmup_steps, decay) moves the schedule: the lr jumped without a word
+    moved = [f"train.{k}: {saved[k]} -> {getattr(t, k)}" for k in ("steps", "warmup_steps", "decay")
+             if k in saved and saved[k] != getattr(t, k)]
+    was = saved.get("lr", t.lr) * lr_factor(schedule.last_epoch, *(saved.get(k, getattr(t, k)) for k in
+                                                                   ("warmup_steps", "steps", "decay")))
+    if moved and not math.isclose(was, t.lr * factor):
+        changed.append(f"the learning rate of step {schedule.last_epoch + 1}: {was:.3g} -> {t.lr * factor:.3g} "
+                       f"({', '.join(moved)})")
     for i, group in enumerate(engine.optimizer.param_groups):  # in param_groups' order: decayed matrices first
         group.update(lr=t.lr * factor, betas=tuple(t.betas), weight_decay=t.weight_decay if i == 0 else 0.0)
     if changed and rank == 0:
@@ -386,7 +398,19 @@ def _train(cfg: Config, ckpt: Checkpointer, rank: int, world: int, device, preem
         finally:
             batches.close()  # shut the data-loader workers down, also when the step raised
             bar.close()
-        if t.sample_at_end and not preempted and step > first_step:  # a finished run that is rerun samples nothing
+        # a finished run that is rerun samples nothing, unless a stop during its end samples (or a preemption at its
+        # last step) left them unwritten: the mp4, written last, says
+        missing = step == first_step and not on_rank0(lambda: (run_dir / "samples" / f"step_{step:08d}.mp4").exists(),
+                                                      share=True)
+        if t.sample_at_end and not preempted and step == t.steps and (step > first_step or missing):
+            if missing and rank == 0:
+                log.info("writing the end-of-run samples of step %d, which a stop left unwritten", step)
+            if monitor is None and m.cond == "text":  # no step ran to give the captions to sample
+                first = iter(loader)
+                try:
+                    monitor = _monitor_cond(cfg, next(first), device, encoder)
+                finally:
+                    first.close()
             _samples(ema, cfg, step, run_dir, metrics, samples, device, video=True, cond=monitor)
         elif rank == 0 and step > first_step:  # the loss up to the last step, also without samples
             plot_progress(run_dir)

@@ -201,6 +201,11 @@ def test_a_resume_takes_the_configured_lr_and_zero_stage_2(run, template):
     assert "init_from: ''" in (run / "config.yaml").read_text()
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
     assert lrs[6] == pytest.approx(0.002) and lrs[7] == lrs[8] == pytest.approx(0.0005)
+    # a longer cosine schedule moves the learning rate of the next step, which was not said
+    out = _train(run, template / "data", "train.steps=10", "train.lr=0.0005", "train.zero_stage=2",
+                 "train.decay=cosine").stderr
+    assert "resuming with the learning rate of step 9: 0.0005 -> 7.32e-05 (train.steps: 8 -> 10, train.decay: none -> " \
+           "cosine)" in out, out[-3000:]
 
 
 def test_no_pickle_runs_code_on_any_path(template, tmp_path):

@@ -94,9 +94,12 @@ def test_changed_world_size_restarts_at_the_saved_epoch(tiny_shards, caplog):
     _take(one, 4)  # 16 samples of 12: epoch 1
     state = one.state_dict()
     two = build_loader(cfg, rank=1, world_size=2, **kw)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.DEBUG, logger="data_pipeline.loader"):
         two.load_state_dict(state)
-    assert "world_size" in caplog.text and "epoch 1" in caplog.text
+    # said by rank 0 only (every rank warned, rank 1 of "rank 0 -> 1", which is by design, and of "batch_size")
+    said = [r for r in caplog.records if "data position" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.DEBUG] and "epoch 1" in caplog.text
+    assert "saved with processes 1 -> 2;" in said[0].getMessage() and "rank" not in caplog.text
     assert two.epoch == 1 and two.stats["seen"] == one.stats["seen"]
     batch = _take(two, 1)[0]
     assert batch["video"].shape == (4, 4, 16, 16, 3)
@@ -113,7 +116,7 @@ def test_another_dataset_with_as_many_shards_restarts_at_the_saved_epoch(tiny_sh
     shutil.copytree(tiny_shards["many"], tmp_path / "moved")
     with caplog.at_level(logging.WARNING):
         build_loader(_cfg(str(tmp_path / "moved")), **kw).load_state_dict(state)
-    assert "different layout" not in caplog.text
+    assert "restarting every worker" not in caplog.text
     shutil.copytree(tiny_shards["many"], tmp_path / "other")
     index = json.loads((tmp_path / "other" / "index.json").read_text())  # as many shards, of other sizes
     for entry in index["shards"]:
@@ -122,14 +125,15 @@ def test_another_dataset_with_as_many_shards_restarts_at_the_saved_epoch(tiny_sh
     other = build_loader(_cfg(str(tmp_path / "other")), **kw)
     with caplog.at_level(logging.WARNING):
         other.load_state_dict(state)
-    assert "'dataset': " in caplog.text and "'shards'" not in caplog.text and "epoch 1" in caplog.text
+    assert "the data position was saved with dataset " in caplog.text and ", shards " not in caplog.text
+    assert "epoch 1" in caplog.text
     assert other.epoch == 1 and other.state_dict()["workers"] != state["workers"]
     caplog.clear()
     old = json.loads(json.dumps(state))
     del old["layout"]["dataset"]
     same = build_loader(_cfg(tiny_shards["many"]), **kw)
     same.load_state_dict(old)
-    assert "different layout" not in caplog.text and same.state_dict()["workers"] == state["workers"]
+    assert "restarting every worker" not in caplog.text and same.state_dict()["workers"] == state["workers"]
 
 
 def test_clip_indices_follow_fps_and_stride():

@@ -1,6 +1,7 @@
 """Long commands interrupted and run again (found by a probe that sent Ctrl-C, SIGTERM and kill -9 at random
 moments): what they leave is never taken for finished work, an interrupt is one line, and no worker outlives
 the command."""
+import contextlib
 import json
 import os
 import shutil
@@ -121,6 +122,65 @@ def test_make_shards_workers_end_with_their_parent(tiny_manifest, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert _group_gone(proc.pid, 30)  # the workers are in its process group
+
+
+WORKERS_OF_A_TRAINER = """
+import os, sys, time
+from data_pipeline.pool import worker_pool
+from hpdm.distributed import Preemption
+
+preemption = Preemption()  # as the trainer installs it before writing the synthetic set
+with worker_pool(2) as pool:
+    futures = [pool.submit(time.sleep, 60) for _ in range(2)]
+    time.sleep(1)
+    print(" ".join(str(p) for p in pool._processes), flush=True)
+    time.sleep(60)
+"""
+
+
+def test_pool_workers_end_with_a_killed_trainer():
+    """The workers inherited the trainer's preemption handler, so the SIGTERM sent at their parent's death only
+    set a flag: a trainer killed while writing the synthetic set left them alive, ignoring SIGTERM, for good."""
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS_OF_A_TRAINER], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        assert _group_gone(proc.pid, 10), "the pool's workers outlived their killed parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
+
+
+def test_preemption_names_the_first_signal():
+    """DeepSpeed's launcher follows a Ctrl-C with SIGTERM to its children: the run said "signal 15"."""
+    from hpdm.distributed import Preemption
+
+    preemption = Preemption()
+    try:
+        preemption._handle(signal.SIGINT, None)
+        preemption._handle(signal.SIGTERM, None)
+        assert preemption.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still stops at once
+            preemption._handle(signal.SIGINT, None)
+    finally:
+        preemption.close()
+
+
+def test_temporaries_of_killed_writers_are_removed_and_no_others(tmp_path):
+    """A kill at the moment write_atomic renames (or during a conversion) left NAME.tmpPID for good."""
+    from data_pipeline.local_files import remove_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f"latest.tmp{dead}", f"metrics.jsonl.tmp{os.getpid()}", "notes.tmp", "step_00000004"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / f".step_00000004_universal.tmp{dead}").mkdir()
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"metrics.jsonl.tmp{os.getpid()}", "notes.tmp", "step_00000004"]
 
 
 def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):

@@ -55,6 +55,23 @@ def test_train_checkpoint_sample_and_resume(tmp_path):
     assert list(run.glob("wandb/offline-run-*")), "no offline wandb run was written"
     assert "done: step 6, 24 clips" in out
 
+    # A stop during the end samples (the mp4 is written last) or a preemption at the last step left them unwritten,
+    # and a rerun said "already complete" without them. Temporaries of writers killed at a rename (and of a killed
+    # conversion) were never removed.
+    end = run / "samples" / "step_00000006.mp4"
+    end.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f"progress.png.tmp{dead}", f"checkpoints/latest.tmp{dead}", f"config.yaml.tmp{os.getpid()}"):
+        (run / name).write_text("half")
+    (ckpts / f".step_00000006_universal.tmp{dead}").mkdir()
+    out = _train(run, data, "train.decay=cosine")
+    assert "writing the end-of-run samples of step 6, which a stop left unwritten" in out and end.is_file()
+    assert "already complete: step 6, 24 clips" in out
+    assert sorted(p.name for p in [*run.glob("*.tmp*"), *ckpts.glob("*.tmp*")]) == [f"config.yaml.tmp{os.getpid()}"]
+    written = end.stat().st_mtime_ns  # a live process's temporary stays; a complete run with its samples: nothing
+    assert "writing the end-of-run" not in _train(run, data, "train.decay=cosine") and end.stat().st_mtime_ns == written
+
     # a resume at another batch size: the progress bar counts what is left at the new one (it ended at 67 %)
     out = _train(run, data, "train.steps=8", "train.batch_size=8", "train.sample_at_end=false")
     assert "resumed from" in out and "(step 6, 24 samples)" in out
