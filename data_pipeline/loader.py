@@ -143,6 +143,10 @@ class VideoLoader:
         """Restore a position. With the same layout the following batches equal those of the uninterrupted
         run; with a different one (world size, workers, shards, ...) every worker restarts at the start of the
         oldest saved epoch (see docs/data.md)."""
+        if set(sd) == {"videos", "images"}:  # a JointLoader's: data.image_shards was set, and is not now
+            log.warning("data.image_shards was set when this data position was saved and is not now: training on "
+                        "videos alone")
+            sd = sd["videos"]
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state: unsupported version {sd.get('version')!r}")
         self._reset()
@@ -279,8 +283,11 @@ class JointLoader:
         return {"videos": self.videos.state_dict(), "images": self.images.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        if set(sd) != {"videos", "images"}:
-            raise ValueError("data loader state: saved without data.image_shards, which is set now")
+        if set(sd) != {"videos", "images"}:  # a VideoLoader's (its batches were whole micro-batches of videos)
+            log.warning("data.image_shards was not set when this data position was saved: the still images start "
+                        "from the beginning")
+            self.videos.load_state_dict(sd)
+            return
         self.videos.load_state_dict(sd["videos"])
         self.images.load_state_dict(sd["images"])
 

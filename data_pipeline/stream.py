@@ -53,13 +53,20 @@ def add_stats(a: dict, b: dict) -> dict:
     return out
 
 
+SHORT_VIDEOS = ("Every video is shorter than one clip, see the warnings: use longer videos, or fewer frames per clip "
+                "(model.patch, model.levels), a smaller data.frame_stride or data.fps.")
+
+
 def check_skips(stats: dict, max_fraction: float, min_samples: int, where: str = "") -> None:
     seen, skipped = stats["seen"], stats["skipped"]
     if seen >= min_samples and skipped > max_fraction * seen:
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(stats["reasons"].items()))
+        fix = ("Fix or rewrite the shards (see the warnings above for shard and key), or raise "
+               "data.max_skip_fraction.")
+        if skipped == seen and set(stats["reasons"]) == {"short_video"}:  # no fraction helps: the clip is too long
+            fix = SHORT_VIDEOS
         raise DataError(f"{where}{skipped} of {seen} samples were bad ({skipped / seen:.1%} > data.max_skip_fraction = "
-                        f"{max_fraction:.1%}); reasons: {reasons}. Fix or rewrite the shards (see the warnings above "
-                        "for shard and key), or raise data.max_skip_fraction.")
+                        f"{max_fraction:.1%}); reasons: {reasons}. {fix}")
 
 
 def fresh_cursor(epoch: int) -> dict:
@@ -312,8 +319,7 @@ class ShardStream:
                     why = (f"the dataset ({len(self.urls)} shards) has fewer samples than world_size x workers "
                            f"({self.world_size * self.workers})")
                 elif set(stats["reasons"]) == {"short_video"}:
-                    why += (" (every video is shorter than one clip, see the warnings: use longer videos, or fewer "
-                            "frames per clip (model.patch, model.levels), a smaller data.frame_stride or data.fps)")
+                    why += f" ({SHORT_VIDEOS[0].lower()}{SHORT_VIDEOS[1:-1]})"
                 elif set(stats["reasons"]) == {"missing_shard"}:
                     why += (f" (none of the shards under {without_userinfo(self.urls[0]).rsplit('/', 1)[0]} is there "
                             "any more: was the bucket or prefix deleted or moved? see the warnings)")

@@ -137,6 +137,9 @@ def prepare_dataset(cfg: DataConfig, resolution: tuple[int, int, int], num_class
     check_labels(index, num_classes, cfg.shards, labelled)
     if not is_s3(cfg.shards):
         check_readable(resolve_shards(storage, cfg.shards)[0])
+    images = load_index(storage, cfg.image_shards) if cfg.image_shards else None
+    if images is not None:  # checked at the start too: it failed at the first batch holding such a label, hours in
+        check_labels(images, num_classes, cfg.image_shards, key="data.image_shards")
     return index
 
 
@@ -159,17 +162,17 @@ def check_empty(storage: Storage, spec: str, origin: str) -> None:
                         f"writes only where nothing exists, so these files are left alone: {todo} to train on them")
 
 
-def check_labels(index: dict, num_classes: int, spec: str, labelled: bool = False) -> None:
-    """Raise a DataError when the index shows labels or class names beyond ``num_classes``, or, where ``labelled``,
-    no label at all."""
+def check_labels(index: dict, num_classes: int, spec: str, labelled: bool = False, key: str = "data.shards") -> None:
+    """Raise a DataError naming ``key`` when the index shows labels or class names beyond ``num_classes``, or,
+    where ``labelled``, no label at all."""
     top, names = index.get("max_label"), len(index.get("class_names") or [])
     if labelled and top == -1:
-        raise DataError(f"data.shards {spec}: no video has a label, but model.cond is class, which would train "
+        raise DataError(f"{key} {spec}: no video has a label, but model.cond is class, which would train "
                         "every clip unconditionally; label the videos (a folder per class, or a manifest's label "
                         "column), or set model.cond=none")
-    if isinstance(top, int) and top >= num_classes:
-        raise DataError(f"data.shards {spec}: labels go up to {top} but model.num_classes is {num_classes}; "
-                        f"set model.num_classes to at least {top + 1}")
-    if names > num_classes:
-        raise DataError(f"data.shards {spec}: the index names {names} classes but model.num_classes is "
-                        f"{num_classes}; set model.num_classes to at least {names}")
+    top = top if isinstance(top, int) else -1
+    if max(top + 1, names) > num_classes:  # both bounds at once: the advice of the first alone met the second
+        found = " and ".join(([f"labels go up to {top}"] if top >= num_classes else [])
+                             + ([f"the index names {names} classes"] if names > num_classes else []))
+        raise DataError(f"{key} {spec}: {found} but model.num_classes is {num_classes}; set model.num_classes to "
+                        f"at least {max(top + 1, names)}")

@@ -177,6 +177,7 @@ class Checkpointer:
                 continue
             if not is_complete(p):
                 shutil.rmtree(p)
+                log.info("removed %s, a save that did not finish", p)
                 continue
             self._set_aside(p, "is newer than the checkpoint this run resumes from")
 

@@ -34,6 +34,11 @@ def is_complete(path: Path) -> bool:
     return (path / "state.json").is_file()
 
 
+def in_checkpoints(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder (it holds state.json) or a run's checkpoints/ folder."""
+    return is_complete(path) or path.name == "checkpoints" and ((path / "latest").is_file() or any(path.glob("step_*")))
+
+
 def is_universal(path: Path) -> bool:
     return (path / UNIVERSAL_MARK).is_file()
 

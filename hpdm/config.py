@@ -206,8 +206,9 @@ class TrainConfig:
         check_range("train.betas", self.betas, 0, high=1)
         if self.init_from.startswith("s3://"):  # read where it is used (a resume needs it no more)
             raise ConfigError("train.init_from", f"must be a local file or folder; download {self.init_from} first")
-        if self.checkpoint_uri and not self.checkpoint_uri.startswith("s3://"):
-            raise ConfigError("train.checkpoint_uri", f"must be an s3:// prefix (or empty); got {self.checkpoint_uri!r}")
+        if self.checkpoint_uri and not (self.checkpoint_uri.startswith("s3://") and self.checkpoint_uri[5:].strip("/")):
+            raise ConfigError("train.checkpoint_uri", f"must be an s3://bucket/prefix (or empty); got "
+                                                      f"{self.checkpoint_uri!r}")
         if not 0 <= self.profile_steps[0] <= self.profile_steps[1]:
             raise ConfigError("train.profile_steps",
                               f"must be [start, end) with 0 <= start <= end; got {list(self.profile_steps)}")

@@ -19,6 +19,7 @@ OWNED = {  # DeepSpeed key -> the hpdm field that sets it
     "gradient_clipping": "train.grad_clip",
     "zero_optimization.stage": "train.zero_stage",
     "bf16": "train.precision",
+    "bfloat16": "train.precision",  # DeepSpeed's older name, read where "bf16" is absent (hpdm always writes that)
     "fp16": "train.precision (fp16 is not supported: use bf16)",
     "torch_autocast": "train.precision",
     "amp": "train.precision",

@@ -70,6 +70,22 @@ def _sample_json(folder: Path) -> dict | None:
     return record
 
 
+def _warn_mixed_sizes(files: list[Path]) -> None:
+    """Say when the --fake videos are of several sizes (two models' outputs in one folder?): all are resized to the
+    first one's, which went unnoticed."""
+    import av  # noqa: PLC0415
+
+    sizes: dict[tuple[int, int], str] = {}
+    for f in files:
+        with av.open(str(f)) as container:
+            stream = container.streams.video[0]
+            sizes.setdefault((stream.height, stream.width), f.name)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w} ({name})" for (h, w), name in sizes.items())
+        log.warning("--fake: videos of %d sizes, %s: all are resized to the first (--size HxW chooses)", len(sizes),
+                    shown)
+
+
 def _agree(value):
     """Rank 0's value on every rank."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -121,6 +137,8 @@ def evaluate(i3d: str, fake: str | None = None, generator: str | None = None, re
         if not files:
             raise UsageError(f"--fake: {fake} holds no mp4 files")
         gen_size = tuple(fvd.read_clip(files[0], 1, None).shape[1:3])
+        if size is None and rank == 0:
+            _warn_mixed_sizes(files[:num_fake])
         clips = fvd.mp4_clips(fake, num_fake, frames, size or gen_size, rank, world)
     size = tuple(size or gen_size)
     outs = fvd.extract(clips, detectors, batch)

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from hpdm.checkpoint import Checkpointer
-from hpdm.checkpoint_folder import RAW_FILE, is_complete, problems, read_state, save_safetensors
+from hpdm.checkpoint_folder import RAW_FILE, in_checkpoints, is_complete, problems, read_state, save_safetensors
 from hpdm.config import Config, ConfigError, from_dict
 from hpdm.errors import CheckpointError, UsageError
 from hpdm.model import HPDM
@@ -26,17 +26,12 @@ RAW_PREFIX = "raw."
 log = logging.getLogger(__name__)
 
 
-def _in_checkpoints(path: Path) -> bool:
-    """Whether ``path`` is a checkpoint folder (it holds state.json) or a run's checkpoints/ folder."""
-    return is_complete(path) or path.name == "checkpoints" and ((path / "latest").is_file() or any(path.glob("step_*")))
-
-
 def check_output(option: str, path: Path, suggest: str) -> None:
     """Before any loading or sampling: a UsageError naming ``option`` when the output ``path`` lies in a checkpoint
     folder or a run's checkpoints/ folder (symlinks resolved), which it would change or destroy, or when it cannot
     be created (a file in the way, or no permission). ``suggest``: a name to offer beside the run instead."""
     real = path.resolve()
-    guarded = [p for p in (real, *real.parents) if _in_checkpoints(p)]
+    guarded = [p for p in (real, *real.parents) if in_checkpoints(p)]
     if guarded:
         where = "is" if guarded[0] == real else "is inside"
         what = "the checkpoint" if is_complete(guarded[0]) else "the checkpoints folder"

@@ -75,6 +75,17 @@ def wandb_mode() -> str:
     return mode
 
 
+def drop_samples_after(folder: Path, step: int) -> None:
+    """Remove the samples (``step_N.png``, ``.mp4``) of steps after ``step``, as ``drop_after`` their metrics: a run
+    resumed from an earlier checkpoint (after a kill) trains those steps again; they showed weights that are gone."""
+    gone = sorted(f for f in folder.glob("step_*.*") if f.stem[5:].isdigit() and int(f.stem[5:]) > step)
+    for f in gone:
+        f.unlink()
+    if gone:
+        log.info("removed %d samples of steps after step %d, which this run trains again (%s, ...)", len(gone), step,
+                 gone[0].name)
+
+
 def wandb_run_id(run_dir: Path, resumed_at: int) -> str:
     """The wandb run that this run folder logs to: the same one when it resumes, a new one when it starts afresh
     or was copied (the copy's folder is another inode; wandb would drop the copy's steps as going backwards).
@@ -95,6 +106,7 @@ class Metrics:
         if rank != 0:
             return
         drop_after(run_dir / "metrics.jsonl", resumed_at)
+        drop_samples_after(run_dir / "samples", resumed_at)
         self.file = open(run_dir / "metrics.jsonl", "a")
         mode = os.environ["WANDB_MODE"] = wandb_mode()  # wandb reads it too, and refuses an empty one
         if mode != "disabled":

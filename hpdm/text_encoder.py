@@ -113,6 +113,9 @@ def encoder_config(source: str, option: str = "--encoder"):
         raise TextEncoderError(f"{option}: {source} cannot be loaded as a text encoder: {_first_line(e)}") from None
     text_config = config.text_config if config.model_type in ENCODER_ONLY and hasattr(config, "text_config") else config
     width = getattr(text_config, "d_model", None) or getattr(text_config, "hidden_size", None)
+    if width and not getattr(text_config, "vocab_size", None):  # a vision or audio model: it failed deep in its call
+        raise TextEncoderError(f"{option}: {source} is a {config.model_type} model, which reads no text (it has no "
+                               "vocabulary); give a text encoder (T5, UMT5, MT5, CLIP or SigLIP text towers)")
     if not width:
         raise TextEncoderError(f"{option}: {source} is a {config.model_type} model, which has no text encoder hpdm "
                                "knows (T5, UMT5, MT5, CLIP or SigLIP text towers, or a model with hidden_size)")

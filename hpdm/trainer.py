@@ -21,7 +21,7 @@ from data_pipeline import DataError, build_train_loader, prepare_dataset
 from data_pipeline.local_files import remove_stale_temporaries
 from data_pipeline.storage import Storage
 from hpdm.checkpoint import Checkpointer
-from hpdm.checkpoint_folder import is_universal, read_state
+from hpdm.checkpoint_folder import in_checkpoints, is_universal, read_state
 from hpdm.config import Config, ConfigError, is_recorded_config, resume_differences, save_config
 from hpdm.diffusion import EDM, Condition
 from hpdm.distributed import Preemption, init_distributed, on_rank0
@@ -54,7 +54,9 @@ def _cond(cfg: Config, batch: dict, device, encoder=None) -> Condition:
         labels, n = batch["label"], cfg.model.num_classes
         if labels.min() < -1 or labels.max() >= n:  # checked on the host tensor: no device sync
             bad = int(labels.max() if labels.max() >= n else labels.min())
-            raise DataError(f"data.shards {cfg.data.shards}: a batch has label {bad} but model.num_classes is {n} "
+            where = f"data.shards {cfg.data.shards}" + (f" or data.image_shards {cfg.data.image_shards}"
+                                                        if cfg.data.image_shards else "")
+            raise DataError(f"{where}: a batch has label {bad} but model.num_classes is {n} "
                             f"(labels must be 0..{n - 1}, or -1 for none)")
         return Condition(labels=labels.to(device, non_blocking=True))  # -1: an unlabelled clip, trained unconditionally
     if cfg.model.cond == "text":
@@ -172,11 +174,25 @@ def _prepare(cfg: Config, ckpt: Checkpointer) -> RunLock:
     if t.warmup_steps >= t.steps:
         log.warning("train.warmup_steps (%d) is not below train.steps (%d): the learning rate never reaches train.lr "
                     "(%g)", t.warmup_steps, t.steps, t.lr)
+    for what, unused in (("train.level0_steps", t.level0_steps and cfg.model.levels == 1),
+                         ("data.text_encoder", cfg.data.text_encoder and cfg.model.cond != "text"),
+                         ("data.text_embeddings", cfg.data.text_embeddings and cfg.model.cond != "text")):
+        if unused:  # settings without effect, said (model.cond defaults to class: captions were dropped silently)
+            log.warning("%s has no effect on a model with %s", what, "one level" if what.startswith("train")
+                        else f"model.cond={cfg.model.cond} (set model.cond=text to train on captions)")
+    if cfg.model.levels > 1 and t.level0_steps >= t.steps:
+        log.warning("train.level0_steps (%d) is not below train.steps (%d): the finer levels never train",
+                    t.level0_steps, t.steps)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("train.run_dir", f"{run_dir} is a file; give a folder for the run")
     shards = Path(cfg.data.shards).resolve()
     if run_dir.resolve() == shards or shards in run_dir.resolve().parents:
         raise ConfigError("train.run_dir", f"{run_dir} is data.shards or inside it; give the run a folder of its own")
+    inside = next((p for p in (run_dir.resolve(), *run_dir.resolve().parents) if in_checkpoints(p)), None)
+    if inside is not None:  # a new run there trained from scratch, and the parent's pruning deleted it later
+        raise ConfigError("train.run_dir", f"{run_dir} is {'inside ' * (inside != run_dir.resolve())}the checkpoint"
+                          f"{'s folder' * (inside.name == 'checkpoints')} {inside}; to continue that run, give its "
+                          f"folder: train.run_dir={inside.parent if inside.name == 'checkpoints' else inside.parent.parent}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

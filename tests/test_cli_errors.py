@@ -58,6 +58,10 @@ CASES = {  # name: (arguments, what the error line must say after `hpdm <command
     "save_every 0": (("train", "train.save_every=0"), "train.save_every: must be >= 1; got 0"),
     "bad override": (("train", "model.patch=[1,2"), "model.patch: override 'model.patch=[1,2' is not valid YAML"),
     "sigma_data 0": (("info", "diffusion.sigma_data=0"), "diffusion.sigma_data: must be > 0; got 0.0"),
+    "checkpoint_uri gs": (("info", "train.checkpoint_uri=gs://b/c"),
+                          "train.checkpoint_uri: must be an s3://bucket/prefix (or empty); got 'gs://b/c'"),
+    "checkpoint_uri no bucket": (("info", "train.checkpoint_uri=s3://"),  # botocore's regexes, printed in full
+                                 "train.checkpoint_uri: must be an s3://bucket/prefix (or empty); got 's3://'"),
     "patchify 0": (("info", "model.patchify=[0,4,4]"), "model.patchify: every entry must be >= 1; got [0, 4, 4]"),
     "no generator": (("sample", "{tmp}/nothing", "--out", "{tmp}/out"),
                      "{tmp}/nothing does not exist"),

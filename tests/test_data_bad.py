@@ -128,3 +128,12 @@ def test_a_tar_cut_between_a_samples_members_counts_as_truncated(tmp_path, caplo
         assert [k for b in loader for k in b["key"]] == ["good0"]
     assert loader.stats["reasons"] == {"truncated_tar": 1}
     assert "'halved'" in caplog.text and "the tar ends inside this sample (no video; found json)" in caplog.text
+
+
+def test_clips_longer_than_every_video_say_so_not_raise_the_fraction(tiny_shards):
+    """data.fps, data.frame_stride or model.patch asking for more frames than the videos hold: the error advised
+    raising data.max_skip_fraction, which cannot help."""
+    cfg = DataConfig(shards=tiny_shards["many"], num_workers=0, skip_check_after=4)
+    with pytest.raises(DataError, match=r"samples were bad .* reasons: short_video: \d+\. Every video is shorter than "
+                                        r"one clip, see the warnings: use longer videos, or fewer frames per clip"):
+        next(iter(build_loader(cfg, frames=64, size=(16, 16), batch_size=2)))

@@ -144,6 +144,13 @@ def test_labels_beyond_num_classes_are_refused_when_the_index_is_read(tiny_shard
     (old / "index.json").write_text(json.dumps(index | {"class_names": list("abcde")}))
     with pytest.raises(DataError, match="the index names 5 classes but model.num_classes is 3"):
         prepare_dataset(DataConfig(shards=str(old), num_workers=0), (4, 16, 16), num_classes=3)
+    (old / "index.json").write_text(json.dumps(index | {"max_label": 3, "class_names": list("abcdefgh")}))
+    with pytest.raises(DataError, match="labels go up to 3 and the index names 8 classes but model.num_classes is 3; "
+                                        "set model.num_classes to at least 8"):  # it said 4, and then 8
+        prepare_dataset(DataConfig(shards=str(old), num_workers=0), (4, 16, 16), num_classes=3)
+    images = DataConfig(shards=tiny_shards["one"], image_shards=str(old), num_workers=0)  # checked at the start too
+    with pytest.raises(DataError, match=rf"^data.image_shards {old}: the index names 8 classes but model.num_classes is 4"):
+        prepare_dataset(images, (4, 16, 16), num_classes=4)
     (old / "index.json").write_text(json.dumps(index | {"max_label": -1, "class_names": []}))  # unlabelled videos
     assert prepare_dataset(DataConfig(shards=str(old), num_workers=0), (4, 16, 16), num_classes=3)["max_label"] == -1
     with pytest.raises(DataError, match="no video has a label, but model.cond is class, which would train every clip "

@@ -17,6 +17,7 @@ def test_generated_from_our_fields_with_nested_pass_through():
     ("{zero_optimization: {stage: 3}}", "train.zero_stage"),  # would run ZeRO-3 and be recorded as 0
     ("{train_batch_size: 64}", "train.batch_size"),
     ("{bf16: {enabled: true}}", "train.precision"),
+    ("{bfloat16: {enabled: true}}", "train.precision"),  # taken, recorded in deepspeed.json, and the run was fp32
     ("{optimizer: {type: Adam}}", "train.optimizer"),
     ("{torch_autocast: {enabled: true, dtype: bfloat16}}", "train.precision"),  # changed the losses of an fp32 run
 ])

@@ -244,6 +244,11 @@ def test_too_few_videos_are_refused_or_flagged(tmp_path, caplog):
         eval_fvd.evaluate(i3d, num_fake=3, c3d=i3d, **kw)
     assert eval_fvd.evaluate(i3d, num_fake=3, **kw)["fvd"] == 0.0
     assert "FVD of 3 generated and 3 real videos is not comparable with published numbers, which use 2048" in caplog.text
+    assert "videos of" not in caplog.text
+    _videos(tmp_path / "v2", 1, 0, size=24)  # another model's video among them: resized without a word
+    shutil.copy(tmp_path / "v2" / "v000.mp4", tmp_path / "v" / "v003.mp4")
+    eval_fvd.evaluate(i3d, num_fake=4, **kw)
+    assert "--fake: videos of 2 sizes, 16x16 (v000.mp4), 24x24 (v003.mp4): all are resized to the first" in caplog.text
 
 
 def test_a_text_conditioned_generator_is_refused_first(tmp_path):

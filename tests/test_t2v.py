@@ -155,6 +155,23 @@ def test_joint_batches_end_with_still_images_and_resume_exactly(tiny_shards, emb
     assert second.stats["seen"] == 20 and second.stats["skipped"] == 0
 
 
+def test_a_resume_that_adds_or_removes_image_shards_goes_on(tiny_shards, embedded, stills, caplog):
+    """Each way, the saved state was of the other loader's kind: a traceback ("saved without data.image_shards",
+    "unsupported version None")."""
+    joint = _cfg(tiny_shards["many"], embedded["many"], image_shards=stills, image_batch_fraction=0.5)
+    alone = _cfg(tiny_shards["many"], embedded["many"])
+    kw = dict(frames=4, size=(16, 16), micro=4, seed=5, text=(TOKENS, WIDTH))
+    for before, after, said in ((alone, joint, "was not set"), (joint, alone, "was set")):
+        first = build_train_loader(before, **kw)
+        _take(first, 2)
+        second = build_train_loader(after, **kw)
+        caplog.clear()
+        second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert f"data.image_shards {said} when this data position was saved" in caplog.text
+        batch = _take(second, 1)[0]
+        assert batch["video"].shape[0] == 4 and any(k.startswith("still") for k in batch["key"]) == (after is joint)
+
+
 def _train(*args, check=True):
     cmd = [sys.executable, "-m", "hpdm.cli", "train", "--config", "configs/tiny_t2v.yaml", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)

@@ -36,6 +36,10 @@ def broken(tiny_t5, folder):
         torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
         (folder / "model.safetensors").unlink()
 
+    def vision():  # a tiny ViT: it took the tokens as if they were pixels (a traceback; doctor said ok)
+        (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32, "image_size": 16,
+                                                        "patch_size": 8, "num_hidden_layers": 1}))
+
     def truncated():
         data = (folder / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -45,10 +49,12 @@ def broken(tiny_t5, folder):
             "remote code": (remote_code, " needs its own Python code (auto_map in config.json), which hpdm never runs"),
             "pickle": (pickle, "/pytorch_model.bin is a pickle, which cannot be loaded safely; convert the weights to "
                                "safetensors"),
-            "truncated": (truncated, " cannot be loaded as a text encoder: Error while deserializing header")}
+            "truncated": (truncated, " cannot be loaded as a text encoder: Error while deserializing header"),
+            "vision model": (vision, " is a vit model, which reads no text (it has no vocabulary)")}
 
 
-@pytest.mark.parametrize("name", ["no tokenizer", "empty vocabulary", "remote code", "pickle", "truncated"])
+@pytest.mark.parametrize("name", ["no tokenizer", "empty vocabulary", "remote code", "pickle", "truncated",
+                                  "vision model"])
 def test_unusable_encoder_folders_are_refused_in_one_line(tiny_t5, tiny_shards, tmp_path, name, capsys):
     folder = tmp_path / "t5"
     shutil.copytree(tiny_t5, folder)

@@ -60,6 +60,21 @@ def test_a_run_dir_that_cannot_be_made_or_written_names_the_key(tmp_path):
         _prepare(cfg, Checkpointer(cfg.train.run_dir))
 
 
+@pytest.mark.parametrize("inside", ["checkpoints/step_00000002", "checkpoints/step_00000002/sub", "checkpoints"])
+def test_a_run_dir_inside_another_runs_checkpoints_is_refused(tmp_path, inside):
+    """It was taken: a new run trained from scratch inside the checkpoint (meant as "resume from here"), and the
+    parent run's pruning deleted it with the checkpoint later."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    cfg = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path / 'run' / inside}"])
+    with pytest.raises(ConfigError, match=f"^train.run_dir: .* the checkpoint.*; to continue that run, give its folder: "
+                                          f"train.run_dir={tmp_path / 'run'}$"):
+        _prepare(cfg, Checkpointer(cfg.train.run_dir))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state.json"] and not (ckpt / "sub").exists()
+
+
 @pytest.mark.parametrize("warmup,warned", [(100, True), (99, False)])
 def test_a_warmup_that_never_ends_is_warned_about(tmp_path, caplog, warmup, warned):
     """train.warmup_steps >= train.steps (e.g. the default 10,000 in a short run) trained at a fraction of train.lr."""
@@ -70,6 +85,22 @@ def test_a_warmup_that_never_ends_is_warned_about(tmp_path, caplog, warmup, warn
         _prepare(cfg, Checkpointer(cfg.train.run_dir))
     assert ("train.warmup_steps (100) is not below train.steps (100): the learning rate never reaches" in caplog.text
             ) == warned, caplog.text
+
+
+@pytest.mark.parametrize("overrides,said", [
+    (["model.cond=class", "data.text_encoder=/models/t5"], "data.text_encoder has no effect on a model with "
+                                                           "model.cond=class (set model.cond=text to train on captions)"),
+    (["data.text_embeddings=emb"], "data.text_embeddings has no effect on a model with model.cond=class"),
+    (["train.level0_steps=100"], "train.level0_steps (100) is not below train.steps (100): the finer levels never train"),
+])
+def test_settings_without_effect_are_warned_about(tmp_path, caplog, overrides, said):
+    """Accepted in silence: captions of a class model (model.cond's default), a level-0 phase as long as the run."""
+    (tmp_path / "afile").write_text("")  # stops _prepare right after its checks of the config
+    cfg = load_config("configs/tiny.yaml", [f"train.run_dir={tmp_path / 'afile' / 'run'}", "train.steps=100",
+                                            *overrides])
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match="^train.run_dir"):
+        _prepare(cfg, Checkpointer(cfg.train.run_dir))
+    assert said in caplog.text
 
 
 def test_a_config_of_the_users_in_the_run_folder_is_never_overwritten(tmp_path):
@@ -158,6 +189,21 @@ def test_wandb_mode_is_checked_up_front_and_a_new_start_is_a_new_wandb_run(tmp_p
     os.replace(tmp_path / "run", tmp_path / "moved")  # a moved run folder is the same run
     copy = run_id("copy", 8)
     assert copy not in ids and run_id("copy", 8) == copy and run_id("moved", 8) == ids[2]
+
+
+def test_a_resume_drops_the_samples_of_the_steps_it_trains_again(tmp_path, monkeypatch):
+    """After a kill, samples/ kept grids of steps rolled back, whose metrics lines were dropped."""
+    from hpdm.metrics import Metrics
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (tmp_path / "samples").mkdir()
+    names = ["step_00000004.png", "step_00000008.png", "step_00000008.mp4", "notes.txt"]
+    for name in names:
+        (tmp_path / "samples" / name).write_text("x")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0}\n{"step": 8, "loss": 0.5}\n')
+    Metrics({}, tmp_path, "p", rank=0, resumed_at=5).close()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["notes.txt", "step_00000004.png"]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 4, "loss": 1.0}\n'
 
 
 def test_closing_the_metrics_of_a_failed_run_keeps_its_error(tmp_path, monkeypatch, caplog):
