@@ -172,7 +172,8 @@ def _check_captions(url: str, keys: list[str], captions: list) -> None:
     for key, caption in zip(keys, captions):
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"{url}: sample {key!r} has no caption; give every video a caption in the manifest "
-                            "(hpdm make-shards) and write the shards to a new folder")
+                            "and run `hpdm make-shards` again into the same folder (it writes again the shards whose "
+                            "captions changed)")
 
 
 def _fingerprint(keys: list[str], captions: list) -> str:

@@ -44,6 +44,7 @@ from hpdm.errors import CheckpointError, RankFailed
 from hpdm.safe_load import load_safetensors, no_pickle
 
 log = logging.getLogger(__name__)
+_SAID: set = set()  # fallback warnings given by this process
 _OWN_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rank_(\d+)\.")  # files that rank N writes
 
 
@@ -91,7 +92,10 @@ class Checkpointer:
         for p in reversed(folders):
             wrong = named_wrong if p.name == named else problems(p)
             if not wrong:
-                log.warning("%s; using %s, the newest intact checkpoint", "; ".join([why, *broken]), p.name)
+                said = ("; ".join([why, *broken]), p.name)
+                if said not in _SAID:  # once per process: a source of train.init_from is looked up several times
+                    _SAID.add(said)
+                    log.warning("%s; using %s, the newest intact checkpoint", *said)
                 return p.name
             if p.name != named:  # already said in ``why``
                 broken.append("; ".join(wrong))

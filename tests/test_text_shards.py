@@ -126,6 +126,10 @@ def test_a_missing_caption_is_named_and_long_captions_are_cut(tiny_manifest, enc
                                             r"caption; give every video a caption in the manifest"):
             embed_shards(str(tmp_path / shards), enc.encode, meta, out=str(tmp_path / f"{shards}-text"), progress=False)
     assert not (tmp_path / "ds-text").exists()  # the sidecar's captions are checked before anything is written
+    fixed = rows[:2] + [{**rows[2], "caption": "a green triangle"}]  # as the message says (it said: a new folder)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fixed))
+    make_shards(str(tmp_path / "m.jsonl"), str(tmp_path / "ds"), progress=False)
+    embed_shards(str(tmp_path / "ds"), enc.encode, meta, out=str(tmp_path / "ds-text"), progress=False)
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     make_shards(str(tmp_path / "m.jsonl"), str(tmp_path / "ok"), progress=False)
     embed_shards(str(tmp_path / "ok"), enc.encode, meta, progress=False)
